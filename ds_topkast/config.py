@@ -1,0 +1,156 @@
+"""The "topkast" section of a DeepSpeed JSON config: typed, bounded, documented.
+
+DeepSpeed keeps an unknown top-level section and ignores it, so the Top-KAST settings
+live next to DeepSpeed's own in one file. Everything here is checked when the config is
+read, before any model is touched: a typo or an impossible value fails at start with a
+message naming the key and the fix, never after an hour of training.
+"""
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SECTION = "topkast"
+
+
+class TopKASTConfigError(ValueError):
+    """A "topkast" setting is missing, misspelled or out of range."""
+
+
+class Distribution(str, Enum):
+    """How the global density is spread over layers."""
+
+    uniform = "uniform"
+    erk = "erk"
+
+
+class Selection(str, Enum):
+    """How the backward set B is chosen beyond the forward set A (paper, Section 4.2)."""
+
+    topk = "topk"
+    random = "random"
+
+
+class StoreDevice(str, Enum):
+    cpu = "cpu"
+    nvme = "nvme"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=True)
+
+
+class DenseStoreConfig(_Strict):
+    """Where the full fp32 weights θ of the sparsified layers live, off the accelerator."""
+
+    device: StoreDevice = Field(StoreDevice.cpu, description="cpu: host memory. nvme: files under nvme_path.")
+    nvme_path: str | None = Field(None, description="Folder for the NVMe store's files (device 'nvme' only).")
+    pin_memory: bool = Field(True, description="Pin host buffers so copies to the accelerator are asynchronous.")
+
+    @model_validator(mode="after")
+    def _nvme_is_not_built_yet(self) -> "DenseStoreConfig":
+        if self.device == StoreDevice.nvme.value:
+            raise ValueError("dense_store.device 'nvme' is not available in this version of ds_topkast; "
+                             "set \"dense_store\": {\"device\": \"cpu\"}")
+        return self
+
+
+class TopKASTConfig(_Strict):
+    """Top-KAST settings (Jayakumar et al. 2020, Section 2; names follow DESIGN.md, Section 5).
+
+    Sparsities are fractions of zeros: forward_sparsity 0.9 keeps 10% of each layer's
+    weights in the forward pass (set A); backward_sparsity 0.8 updates 20% (set B ⊇ A).
+    """
+
+    forward_sparsity: float = Field(0.9, ge=0.0, lt=1.0, description="Fraction of weights zero in the forward pass.")
+    backward_sparsity: float = Field(0.8, ge=0.0, lt=1.0,
+                                     description="Fraction of weights never updated between refreshes (<= forward).")
+    refresh_interval: int = Field(100, ge=1, description="Optimizer steps between refreshes of A and B from the store.")
+    forward_interval: int = Field(1, ge=1, description="Optimizer steps between re-selections of A inside B.")
+    include: list[str] = Field(default_factory=lambda: ["*"], min_length=1,
+                               description="fnmatch patterns over module names to sparsify.")
+    exclude: list[str] = Field(default_factory=lambda: ["*embed*", "*lm_head*"],
+                               description="fnmatch patterns over module names never to sparsify.")
+    distribution: Distribution = Field(Distribution.uniform, description="Per-layer density: uniform or erk.")
+    exploration_l2: float = Field(0.0, ge=0.0, description="λ: λ·Σ_A v² + (λ/D)·Σ_{B\\A} v² is added to the loss.")
+    new_entries: Literal["zero_moments"] = Field("zero_moments",
+                                                 description="Optimizer state of entries new to B at a refresh.")
+    dense_store: DenseStoreConfig = Field(default_factory=DenseStoreConfig)
+    selection: Selection = Field(Selection.topk, description="topk: B by magnitude. random: B\\A drawn at random.")
+    seed: int = Field(0, ge=0, description="Seed of the random B\\A draw (selection 'random'); same on every rank.")
+
+    @model_validator(mode="after")
+    def _backward_not_sparser_than_forward(self) -> "TopKASTConfig":
+        if self.backward_sparsity > self.forward_sparsity:
+            raise ValueError(
+                f"backward_sparsity ({self.backward_sparsity}) must be <= forward_sparsity "
+                f"({self.forward_sparsity}): the backward set B contains the forward set A. "
+                "Lower backward_sparsity or raise forward_sparsity.")
+        return self
+
+    @property
+    def forward_density(self) -> float:
+        return 1.0 - self.forward_sparsity
+
+    @property
+    def backward_density(self) -> float:
+        return 1.0 - self.backward_sparsity
+
+    def explicitly_set(self, field: str) -> bool:
+        """Whether the user wrote this key (defaults are not held to 'must match a layer')."""
+        return field in self.model_fields_set
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> "TopKASTConfig":
+        """Validate a "topkast" section, turning pydantic's report into one readable error."""
+        if not isinstance(section, Mapping):
+            raise TopKASTConfigError(f'The "{SECTION}" section must be a JSON object, got {type(section).__name__}.')
+        try:
+            return cls.model_validate(dict(section))
+        except ValidationError as err:
+            raise TopKASTConfigError(_explain(err)) from None
+
+
+def _explain(err: ValidationError) -> str:
+    lines = [f'Invalid "{SECTION}" config:']
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or SECTION
+        if problem["type"] == "extra_forbidden":
+            known = ", ".join(_known_keys(problem["loc"]))
+            lines.append(f"  {SECTION}.{key}: unknown key; remove it or use one of: {known}.")
+        else:
+            lines.append(f"  {SECTION}.{key}: {problem['msg']} (got {problem.get('input')!r}).")
+    return "\n".join(lines)
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = TopKASTConfig
+    if len(loc) > 1 and loc[0] == "dense_store":
+        model = DenseStoreConfig
+    return sorted(model.model_fields)
+
+
+def load_deepspeed_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """Read a DeepSpeed config given as a path or a dict, as deepspeed.initialize accepts it."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    path = Path(config)
+    if not path.is_file():
+        raise TopKASTConfigError(f"DeepSpeed config file {path} does not exist; pass an existing JSON file or a dict.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise TopKASTConfigError(f"DeepSpeed config file {path} is not valid JSON: {err}.") from None
+
+
+def topkast_section(ds_config: Mapping[str, Any]) -> TopKASTConfig:
+    """The validated "topkast" section of a DeepSpeed config; its absence is an error."""
+    if SECTION not in ds_config:
+        raise TopKASTConfigError(
+            f'The DeepSpeed config has no "{SECTION}" section; add one, e.g. '
+            '"topkast": {"forward_sparsity": 0.9, "backward_sparsity": 0.8, "refresh_interval": 100}.')
+    return TopKASTConfig.from_section(ds_config[SECTION])

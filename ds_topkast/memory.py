@@ -1,0 +1,102 @@
+"""`memory_report(engine)`: accelerator bytes per rank by category, next to dense training's.
+
+Counts what DeepSpeed allocates on each rank for every trained tensor, following its
+partitioning rules (ZeRO-1 partitions master and moments, ZeRO-2 also gradients,
+ZeRO-3 also parameters), from the engine's real shapes, dtypes and optimizer. The
+"dense" column is the same engine configuration holding the sparsified layers as
+ordinary dense weights. Index buffers and forward masks are never partitioned. The
+benchmarks (bench/) measure peak device memory; this report explains where it goes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ds_topkast.layers import sparse_layers
+from ds_topkast.sparsify import topkast_state
+
+_FP32 = 4
+
+
+@dataclass
+class MemoryReport:
+    """Bytes per rank. `sparse` and `dense` cover the sparsified layers only."""
+
+    sparse: dict[str, int] = field(default_factory=dict)
+    dense: dict[str, int] = field(default_factory=dict)
+    other_parameters: int = 0
+    dense_store_bytes: int = 0
+
+    @property
+    def sparse_total(self) -> int:
+        return sum(self.sparse.values())
+
+    @property
+    def dense_total(self) -> int:
+        return sum(self.dense.values())
+
+    @property
+    def ratio(self) -> float:
+        """Accelerator bytes of the sparsified layers relative to dense training of them."""
+        return self.sparse_total / self.dense_total
+
+    def as_dict(self) -> dict[str, float]:
+        return {**{f"sparse_{k}": v for k, v in self.sparse.items()}, "sparse_total": self.sparse_total,
+                "dense_total": self.dense_total, "ratio": self.ratio, "other_parameters": self.other_parameters,
+                "dense_store": self.dense_store_bytes}
+
+    def format(self) -> str:
+        mib = 2**20
+        rows = [f"{'accelerator bytes per rank':<28}{'Top-KAST':>12}{'dense':>12}"]
+        for key in self.sparse:
+            rows.append(f"  {key:<26}{self.sparse[key] / mib:>10.2f}Mi{self.dense.get(key, 0) / mib:>10.2f}Mi")
+        rows.append(f"  {'sparsified layers total':<26}{self.sparse_total / mib:>10.2f}Mi"
+                    f"{self.dense_total / mib:>10.2f}Mi  (ratio {self.ratio:.3f})")
+        rows.append(f"  {'other parameters':<26}{self.other_parameters / mib:>10.2f}Mi")
+        rows.append(f"{'dense store (host, fp32)':<28}{self.dense_store_bytes / mib:>10.2f}Mi")
+        return "\n".join(rows)
+
+
+class _Rules:
+    """DeepSpeed's per-rank bytes for n trained entries under one engine configuration."""
+
+    def __init__(self, engine):
+        from ds_topkast.optimizer_state import per_entry_state_keys
+
+        stage = engine.zero_optimization_stage()
+        world = engine.dp_world_size
+        model_dtype, grad_dtype = engine.get_data_types()
+        self.param_bytes = torch.finfo(model_dtype).bits // 8
+        self.grad_bytes = torch.finfo(grad_dtype).bits // 8
+        self.param_share = 1 / world if stage >= 3 else 1.0
+        self.grad_share = 1 / world if stage >= 2 else 1.0
+        self.state_share = 1 / world if stage >= 1 else 1.0
+        self.separate_master = stage >= 1 or model_dtype != torch.float32
+        self.moments = len(per_entry_state_keys(engine.basic_optimizer))
+
+    def trained(self, n: int) -> dict[str, int]:
+        return {
+            "values": round(n * self.param_bytes * self.param_share),
+            "gradients": round(n * self.grad_bytes * self.grad_share),
+            "fp32_master": round(n * _FP32 * self.state_share) if self.separate_master else 0,
+            "moments": round(n * _FP32 * self.moments * self.state_share),
+        }
+
+
+def memory_report(engine) -> MemoryReport:
+    """Accelerator and dense-store bytes of a ds_topkast engine (see the module docstring)."""
+    rules = _Rules(engine)
+    layers = sparse_layers(engine.module)
+    compact = sum(layer.k_backward for layer in layers.values())
+    dense_n = sum(layer.in_features * layer.out_features for layer in layers.values())
+    report = MemoryReport(sparse=rules.trained(compact), dense=rules.trained(dense_n))
+    report.sparse["index_buffers"] = sum(l.indices.numel() * l.indices.element_size() for l in layers.values())
+    report.sparse["forward_masks"] = sum(l.forward_mask.numel() * l.forward_mask.element_size()
+                                         for l in layers.values())
+    values = {id(layer.values) for layer in layers.values()}
+    other_n = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()
+                  if p.requires_grad and id(p) not in values)
+    report.other_parameters = sum(rules.trained(other_n).values())
+    report.dense_store_bytes = topkast_state(engine.module).store.nbytes()
+    return report

@@ -1,0 +1,131 @@
+"""Read and rewrite one compact parameter's fp32 master, optimizer moments and low-precision copy.
+
+A refresh replaces the entries of every layer's compact vector, so everything DeepSpeed
+keeps per entry must be rewritten consistently: the fp32 master, each per-entry
+optimizer state (moved with the entries that stay in B, zero for new ones) and the
+low-precision parameter the forward pass reads (`safe_set_full_fp32_param` leaves that
+copy alone). Where those live depends on DeepSpeed's optimizer wrapper, hence one small
+adapter per wrapper. This module and engine.py are the only places that touch
+DeepSpeed internals.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+# Per-entry state tensors of the basic optimizers ds_topkast knows, by class name.
+_PER_ENTRY_STATE: dict[str, tuple[str, ...]] = {
+    "Adam": ("exp_avg", "exp_avg_sq"),
+    "AdamW": ("exp_avg", "exp_avg_sq"),
+    "FusedAdam": ("exp_avg", "exp_avg_sq"),
+    "DeepSpeedCPUAdam": ("exp_avg", "exp_avg_sq"),
+    "FusedLion": ("exp_avg",),
+    "DeepSpeedCPULion": ("exp_avg",),
+    "SGD": ("momentum_buffer",),
+}
+
+
+class UnsupportedOptimizerError(TypeError):
+    """The optimizer or DeepSpeed wrapper is one whose state ds_topkast cannot remap."""
+
+
+def per_entry_state_keys(basic_optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
+    """Names of the optimizer's per-entry state tensors; unknown optimizers are refused."""
+    name = type(basic_optimizer).__name__
+    if name not in _PER_ENTRY_STATE:
+        raise UnsupportedOptimizerError(
+            f"ds_topkast does not know which state of optimizer {name} is per weight, so it cannot move that "
+            f"state at a refresh. Use one of {sorted(_PER_ENTRY_STATE)}.")
+    keys = _PER_ENTRY_STATE[name]
+    if name == "SGD" and not any(group.get("momentum", 0) for group in basic_optimizer.param_groups):
+        return ()
+    return keys
+
+
+class OptimizerStateAdapter:
+    """Full (unpartitioned) views of a compact parameter's training state, for a refresh."""
+
+    def __init__(self, state_keys: tuple[str, ...]):
+        self.state_keys = state_keys
+
+    def get_master(self, param: nn.Parameter) -> Tensor:
+        raise NotImplementedError
+
+    def set_master(self, param: nn.Parameter, value: Tensor) -> None:
+        raise NotImplementedError
+
+    def get_state(self, param: nn.Parameter, key: str) -> Tensor:
+        raise NotImplementedError
+
+    def set_state(self, param: nn.Parameter, key: str, value: Tensor) -> None:
+        raise NotImplementedError
+
+    def set_low_precision(self, param: nn.Parameter, value: Tensor) -> None:
+        """Rewrite the copy the forward pass reads (this rank's partition under ZeRO-3)."""
+        with torch.no_grad():
+            if hasattr(param, "ds_tensor"):
+                import deepspeed.comm as dist
+                part = param.ds_tensor
+                start = dist.get_rank(group=param.ds_process_group) * part.numel()
+                piece = value.reshape(-1)[start:start + part.numel()]
+                part.zero_()
+                part[:piece.numel()].copy_(piece)
+            else:
+                param.data.copy_(value.reshape(param.shape))
+
+
+class DeepSpeedManagedState(OptimizerStateAdapter):
+    """ZeRO stages 1-3 and BF16_Optimizer: DeepSpeed's safe_{get,set}_full_* API (collectives)."""
+
+    def get_master(self, param):
+        from deepspeed.utils import safe_get_full_fp32_param
+        return safe_get_full_fp32_param(param).reshape(-1)
+
+    def set_master(self, param, value):
+        from deepspeed.utils import safe_set_full_fp32_param
+        safe_set_full_fp32_param(param, value.float())
+
+    def get_state(self, param, key):
+        from deepspeed.utils import safe_get_full_optimizer_state
+        return safe_get_full_optimizer_state(param, key).reshape(-1)
+
+    def set_state(self, param, key, value):
+        from deepspeed.utils import safe_set_full_optimizer_state
+        safe_set_full_optimizer_state(param, value.float(), key)
+
+
+class PlainOptimizerState(OptimizerStateAdapter):
+    """No DeepSpeed wrapper (ZeRO stage 0, fp32): the parameter is its own master."""
+
+    def __init__(self, state_keys: tuple[str, ...], optimizer: torch.optim.Optimizer):
+        super().__init__(state_keys)
+        self.optimizer = optimizer
+
+    def get_master(self, param):
+        return param.detach().float().reshape(-1).clone()
+
+    def set_master(self, param, value):
+        self.set_low_precision(param, value)
+
+    def get_state(self, param, key):
+        return self.optimizer.state[param][key].reshape(-1)
+
+    def set_state(self, param, key, value):
+        self.optimizer.state[param][key].copy_(value.reshape(self.optimizer.state[param][key].shape))
+
+
+def adapter_for(engine) -> OptimizerStateAdapter:
+    """The adapter for a DeepSpeed engine's optimizer; unsupported wrappers are refused."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    keys = per_entry_state_keys(engine.basic_optimizer)
+    wrapper = engine.optimizer
+    if isinstance(wrapper, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3, BF16_Optimizer)):
+        return DeepSpeedManagedState(keys)
+    if wrapper is engine.basic_optimizer:
+        return PlainOptimizerState(keys, wrapper)
+    raise UnsupportedOptimizerError(
+        f"DeepSpeed wrapped the optimizer in {type(wrapper).__name__}, whose master weights ds_topkast cannot "
+        "rewrite at a refresh. Use zero_optimization.stage 1, 2 or 3 (any precision) or stage 0 with fp32.")

@@ -1,0 +1,157 @@
+"""Convert a model for Top-KAST after it is built: the model never knows it is sparse.
+
+`sparsify(model, cfg)` picks modules by include/exclude name patterns, computes each
+layer's k_A and k_B (uniform or ERK), moves its full weight into the dense store and
+replaces it with a `TopKASTLinear` holding only the top-k_B values. Supported layer
+types are torch's nn.Linear and transformers' Conv1D (GPT-2), one converter each.
+"""
+from __future__ import annotations
+
+import fnmatch
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ds_topkast.config import TopKASTConfig, TopKASTConfigError
+from ds_topkast.distributions import kept_count, layer_densities
+from ds_topkast.layers import TopKASTLinear, sparse_layers
+from ds_topkast.select import select_sets
+from ds_topkast.store import CPUDenseStore
+
+
+@dataclass
+class TopKASTState:
+    """What a sparsified model carries: its config, dense store and the replaced weights."""
+
+    config: TopKASTConfig
+    store: CPUDenseStore
+    layer_names: list[str]
+    _replaced: dict[int, tuple[weakref.ref, nn.Parameter]] = field(default_factory=dict, repr=False)
+
+    def replacement(self, param: Any) -> Any:
+        """The compact parameter that took the place of a dense weight, else `param` itself."""
+        entry = self._replaced.get(id(param))
+        if entry is not None and entry[0]() is param:
+            return entry[1]
+        return param
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _linear_weight(module: nn.Module) -> Tensor:
+    """The weight as an (out, in) matrix: Conv1D stores it transposed (in, out)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    return module.weight.t()
+
+
+def _supported(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _choose_modules(model: nn.Module, cfg: TopKASTConfig) -> dict[str, nn.Module]:
+    names = {name: m for name, m in model.named_modules() if name}
+    for pattern in cfg.include:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if pattern != "*" and not any(_supported(names[n]) for n in hits):
+            found = f"it matches only {sorted({type(names[n]).__name__ for n in hits})}" if hits else "it matches no module"
+            raise TopKASTConfigError(
+                f"topkast.include pattern {pattern!r} selects no layer ds_topkast can sparsify ({found}); "
+                "supported layers are nn.Linear and transformers' Conv1D. Fix the pattern, e.g. '*attn*'.")
+    if cfg.explicitly_set("exclude"):
+        for pattern in cfg.exclude:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise TopKASTConfigError(f"topkast.exclude pattern {pattern!r} matches no module of this model; "
+                                         "fix or remove it (module names come from model.named_modules()).")
+    chosen = {n: m for n, m in names.items()
+              if _supported(m) and _matches(n, cfg.include) and not _matches(n, cfg.exclude)}
+    if not chosen:
+        raise TopKASTConfigError(
+            "topkast include/exclude select no nn.Linear or Conv1D layer of this model, so there is nothing to "
+            f"sparsify (include={cfg.include}, exclude={cfg.exclude}). Widen include or narrow exclude.")
+    return chosen
+
+
+def _refuse_shared_weights(model: nn.Module, chosen: Mapping[str, nn.Module]) -> None:
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    for name, module in chosen.items():
+        holders = owners[id(module.weight)]
+        if len(holders) > 1:
+            raise TopKASTConfigError(
+                f"Layer {name!r} shares its weight with {[h for h in holders if not h.startswith(name + '.')]} "
+                f"(tied weights); a sparse copy would untie them. Add {name!r} to topkast.exclude.")
+
+
+def _convert(module: nn.Module, cfg: TopKASTConfig, k_forward: int, k_backward: int,
+             generator: torch.Generator) -> TopKASTLinear:
+    weight = _linear_weight(module)
+    out_features, in_features = weight.shape
+    indices, forward_mask = select_sets(weight.float(), k_forward, k_backward, cfg.selection, generator)
+    values = weight.detach().reshape(-1)[indices]
+    return TopKASTLinear(in_features, out_features, values, indices, forward_mask, module.bias,
+                         k_forward=k_forward, forward_density=cfg.forward_density,
+                         exploration_l2=cfg.exploration_l2, source_type=type(module).__name__)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def selection_generator(cfg: TopKASTConfig, refresh_index: int, layer_index: int) -> torch.Generator:
+    """The same random stream on every rank for a given refresh and layer (random B\\A)."""
+    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + refresh_index * 10_007 + layer_index)
+
+
+def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any]) -> nn.Module:
+    """Replace the selected layers of `model` with Top-KAST layers, in place; returns `model`.
+
+    The full weights go into a dense store attached as `model.topkast_state`; A and B
+    start as the top-K of the model's own initial weights (paper, Section 2).
+    """
+    cfg = config if isinstance(config, TopKASTConfig) else TopKASTConfig.from_section(config)
+    if sparse_layers(model):
+        raise TopKASTConfigError("This model is already sparsified; call ds_topkast.sparsify once per model.")
+    chosen = _choose_modules(model, cfg)
+    _refuse_shared_weights(model, chosen)
+    shapes = [tuple(_linear_weight(m).shape) for m in chosen.values()]
+    forward = layer_densities(shapes, cfg.forward_density, cfg.distribution)
+    backward = layer_densities(shapes, cfg.backward_density, cfg.distribution)
+    store = CPUDenseStore(pin_memory=cfg.dense_store.pin_memory)
+    state = TopKASTState(config=cfg, store=store, layer_names=list(chosen))
+    for index, ((name, module), (out_f, in_f), d_fwd, d_bwd) in enumerate(zip(chosen.items(), shapes, forward, backward)):
+        k_forward = kept_count(out_f * in_f, d_fwd)
+        k_backward = max(k_forward, kept_count(out_f * in_f, d_bwd))
+        layer = _convert(module, cfg, k_forward, k_backward, selection_generator(cfg, 0, index))
+        store.add(name, _linear_weight(module))
+        state._replaced[id(module.weight)] = (weakref.ref(module.weight), layer.values)
+        _set_submodule(model, name, layer)
+    model.topkast_state = state
+    return model
+
+
+def topkast_state(model: nn.Module) -> TopKASTState:
+    """The Top-KAST state of a sparsified model, with a clear error when there is none."""
+    state = getattr(model, "topkast_state", None)
+    if not isinstance(state, TopKASTState):
+        raise TopKASTConfigError("This model was not converted by ds_topkast.sparsify(model, config).")
+    return state
+
+

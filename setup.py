@@ -1,0 +1,27 @@
+"""ds_topkast: Top-KAST sparse training of language models as a DeepSpeed extension.
+
+torch is not pinned here on purpose: install the build that fits your accelerator first
+(`pip install torch==2.13.0` takes the CPU build on our CI machines); a bare `torch`
+requirement would pull a multi-GB CUDA build onto machines that have none.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="ds_topkast",
+    version="0.1.0",
+    description="Top-KAST (Top-K Always Sparse Training) for DeepSpeed: dense weights off the accelerator",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ds_topkast", "ds_topkast.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "deepspeed>=0.19,<0.20",
+        "transformers>=5,<6",
+        "datasets",
+        "accelerate",
+        "pydantic>=2",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest"]},
+)
