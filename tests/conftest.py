@@ -1,0 +1,20 @@
+"""Single-process DeepSpeed on the CPU accelerator for every in-process test.
+
+Multi-rank behaviour is tested by starting real ranks with the deepspeed launcher;
+the in-process tests run as rank 0 of a world of 1 (gloo), set up before DeepSpeed
+is first imported so its accelerator detection sees DS_ACCELERATOR=cpu.
+"""
+import os
+import socket
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port(), "RANK": "0", "LOCAL_RANK": "0",
+                   "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}.items():
+    os.environ.setdefault(key, value)
