@@ -59,7 +59,7 @@ class TopKASTLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, values: Tensor, indices: Tensor,
-                 forward_mask: Tensor, bias: Tensor | None, *, k_forward: int, forward_density: float,
+                 forward_mask: Tensor, bias: nn.Parameter | None, *, k_forward: int, forward_density: float,
                  exploration_l2: float = 0.0, source_type: str = "Linear"):
         super().__init__()
         self.in_features = in_features
@@ -69,7 +69,7 @@ class TopKASTLinear(nn.Module):
         self.exploration_l2 = exploration_l2
         self.source_type = source_type
         self.values = nn.Parameter(values.detach().clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.bias = bias  # the replaced layer's own Parameter: param groups naming it stay valid
         index_dtype = torch.int32 if in_features * out_features < 2**31 else torch.int64
         self.register_buffer("indices", indices.to(index_dtype))
         self.register_buffer("forward_mask", forward_mask.clone())

@@ -1,0 +1,87 @@
+"""Every bad "topkast" value fails at start with a message naming the key and the fix."""
+import pytest
+
+import ds_topkast
+from ds_topkast.config import TopKASTConfig, TopKASTConfigError, topkast_section
+from models import MLP, ds_config, tiny_gpt2
+
+BAD_SECTIONS = [
+    ({"forward_sparsity": 1.0}, "topkast.forward_sparsity"),
+    ({"forward_sparsity": -0.1}, "topkast.forward_sparsity"),
+    ({"forward_sparsity": "high"}, "topkast.forward_sparsity"),
+    ({"backward_sparsity": 1.5}, "topkast.backward_sparsity"),
+    ({"forward_sparsity": 0.5, "backward_sparsity": 0.8}, "must be <= forward_sparsity"),
+    ({"refresh_interval": 0}, "topkast.refresh_interval"),
+    ({"refresh_interval": 2.5}, "topkast.refresh_interval"),
+    ({"forward_interval": 0}, "topkast.forward_interval"),
+    ({"include": []}, "topkast.include"),
+    ({"include": "*"}, "topkast.include"),
+    ({"exclude": [1]}, "topkast.exclude"),
+    ({"distribution": "normal"}, "topkast.distribution"),
+    ({"exploration_l2": -1.0}, "topkast.exploration_l2"),
+    ({"new_entries": "keep"}, "topkast.new_entries"),
+    ({"selection": "magnitude"}, "topkast.selection"),
+    ({"seed": -1}, "topkast.seed"),
+    ({"dense_store": {"device": "gpu"}}, "topkast.dense_store.device"),
+    ({"dense_store": {"device": "nvme"}}, "set \"dense_store\": {\"device\": \"cpu\"}"),
+    ({"dense_store": {"pinned": True}}, "dense_store.pinned: unknown key; remove it or use one of: device, nvme_path"),
+    ({"refresh_every": 10}, "topkast.refresh_every: unknown key; remove it or use one of: backward_sparsity"),
+]
+
+
+@pytest.mark.parametrize("section,message", BAD_SECTIONS, ids=[str(s) for s, _ in BAD_SECTIONS])
+def test_bad_values_name_the_key(section, message):
+    with pytest.raises(TopKASTConfigError) as err:
+        TopKASTConfig.from_section(section)
+    assert message in str(err.value)
+
+
+def test_missing_section_says_how_to_add_it():
+    with pytest.raises(TopKASTConfigError, match='has no "topkast" section; add one'):
+        topkast_section({"train_micro_batch_size_per_gpu": 1})
+
+
+def test_defaults_are_the_papers_90_80():
+    cfg = TopKASTConfig.from_section({})
+    assert (cfg.forward_sparsity, cfg.backward_sparsity, cfg.refresh_interval) == (0.9, 0.8, 100)
+
+
+PATTERN_ERRORS = [
+    ({"include": ["*attention*"]}, "include pattern '*attention*' selects no layer"),
+    ({"include": ["*ln_1"]}, "it matches only ['LayerNorm']"),
+    ({"exclude": ["*no_such_module*"]}, "exclude pattern '*no_such_module*' matches no module"),
+    ({"exclude": ["*"]}, "select no nn.Linear or Conv1D layer"),
+    ({"include": ["lm_head"], "exclude": []}, "shares its weight with ['transformer.wte.weight']"),
+]
+
+
+@pytest.mark.parametrize("section,message", PATTERN_ERRORS, ids=[m for _, m in PATTERN_ERRORS])
+def test_patterns_must_select_layers(section, message):
+    with pytest.raises(TopKASTConfigError) as err:
+        ds_topkast.sparsify(tiny_gpt2(), section)
+    assert message in str(err.value)
+
+
+ENGINE_ERRORS = [
+    (dict(stage=0, bf16=True), "ZeRO stage 0 with bf16 uses DeepSpeed's FP16_Optimizer"),
+    (dict(optimizer="Adagrad"), "does not know which state of optimizer Adagrad is per weight"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", ENGINE_ERRORS, ids=[m for _, m in ENGINE_ERRORS])
+def test_unsupported_engine_setups_fail_at_start(kwargs, message):
+    with pytest.raises((TopKASTConfigError, TypeError)) as err:
+        ds_topkast.initialize(model=MLP(), config=ds_config(**kwargs))
+    assert message in str(err.value)
+
+
+def test_fp16_is_refused():
+    cfg = ds_config()
+    cfg["fp16"] = {"enabled": True}
+    with pytest.raises(TopKASTConfigError, match="fp16 is not supported"):
+        ds_topkast.initialize(model=MLP(), config=cfg)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(TopKASTConfigError, match="does not exist"):
+        ds_topkast.initialize(model=MLP(), config=str(tmp_path / "nope.json"))

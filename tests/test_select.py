@@ -1,0 +1,73 @@
+"""Exact top-K: exactly K entries, ties broken by flat index, against a stable-sort reference."""
+import pytest
+import torch
+
+from ds_topkast.select import select_sets, topk_indices, topk_mask
+from reference_topkast import topk_by_sort
+
+
+def reference(scores, k):
+    return topk_by_sort(scores, k).nonzero().squeeze(1)
+
+
+TIED = {
+    "all equal": torch.ones(1000),
+    "all zero": torch.zeros(1000),
+    "two values": (torch.arange(1000) % 2).float(),
+    "few values": (torch.arange(997) * 7919 % 5).float(),
+    "denormals and zeros": torch.tensor([0.0, 1e-45, 1e-40, 0.0, 1e-45] * 100),
+    "high bits shared": 1.0 + torch.arange(4096, dtype=torch.float32) * 2**-23,
+    "random": torch.rand(5000, generator=torch.Generator().manual_seed(0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIED))
+@pytest.mark.parametrize("fraction", [0.0, 0.001, 0.1, 0.5, 0.9, 1.0])
+def test_exactly_k_ties_by_index(case, fraction):
+    scores = TIED[case]
+    k = round(fraction * scores.numel())
+    chosen = topk_indices(scores, k)
+    assert chosen.numel() == k
+    assert torch.equal(chosen, reference(scores, k))
+
+
+def test_hand_computed():
+    scores = torch.tensor([0.5, 2.0, 0.5, 3.0, 0.5, 1.0])
+    assert topk_indices(scores, 3).tolist() == [1, 3, 5]
+    assert topk_indices(scores, 4).tolist() == [0, 1, 3, 5]  # first of the three tied 0.5s
+    assert topk_mask(scores.view(2, 3), 2).tolist() == [[False, True, False], [True, False, False]]
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1.0, float("nan")]), torch.tensor([1.0, float("inf")]),
+                                 torch.tensor([1.0, -1.0])])
+def test_refuses_non_finite_or_negative_scores(bad):
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        topk_indices(bad, 1)
+
+
+def test_k_out_of_range():
+    with pytest.raises(ValueError, match="must lie in"):
+        topk_indices(torch.ones(3), 4)
+
+
+def test_select_sets_topk_nests_a_in_b():
+    theta = torch.randn(40, 30, generator=torch.Generator().manual_seed(1))
+    backward, forward_mask = select_sets(theta, 120, 360)
+    assert torch.equal(backward, reference(theta.abs(), 360))
+    assert torch.equal(backward[forward_mask], reference(theta.abs(), 120))
+    assert torch.all(backward[1:] > backward[:-1])
+
+
+def test_select_sets_random_keeps_a_and_draws_the_rest_deterministically():
+    theta = torch.randn(50, 40, generator=torch.Generator().manual_seed(2))
+    draw = lambda seed: select_sets(theta, 100, 500, "random", torch.Generator().manual_seed(seed))
+    (b1, a1), (b2, a2), (b3, _) = draw(7), draw(7), draw(8)
+    assert torch.equal(b1, b2) and torch.equal(a1, a2)
+    assert not torch.equal(b1, b3)
+    assert b1.numel() == 500 and torch.equal(b1[a1], reference(theta.abs(), 100))
+    assert not torch.equal(b1, reference(theta.abs(), 500))
+
+
+def test_unknown_rule():
+    with pytest.raises(ValueError, match="Unknown selection rule 'best'"):
+        select_sets(torch.ones(4), 1, 2, "best")
