@@ -19,8 +19,6 @@ _PER_ENTRY_STATE: dict[str, tuple[str, ...]] = {
     "AdamW": ("exp_avg", "exp_avg_sq"),
     "FusedAdam": ("exp_avg", "exp_avg_sq"),
     "DeepSpeedCPUAdam": ("exp_avg", "exp_avg_sq"),
-    "FusedLion": ("exp_avg",),
-    "DeepSpeedCPULion": ("exp_avg",),
     "SGD": ("momentum_buffer",),
 }
 

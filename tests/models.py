@@ -55,7 +55,8 @@ class MLP(nn.Module):
 
 
 def ds_config(stage: int = 0, bf16: bool = False, gas: int = 1, micro_batch: int = 4, lr: float = 1e-2,
-              weight_decay: float = 0.0, optimizer: str | None = "AdamW", **topkast) -> dict:
+              weight_decay: float = 0.0, optimizer: str | None = "AdamW", torch_adam: bool = True,
+              offload_optimizer: bool = False, **topkast) -> dict:
     section = {"forward_sparsity": 0.8, "backward_sparsity": 0.6, "refresh_interval": 3}
     section.update(topkast)
     config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": gas,
@@ -64,9 +65,11 @@ def ds_config(stage: int = 0, bf16: bool = False, gas: int = 1, micro_batch: int
               "topkast": section}
     if optimizer is not None:
         params = {"lr": lr, "weight_decay": weight_decay}
-        if "Adam" in optimizer:
-            params["torch_adam"] = True  # torch's Adam: no JIT build of DeepSpeed's CPU Adam in tests
+        if "Adam" in optimizer and torch_adam:
+            params["torch_adam"] = True  # torch's Adam: no JIT build of DeepSpeed's fused Adam
         config["optimizer"] = {"type": optimizer, "params": params}
+    if offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     return config
 
 
