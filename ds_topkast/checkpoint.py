@@ -1,10 +1,14 @@
-"""Top-KAST's share of a checkpoint: the dense store, the sets and the mask history.
+"""Top-KAST's share of a checkpoint: each rank's dense-store shard, the sets and the mask history.
 
 DeepSpeed's `save_checkpoint` keeps only rank 0's client_state, so each rank writes its
-own file under `save_dir/tag/` (its store shard, once data parallelism shards it). The
-file is written before DeepSpeed's files, so DeepSpeed's `latest` pointer, written last,
-never names a checkpoint without it. Files are plain tensors and numbers, read back
-with `torch.load(weights_only=True)`: loading a checkpoint never executes code.
+own file under `save_dir/tag/` holding its store shards. The file is written before
+DeepSpeed's files, so DeepSpeed's `latest` pointer, written last, never names a
+checkpoint without it. Files are plain tensors and numbers, read back with
+`torch.load(weights_only=True)`: loading a checkpoint never executes code.
+
+Resuming on another world size reshards: each rank reads the overlapping ranges of
+every saved rank's file (memory-mapped, so only those bytes are read). All ranks'
+files must then be reachable from every rank, as on a shared filesystem.
 """
 from __future__ import annotations
 
@@ -12,9 +16,11 @@ import os
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from ds_topkast.config import TopKASTConfig
 from ds_topkast.refresh import MaskDynamics, Refresher
+from ds_topkast.store import shard_range
 
 FORMAT_VERSION = 1
 # Settings that fix each layer's k_A and k_B: a checkpoint is only valid under the same ones.
@@ -33,10 +39,14 @@ def save(refresher: Refresher, tag_dir: str | os.PathLike, rank: int) -> Path:
     """Write this rank's Top-KAST state into the checkpoint folder (atomically, by rename)."""
     path = checkpoint_file(tag_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
+    store = refresher.state.store
     payload = {
         "format": FORMAT_VERSION,
+        "rank": store.rank,
+        "world": store.world,
         "config": refresher.state.config.model_dump(mode="json"),
-        "store": {name: theta.clone() for name, theta in refresher.state.store},
+        "store": {name: shard.theta.clone() for name, shard in store},
+        "offsets": {name: shard.offset for name, shard in store},
         "sets": {name: {"indices": layer.indices.cpu().clone(), "forward_mask": layer.forward_mask.cpu().clone()}
                  for name, layer in refresher.layers.items()},
         "ever_in_backward": {name: m.clone() for name, m in refresher.ever_in_backward.items()},
@@ -57,19 +67,47 @@ def _check_config(saved: dict, current: TopKASTConfig, path: Path) -> None:
                               "they fix every layer's k, so restore them in the config to resume this run.")
 
 
-def load(refresher: Refresher, tag_dir: str | os.PathLike, rank: int) -> None:
-    """Restore this rank's store, sets and mask history from a checkpoint folder."""
-    path = checkpoint_file(tag_dir, rank)
+def _read(path: Path) -> dict:
     if not path.is_file():
-        raise CheckpointError(f"Checkpoint folder {tag_dir} has no {path.name}: it was not written by ds_topkast "
+        raise CheckpointError(f"Checkpoint folder {path.parent} has no {path.name}: it was not written by ds_topkast "
                               "or was copied incompletely. Resume from a checkpoint saved by a ds_topkast engine.")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format {payload.get('format')!r}; this ds_topkast reads {FORMAT_VERSION}.")
-    _check_config(payload["config"], refresher.state.config, path)
-    refresher.state.store.load_state_dict(payload["store"])
+    return payload
+
+
+def _assemble(saved: list[dict], key: str, name: str, start: int, end: int) -> Tensor:
+    """Entries [start, end) of a layer's sharded `key` ("store" or "ever_in_backward") across saved ranks."""
+    parts = []
+    for payload in saved:
+        offset = payload["offsets"][name]
+        piece = payload[key][name]
+        lo, hi = max(start, offset), min(end, offset + piece.numel())
+        if lo < hi:
+            parts.append(piece[lo - offset:hi - offset])
+    return torch.cat(parts) if parts else saved[0][key][name][:0]
+
+
+def load(refresher: Refresher, tag_dir: str | os.PathLike, rank: int) -> None:
+    """Restore this rank's store shards, the sets and the mask history; reshard if the world changed."""
+    tag_dir = Path(tag_dir)
+    own = _read(checkpoint_file(tag_dir, rank)) if checkpoint_file(tag_dir, rank).is_file() else None
+    first = own if own is not None else _read(checkpoint_file(tag_dir, 0))
+    _check_config(first["config"], refresher.state.config, checkpoint_file(tag_dir, first["rank"]))
+    store = refresher.state.store
+    if own is not None and own["world"] == store.world:
+        saved = [own]
+    else:
+        saved = [_read(checkpoint_file(tag_dir, r)) for r in range(first["world"])]
+    for name in refresher.layers:
+        if name not in first["store"]:
+            raise CheckpointError(f"Checkpoint {tag_dir} holds no dense-store layer {name!r}; it was written for a "
+                                  f"model with layers {sorted(first['store'])}.")
+        start, end = shard_range(store.numel(name), store.rank, store.world)
+        store.load_shard(name, _assemble(saved, "store", name, start, end))
+        refresher.ever_in_backward[name] = _assemble(saved, "ever_in_backward", name, start, end).clone()
     for name, layer in refresher.layers.items():
-        sets = payload["sets"][name]
+        sets = first["sets"][name]
         layer.assign_sets(sets["indices"].to(layer.indices.device), sets["forward_mask"].to(layer.indices.device))
-    refresher.ever_in_backward = {name: m.clone() for name, m in payload["ever_in_backward"].items()}
-    refresher.history = [MaskDynamics(**d) for d in payload["history"]]
+    refresher.history = [MaskDynamics(**d) for d in first["history"]]

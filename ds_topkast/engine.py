@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ds_topkast import checkpoint
+from ds_topkast.collectives import ProcessGroupCollectives
 from ds_topkast.config import TopKASTConfig, TopKASTConfigError, load_deepspeed_config, topkast_section
 from ds_topkast.layers import exploration_loss, sparse_layers
 from ds_topkast.optimizer_state import adapter_for, per_entry_state_keys
@@ -31,7 +32,14 @@ class TopKASTRuntime:
         self.engine = engine
         self.state: TopKASTState = topkast_state(model)
         self.config: TopKASTConfig = self.state.config
-        self.refresher = Refresher(sparse_layers(model), self.state, adapter_for(engine))
+        comm = ProcessGroupCollectives()
+        if engine.dp_world_size != comm.world:
+            raise TopKASTConfigError(
+                f"ds_topkast shards its dense store over data-parallel ranks only, but this job has "
+                f"{comm.world} ranks and a data-parallel size of {engine.dp_world_size} (model, pipeline or "
+                "sequence parallelism); run pure data parallelism (with any ZeRO stage).")
+        self.state.store.keep_shard(comm.rank, comm.world)
+        self.refresher = Refresher(sparse_layers(model), self.state, adapter_for(engine), comm)
 
     def after_optimizer_step(self, step: int) -> MaskDynamics | None:
         """Refresh at multiples of refresh_interval; otherwise maybe re-select A inside B."""

@@ -62,14 +62,28 @@ class OptimizerStateAdapter:
         """Rewrite the copy the forward pass reads (this rank's partition under ZeRO-3)."""
         with torch.no_grad():
             if hasattr(param, "ds_tensor"):
-                import deepspeed.comm as dist
-                part = param.ds_tensor
-                start = dist.get_rank(group=param.ds_process_group) * part.numel()
-                piece = value.reshape(-1)[start:start + part.numel()]
-                part.zero_()
-                part[:piece.numel()].copy_(piece)
+                param.ds_tensor.copy_(zero3_partition(param, value))
+                # Parameters under stage3_param_persistence_threshold stay gathered between steps:
+                # their full copy is what the next forward reads.
+                if param.data.numel() == param.ds_numel:
+                    param.data.copy_(value.reshape(param.ds_shape))
             else:
                 param.data.copy_(value.reshape(param.shape))
+
+
+def zero3_partition(param: nn.Parameter, value: Tensor) -> Tensor:
+    """This rank's ZeRO-3 partition of a full flat value, zero-padded to the partition size.
+
+    DeepSpeed's own `safe_set_full_*` for ZeRO-3 slices past the end of the value on the
+    last rank when the size does not divide by the world size (0.19.8), so ds_topkast
+    slices itself and writes through the local API.
+    """
+    import deepspeed.comm as dist
+
+    size = param.ds_tensor.numel()
+    start = dist.get_rank(group=param.ds_process_group) * size
+    piece = value.reshape(-1)[start:start + size]
+    return torch.cat([piece, piece.new_zeros(size - piece.numel())])
 
 
 class DeepSpeedManagedState(OptimizerStateAdapter):
@@ -80,16 +94,22 @@ class DeepSpeedManagedState(OptimizerStateAdapter):
         return safe_get_full_fp32_param(param).reshape(-1)
 
     def set_master(self, param, value):
-        from deepspeed.utils import safe_set_full_fp32_param
-        safe_set_full_fp32_param(param, value.float())
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+        if hasattr(param, "ds_id"):
+            safe_set_local_fp32_param(param, zero3_partition(param, value.float()))
+        else:
+            safe_set_full_fp32_param(param, value.float())
 
     def get_state(self, param, key):
         from deepspeed.utils import safe_get_full_optimizer_state
         return safe_get_full_optimizer_state(param, key).reshape(-1)
 
     def set_state(self, param, key, value):
-        from deepspeed.utils import safe_set_full_optimizer_state
-        safe_set_full_optimizer_state(param, value.float(), key)
+        from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
+        if hasattr(param, "ds_id"):
+            safe_set_local_optimizer_state(param, zero3_partition(param, value.float()), key)
+        else:
+            safe_set_full_optimizer_state(param, value.float(), key)
 
 
 class PlainOptimizerState(OptimizerStateAdapter):

@@ -1,12 +1,15 @@
-"""The refresh: write back, re-select A and B against the dense store, rebuild the compact state.
+"""The refresh: write back, re-select A and B against the sharded dense store, rebuild the compact state.
 
-DESIGN.md, Section 3. Every `refresh_interval` optimizer steps, for each layer:
-1. write the fp32 master of the compact values into the store at B's indices;
-2. select B (top k_B of |θ|, or random B\\A) and A (top k_A) exactly, ties by index;
-3. rebuild: new values, fp32 master and low-precision copy from the store; each
-   per-entry optimizer state moves with the entries that stay in B, new entries start
-   at zero (paper: entries entering B have no history);
-4. record mask dynamics (paper, Figure 3).
+DESIGN.md, Section 3. Every `refresh_interval` optimizer steps, on every rank:
+1. guards: each rank's store shards are unchanged since the last refresh, and every
+   rank holds the same sets;
+2. write back the fp32 master of each layer's compact values into the owning shards;
+   refuse non-finite weights (every rank raises, naming the layer);
+3. select B (top k_B of |θ|, or random B\\A) and A (top k_A) exactly over the shards,
+   ties by global index, and assemble B's indices and values on every rank;
+4. rebuild: new values, fp32 master and low-precision copy; each per-entry optimizer
+   state moves with the entries that stay in B, new entries start at zero;
+5. guard again (every rank ends with the same sets) and record mask dynamics.
 Between refreshes, `mark_forward_sets_stale` makes each layer re-select A inside B at
 its next forward pass.
 """
@@ -17,14 +20,16 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from ds_topkast.collectives import ProcessGroupCollectives
 from ds_topkast.layers import TopKASTLinear
 from ds_topkast.optimizer_state import OptimizerStateAdapter
 from ds_topkast.select import select_sets
-from ds_topkast.sparsify import TopKASTState, selection_generator
+from ds_topkast.sparsify import TopKASTState, selection_seed
+from ds_topkast.store import checksum
 
 
 class RefreshError(RuntimeError):
-    """A refresh found state it must not act on (non-finite weights, diverged ranks)."""
+    """A refresh found state it must not act on (non-finite weights, changed shards, diverged ranks)."""
 
 
 @dataclass
@@ -49,67 +54,100 @@ def _positions_in(old_sorted: Tensor, new: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Refresher:
-    """Runs refreshes of a sparsified model's layers against its dense store."""
+    """Runs refreshes of a sparsified model's layers against its (sharded) dense store."""
 
-    def __init__(self, layers: dict[str, TopKASTLinear], state: TopKASTState, adapter: OptimizerStateAdapter):
+    def __init__(self, layers: dict[str, TopKASTLinear], state: TopKASTState, adapter: OptimizerStateAdapter,
+                 comm: ProcessGroupCollectives):
         self.layers = layers
         self.state = state
         self.adapter = adapter
-        self.ever_in_backward = {name: self._mask_of(name, layer.indices) for name, layer in layers.items()}
+        self.comm = comm
+        self.ever_in_backward = {name: self._local_mask(name, layer.indices) for name, layer in layers.items()}
         self.history: list[MaskDynamics] = []
 
-    def _mask_of(self, name: str, indices: Tensor) -> Tensor:
-        mask = torch.zeros(self.state.store.numel(name), dtype=torch.bool)
-        mask[indices.cpu().long()] = True
+    def _local_mask(self, name: str, indices: Tensor) -> Tensor:
+        shard = self.state.store.shard(name)
+        mask = torch.zeros(shard.theta.numel(), dtype=torch.bool)
+        self._mark(mask, shard.offset, indices)
         return mask
+
+    @staticmethod
+    def _mark(mask: Tensor, offset: int, indices: Tensor) -> None:
+        local = indices.cpu().long() - offset
+        mask[local[(local >= 0) & (local < mask.numel())]] = True
 
     def mark_forward_sets_stale(self) -> None:
         for layer in self.layers.values():
             layer.forward_set_stale = True
 
     def refresh(self, step: int) -> MaskDynamics:
-        """One full refresh of every layer at optimizer step `step`."""
+        """One full refresh of every layer at optimizer step `step` (a collective: all ranks call it)."""
+        store = self.state.store
+        self._agree_or_fail([not store.intact(name) for name in self.layers], step,
+                            "its dense-store shard changed since the last refresh (memory corruption or a stray "
+                            "write); resume from the last checkpoint")
+        self.check_sets_agree(step)
+        for name, layer in self.layers.items():
+            store.write(name, layer.indices, self.adapter.get_master(layer.values))
+        self._agree_or_fail([not bool(torch.isfinite(store.read(name)).all()) for name in self.layers], step,
+                            "it holds non-finite weights; lower the learning rate or enable gradient clipping, and "
+                            "resume from the last checkpoint")
         totals = torch.zeros(3, dtype=torch.float64)
-        k_forward = k_backward = 0
         for index, (name, layer) in enumerate(self.layers.items()):
             totals += self._refresh_layer(index, name, layer, step)
-            k_forward += layer.k_forward
-            k_backward += layer.k_backward
-        ever = sum(int(m.sum()) for m in self.ever_in_backward.values())
-        total = sum(m.numel() for m in self.ever_in_backward.values())
+        self.check_sets_agree(step)
+        k_forward = sum(layer.k_forward for layer in self.layers.values())
+        k_backward = sum(layer.k_backward for layer in self.layers.values())
+        ever = self.comm.all_reduce_sum(torch.tensor([sum(int(m.sum()) for m in self.ever_in_backward.values())]))
+        total = sum(store.numel(name) for name in self.layers)
         dynamics = MaskDynamics(step=step, forward_changed=float(totals[0]) / k_forward,
                                 backward_changed=float(totals[1]) / k_backward,
                                 forward_from_reservoir=int(totals[2]), backward_from_reservoir=int(totals[1]),
-                                ever_in_backward=ever / total)
+                                ever_in_backward=int(ever) / total)
         self.history.append(dynamics)
         return dynamics
 
+    def _agree_or_fail(self, failed: list[bool], step: int, why: str) -> None:
+        """Share per-layer failures of every rank, so that all ranks raise the same error together."""
+        table = torch.zeros(self.comm.world, len(failed), dtype=torch.long)
+        table[self.comm.rank] = torch.tensor(failed, dtype=torch.long)
+        table = self.comm.all_reduce_sum(table)
+        if table.any():
+            names = list(self.layers)
+            where = "; ".join(f"layer {names[j]!r} on rank {r}" for r, j in table.nonzero().tolist())
+            raise RefreshError(f"Top-KAST refresh at step {step} stopped: {where}: {why}.")
+
+    def check_sets_agree(self, step: int) -> None:
+        """Every rank must hold the same A and B of every layer; a mismatch is an error, never a divergence."""
+        sums = torch.tensor([[checksum(layer.indices.cpu().int()), checksum(layer.forward_mask.cpu().int())]
+                             for layer in self.layers.values()], dtype=torch.long)
+        low, high = self.comm.all_reduce_min_max(sums)
+        diverged = [name for name, row in zip(self.layers, (low != high).any(dim=1).tolist()) if row]
+        if diverged:
+            raise RefreshError(f"Top-KAST masks differ across ranks at step {step} in layers {diverged}: the ranks "
+                               "no longer train the same model. Resume every rank from the last checkpoint.")
+
     def _refresh_layer(self, index: int, name: str, layer: TopKASTLinear, step: int) -> Tensor:
         store, adapter, cfg = self.state.store, self.adapter, self.state.config
+        shard = store.shard(name)
         old_indices = layer.indices.long()
         old_forward = old_indices[layer.forward_mask]
-        store.write(name, old_indices, adapter.get_master(layer.values))
-        theta = store.read(name)
-        if not bool(torch.isfinite(theta).all()):
-            raise RefreshError(f"Layer {name!r} holds non-finite weights at step {step}; refusing to select masks "
-                               "from them. Lower the learning rate or enable gradient clipping, and resume from "
-                               "the last checkpoint.")
-        refresh_index = step // cfg.refresh_interval
-        new_indices, new_forward_mask = select_sets(theta, layer.k_forward, layer.k_backward, cfg.selection,
-                                                    selection_generator(cfg, refresh_index, index))
+        new_indices, new_master, new_forward_mask = select_sets(
+            shard.theta, layer.k_forward, layer.k_backward, cfg.selection,
+            selection_seed(cfg, step // cfg.refresh_interval, index),
+            offset=shard.offset, numel=shard.numel, comm=self.comm)
         device = layer.indices.device
-        new_indices, new_forward_mask = new_indices.to(device), new_forward_mask.to(device)
+        new_indices, new_master, new_forward_mask = (t.to(device) for t in (new_indices, new_master, new_forward_mask))
         kept, pos = _positions_in(old_indices, new_indices)
-        new_master = theta[new_indices.cpu()].to(device)
         adapter.set_master(layer.values, new_master)
         for key in adapter.state_keys:
             old_state = adapter.get_state(layer.values, key)
-            new_state = torch.where(kept, old_state[pos], torch.zeros_like(old_state))
-            adapter.set_state(layer.values, key, new_state)
+            adapter.set_state(layer.values, key, torch.where(kept, old_state[pos], torch.zeros_like(old_state)))
         adapter.set_low_precision(layer.values, new_master.to(layer.values.dtype))
         new_forward = new_indices[new_forward_mask]
         layer.assign_sets(new_indices, new_forward_mask)
-        self.ever_in_backward[name][new_indices.cpu()] = True
+        store.seal(name)
+        self._mark(self.ever_in_backward[name], shard.offset, new_indices)
         # Entries new to B are exactly those that came from the reservoir C.
         return torch.tensor([
             (~torch.isin(new_forward, old_forward)).sum(),

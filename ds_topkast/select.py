@@ -1,15 +1,19 @@
-"""Exact top-K selection: exactly K entries, ties broken by flat index (lower index wins).
+"""Exact top-K selection, local or over a layer sharded across ranks: exactly K entries, ties by index.
 
-Top-KAST needs the K largest |θ| of every layer at every refresh (set B) and the K_A
-largest of B's values at every step (set A). `torch.topk` sorts and is O(n log k);
-a threshold found by two 16-bit histogram passes over the float bits is O(n), and
-selecting "everything above the threshold plus the first ties by index" gives exactly
-K entries, which "≥ threshold" alone does not under ties.
+Top-KAST needs the K largest scores of every layer at every refresh (set B) and the K_A
+largest of B's values at every step (set A). `torch.topk` sorts and is O(n log k); a
+threshold found by two 16-bit histogram passes over the float bits is O(n), and
+"everything above the threshold plus the first ties by flat index" gives exactly K
+entries, which "≥ threshold" alone does not under ties.
 
-For non-negative IEEE floats the bit pattern read as a signed int32 orders the same
-way as the value, so histograms of the high and then the low 16 bits find the K-th
-largest value exactly. The histograms are the only global quantity, which is what
-makes the same procedure distributable across ranks (sum the histograms).
+For non-negative IEEE floats the bit pattern read as a signed int32 orders like the
+value, so histograms of the high and then the low 16 bits find the K-th largest value
+exactly. Those histograms (and the per-rank tie counts) are the only global quantities,
+so the same code runs over a layer sharded in contiguous flat ranges across ranks: sum
+the histograms, let earlier ranks take their ties first, and concatenate the ranks'
+chosen indices in rank order. No rank ever sees another rank's weights; traffic is two
+histograms per selection plus the chosen entries. `Collectives` is that interface; the
+default is a world of one, so local selection is the same code.
 """
 from __future__ import annotations
 
@@ -19,15 +23,26 @@ from torch import Tensor
 _BINS = 1 << 16
 
 
-def _kth_largest_bits(bits: Tensor, k: int) -> tuple[int, int]:
-    """Bit pattern of the k-th largest entry and how many entries lie strictly above it."""
-    high = bits >> 16
-    high_counts = torch.bincount(high, minlength=_BINS)
-    high_bin, above_high = _bin_holding_rank(high_counts, k)
-    low = (bits[high == high_bin] & 0xFFFF)
-    low_counts = torch.bincount(low, minlength=_BINS)
-    low_bin, above_low = _bin_holding_rank(low_counts, k - above_high)
-    return (high_bin << 16) | low_bin, above_high + above_low
+class Collectives:
+    """The three collectives sharded selection needs; this base class is a world of one."""
+
+    rank: int = 0
+    world: int = 1
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Elementwise sum over ranks (returned; may be `tensor` itself)."""
+        return tensor
+
+    def all_gather_ints(self, value: int) -> list[int]:
+        """One integer from every rank, in rank order."""
+        return [value]
+
+    def all_gather_varlen(self, tensor: Tensor) -> Tensor:
+        """1-D tensors of any length from every rank, concatenated in rank order."""
+        return tensor
+
+
+LOCAL = Collectives()
 
 
 def _bin_holding_rank(counts: Tensor, rank: int) -> tuple[int, int]:
@@ -38,6 +53,16 @@ def _bin_holding_rank(counts: Tensor, rank: int) -> tuple[int, int]:
     return bin_index, above
 
 
+def _kth_largest_bits(bits: Tensor, k: int, comm: Collectives) -> tuple[int, int]:
+    """Bit pattern of the k-th largest entry over all ranks and how many lie strictly above it."""
+    high = bits >> 16
+    high_counts = comm.all_reduce_sum(torch.bincount(high, minlength=_BINS))
+    high_bin, above_high = _bin_holding_rank(high_counts, k)
+    low_counts = comm.all_reduce_sum(torch.bincount(bits[high == high_bin] & 0xFFFF, minlength=_BINS))
+    low_bin, above_low = _bin_holding_rank(low_counts, k - above_high)
+    return (high_bin << 16) | low_bin, above_high + above_low
+
+
 def _score_bits(scores: Tensor) -> Tensor:
     flat = scores.detach().reshape(-1).float().contiguous()
     if not bool(torch.isfinite(flat).all()) or bool((flat < 0).any()):
@@ -45,21 +70,26 @@ def _score_bits(scores: Tensor) -> Tensor:
     return flat.view(torch.int32)
 
 
+def shard_topk_indices(scores: Tensor, offset: int, k: int, comm: Collectives = LOCAL) -> Tensor:
+    """Ascending global flat indices, within this rank's shard, of the global top-k scores.
+
+    `scores` is this rank's contiguous slice starting at global index `offset`; ranks hold
+    consecutive slices in rank order. Every rank must call this with the same k.
+    """
+    bits = _score_bits(scores)
+    threshold, above = _kth_largest_bits(bits, k, comm) if k > 0 else (0x7FFFFFFF, 0)
+    chosen = bits > threshold
+    ties = (bits == threshold).nonzero().squeeze(1)
+    ties_before = sum(comm.all_gather_ints(ties.numel())[:comm.rank])
+    chosen[ties[:max(0, k - above - ties_before)]] = True
+    return chosen.nonzero().squeeze(1) + offset
+
+
 def topk_indices(scores: Tensor, k: int) -> Tensor:
     """Ascending flat indices of the k largest entries of `scores` (>= 0), ties by lower index."""
-    n = scores.numel()
-    if not 0 <= k <= n:
-        raise ValueError(f"k={k} must lie in [0, {n}] for a tensor of {n} entries.")
-    if k == n:
-        return torch.arange(n, device=scores.device)
-    if k == 0:
-        return torch.empty(0, dtype=torch.long, device=scores.device)
-    bits = _score_bits(scores)
-    threshold, above = _kth_largest_bits(bits, k)
-    chosen = bits > threshold
-    ties = (bits == threshold).nonzero().squeeze(1)[: k - above]
-    chosen[ties] = True
-    return chosen.nonzero().squeeze(1)
+    if not 0 <= k <= scores.numel():
+        raise ValueError(f"k={k} must lie in [0, {scores.numel()}] for a tensor of {scores.numel()} entries.")
+    return shard_topk_indices(scores, 0, k)
 
 
 def topk_mask(scores: Tensor, k: int) -> Tensor:
@@ -69,34 +99,44 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
     return mask.view(scores.shape)
 
 
-def _topk_backward_set(magnitude: Tensor, k_forward: int, k_backward: int, generator: torch.Generator) -> Tensor:
-    return topk_indices(magnitude, k_backward)
+def uniform_hash(indices: Tensor, seed: int) -> Tensor:
+    """A deterministic pseudo-random value in [0, 1) per global index: the same on any world size."""
+    x = ((indices & 0xFFFFFFFF) * 2654435761 + (seed & 0xFFFFFFFF) * 40503 + 12345) & 0xFFFFFFFF
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return ((x ^ (x >> 16)).double() / 2**32).float()
 
 
-def _random_backward_set(magnitude: Tensor, k_forward: int, k_backward: int, generator: torch.Generator) -> Tensor:
+def _topk_backward_set(magnitude, offset, k_forward, k_backward, seed, comm):
+    return shard_topk_indices(magnitude, offset, k_backward, comm)
+
+
+def _random_backward_set(magnitude, offset, k_forward, k_backward, seed, comm):
     """A by magnitude; B\\A drawn uniformly from the rest (the paper's random-B ablation)."""
-    forward = topk_mask(magnitude, k_forward).reshape(-1)
-    rest = (~forward).nonzero().squeeze(1)
-    draw = torch.randperm(rest.numel(), generator=generator, device="cpu")[: k_backward - k_forward]
-    forward[rest[draw.to(rest.device)]] = True
-    return forward.nonzero().squeeze(1)
+    forward = shard_topk_indices(magnitude, offset, k_forward, comm)
+    scores = uniform_hash(torch.arange(offset, offset + magnitude.numel(), device=magnitude.device), seed)
+    scores[forward - offset] = 2.0  # above every hash value: A is always in B
+    return shard_topk_indices(scores, offset, k_backward, comm)
 
 
 BACKWARD_SET_RULES = {"topk": _topk_backward_set, "random": _random_backward_set}
 
 
-def select_sets(theta: Tensor, k_forward: int, k_backward: int, rule: str = "topk",
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Sets B (ascending flat indices) and A (a mask over B) of one layer's weights θ.
+def select_sets(theta: Tensor, k_forward: int, k_backward: int, rule: str = "topk", seed: int = 0, *,
+                offset: int = 0, numel: int | None = None, comm: Collectives = LOCAL) -> tuple[Tensor, Tensor, Tensor]:
+    """Sets B and A of one layer whose flat fp32 θ may be sharded across ranks.
 
-    A is the top k_forward of |θ|; B ⊇ A holds k_backward entries chosen by `rule`.
+    `theta` is this rank's slice starting at `offset` of a layer of `numel` entries (the
+    whole layer by default). Returns, identically on every rank: B's ascending global
+    indices, θ at those indices, and A as a mask over B (the top k_forward of |θ|).
     """
+    numel = theta.numel() if numel is None else numel
     if rule not in BACKWARD_SET_RULES:
         raise ValueError(f"Unknown selection rule {rule!r}; use one of {sorted(BACKWARD_SET_RULES)}.")
-    if not 0 < k_forward <= k_backward <= theta.numel():
-        raise ValueError(f"Need 0 < k_forward ({k_forward}) <= k_backward ({k_backward}) <= n ({theta.numel()}).")
-    magnitude = theta.detach().reshape(-1).abs()
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    backward = BACKWARD_SET_RULES[rule](magnitude, k_forward, k_backward, generator)
-    forward_mask = topk_mask(magnitude[backward], k_forward)
-    return backward, forward_mask
+    if not 0 < k_forward <= k_backward <= numel:
+        raise ValueError(f"Need 0 < k_forward ({k_forward}) <= k_backward ({k_backward}) <= n ({numel}).")
+    flat = theta.detach().reshape(-1)
+    local = BACKWARD_SET_RULES[rule](flat.abs(), offset, k_forward, k_backward, seed, comm)
+    indices = comm.all_gather_varlen(local)
+    values = comm.all_gather_varlen(flat[local - offset].float())
+    return indices, values, topk_mask(values.abs(), k_forward)

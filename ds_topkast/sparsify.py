@@ -99,11 +99,10 @@ def _refuse_shared_weights(model: nn.Module, chosen: Mapping[str, nn.Module]) ->
                 f"(tied weights); a sparse copy would untie them. Add {name!r} to topkast.exclude.")
 
 
-def _convert(module: nn.Module, cfg: TopKASTConfig, k_forward: int, k_backward: int,
-             generator: torch.Generator) -> TopKASTLinear:
+def _convert(module: nn.Module, cfg: TopKASTConfig, k_forward: int, k_backward: int, seed: int) -> TopKASTLinear:
     weight = _linear_weight(module)
     out_features, in_features = weight.shape
-    indices, forward_mask = select_sets(weight.float(), k_forward, k_backward, cfg.selection, generator)
+    indices, _, forward_mask = select_sets(weight.float(), k_forward, k_backward, cfg.selection, seed)
     values = weight.detach().reshape(-1)[indices]
     return TopKASTLinear(in_features, out_features, values, indices, forward_mask, module.bias,
                          k_forward=k_forward, forward_density=cfg.forward_density,
@@ -115,9 +114,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def selection_generator(cfg: TopKASTConfig, refresh_index: int, layer_index: int) -> torch.Generator:
-    """The same random stream on every rank for a given refresh and layer (random B\\A)."""
-    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + refresh_index * 10_007 + layer_index)
+def selection_seed(cfg: TopKASTConfig, refresh_index: int, layer_index: int) -> int:
+    """The random-B\\A seed of one layer at one refresh: the same on every rank and world size."""
+    return cfg.seed * 1_000_003 + refresh_index * 10_007 + layer_index
 
 
 def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any]) -> nn.Module:
@@ -139,7 +138,7 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any]) -> nn.
     for index, ((name, module), (out_f, in_f), d_fwd, d_bwd) in enumerate(zip(chosen.items(), shapes, forward, backward)):
         k_forward = kept_count(out_f * in_f, d_fwd)
         k_backward = max(k_forward, kept_count(out_f * in_f, d_bwd))
-        layer = _convert(module, cfg, k_forward, k_backward, selection_generator(cfg, 0, index))
+        layer = _convert(module, cfg, k_forward, k_backward, selection_seed(cfg, 0, index))
         store.add(name, _linear_weight(module))
         state._replaced[id(module.weight)] = (weakref.ref(module.weight), layer.values)
         _set_submodule(model, name, layer)

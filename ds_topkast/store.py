@@ -1,14 +1,18 @@
-"""The dense store: the full fp32 weights θ of every sparsified layer, off the accelerator.
+"""The dense store: the full fp32 weights θ of every sparsified layer, off the accelerator, sharded.
 
 Top-KAST selects A and B from the magnitudes of *all* of a layer's weights, including
 the reservoir C that is frozen between refreshes, so the dense θ must be kept
-somewhere; here it is host memory, one flat fp32 tensor per layer (pinned when an
-accelerator is present so host-to-device copies can overlap). Between refreshes the
+somewhere; here it is host memory. Under data parallelism each rank keeps one
+contiguous flat range of every layer (about n / world entries), pinned when an
+accelerator is present so host-to-device copies can overlap. Between refreshes the
 store's copy of B is stale: the engine's fp32 master is the truth, written back at each
-refresh. The store knows nothing of DeepSpeed or of the layers that use it.
+refresh. Nothing writes the store between refreshes, so each shard carries a checksum
+taken after the last write; a shard that changed anyway is caught before it is used.
+The store knows nothing of DeepSpeed or of the layers that use it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -19,53 +23,113 @@ class DenseStoreError(RuntimeError):
     """The store was asked for a layer it does not hold, or given mismatched state."""
 
 
+def shard_range(numel: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous [start, end) of a numel-entry layer that `rank` of `world` holds."""
+    chunk = -(-numel // world)
+    start = min(rank * chunk, numel)
+    return start, min(start + chunk, numel)
+
+
+def checksum(values: Tensor, block: int = 1 << 22) -> int:
+    """A position-sensitive checksum of a tensor's bits (changes if any entry or order changes).
+
+    Integer arithmetic wraps, so the result is exact and the same on every machine; blocks
+    bound the temporaries to a few times `block` entries.
+    """
+    flat = values.detach().reshape(-1).contiguous().view(torch.int32)
+    total = 0
+    for start in range(0, flat.numel(), block):
+        bits = flat[start:start + block].long() & 0xFFFFFFFF
+        weights = (torch.arange(start, start + bits.numel(), dtype=torch.long) * 2654435761 + 1) & 0xFFFFFFFF
+        total += int(((bits * weights) & 0xFFFFFFFFFFFF).sum())
+    return total
+
+
+@dataclass
+class LayerShard:
+    """This rank's part of one layer: θ[offset : offset + len(theta)] of a layer of `numel` entries."""
+
+    theta: Tensor
+    offset: int
+    numel: int
+    checksum: int = 0
+
+
 class CPUDenseStore:
-    """fp32 θ per layer, flat, in host memory. Layers are keyed by module name."""
+    """fp32 θ per layer, flat, in host memory; each rank keeps its shard. Keyed by module name."""
 
     def __init__(self, pin_memory: bool = True):
         self._pin = pin_memory and torch.accelerator.is_available()
-        self._layers: dict[str, Tensor] = {}
+        self._layers: dict[str, LayerShard] = {}
+        self.rank, self.world = 0, 1
+
+    def _host(self, tensor: Tensor) -> Tensor:
+        flat = tensor.detach().to("cpu", torch.float32).reshape(-1).clone()
+        return flat.pin_memory() if self._pin else flat
 
     def add(self, name: str, theta: Tensor) -> None:
         """Take a copy of a layer's full weight (any shape and dtype) as flat fp32."""
-        flat = theta.detach().to("cpu", torch.float32).reshape(-1).clone()
-        self._layers[name] = flat.pin_memory() if self._pin else flat
+        self._layers[name] = LayerShard(self._host(theta), 0, theta.numel())
+        self.seal(name)
 
-    def read(self, name: str) -> Tensor:
-        """The layer's flat fp32 θ (a view: callers must not keep it across writes)."""
+    def keep_shard(self, rank: int, world: int) -> None:
+        """Drop everything but this rank's contiguous range of every layer."""
+        if world == self.world and rank == self.rank:
+            return
+        if self.world != 1:
+            raise DenseStoreError("The store is already sharded; shard a full store only.")
+        for name, layer in self._layers.items():
+            start, end = shard_range(layer.numel, rank, world)
+            self._layers[name] = LayerShard(self._host(layer.theta[start:end]), start, layer.numel)
+            self.seal(name)
+        self.rank, self.world = rank, world
+
+    def shard(self, name: str) -> LayerShard:
         try:
             return self._layers[name]
         except KeyError:
             raise DenseStoreError(f"The dense store holds no layer named {name!r}; it holds {self.names()}.") from None
 
+    def read(self, name: str) -> Tensor:
+        """This rank's flat fp32 slice of the layer (see `shard(name).offset`)."""
+        return self.shard(name).theta
+
     def write(self, name: str, indices: Tensor, values: Tensor) -> None:
-        """θ[indices] = values: the write-back of a layer's compact fp32 master."""
-        theta = self.read(name)
-        theta[indices.to("cpu", torch.long)] = values.detach().to("cpu", torch.float32)
+        """θ[i] = v for the global indices i that fall in this rank's shard (the write-back)."""
+        layer = self.shard(name)
+        indices = indices.to("cpu", torch.long)
+        mine = (indices >= layer.offset) & (indices < layer.offset + layer.theta.numel())
+        layer.theta[indices[mine] - layer.offset] = values.detach().to("cpu", torch.float32)[mine]
+
+    def seal(self, name: str) -> None:
+        """Record the shard's checksum after a legitimate write."""
+        layer = self.shard(name)
+        layer.checksum = checksum(layer.theta)
+
+    def intact(self, name: str) -> bool:
+        """Whether the shard still matches the checksum taken at its last legitimate write."""
+        layer = self.shard(name)
+        return checksum(layer.theta) == layer.checksum
 
     def numel(self, name: str) -> int:
-        return self.read(name).numel()
+        """Entries of the whole layer (all shards)."""
+        return self.shard(name).numel
 
     def names(self) -> list[str]:
         return list(self._layers)
 
-    def __iter__(self) -> Iterator[tuple[str, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[str, LayerShard]]:
         return iter(self._layers.items())
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._layers.values())
+        """Host bytes this rank holds."""
+        return sum(layer.theta.numel() * layer.theta.element_size() for layer in self._layers.values())
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return dict(self._layers)
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Replace every layer's θ from a checkpoint; layer names and sizes must match."""
-        if set(state) != set(self._layers):
-            raise DenseStoreError(
-                f"Checkpoint store layers {sorted(state)} do not match this model's sparsified layers "
-                f"{sorted(self._layers)}; load a checkpoint written by the same model and topkast include/exclude.")
-        for name, theta in state.items():
-            if theta.numel() != self._layers[name].numel():
-                raise DenseStoreError(f"Checkpoint store layer {name!r} has {theta.numel()} entries, "
-                                      f"the model's has {self._layers[name].numel()}; the model changed.")
-            self._layers[name].copy_(theta.reshape(-1))
+    def load_shard(self, name: str, theta: Tensor) -> None:
+        """Replace this rank's slice of a layer (from a checkpoint); its size must match."""
+        layer = self.shard(name)
+        if theta.numel() != layer.theta.numel():
+            raise DenseStoreError(f"Checkpoint store shard of layer {name!r} has {theta.numel()} entries, this rank "
+                                  f"holds {layer.theta.numel()}; the model or the world size changed.")
+        layer.theta.copy_(theta.reshape(-1))
+        self.seal(name)

@@ -52,16 +52,17 @@ def test_k_out_of_range():
 
 def test_select_sets_topk_nests_a_in_b():
     theta = torch.randn(40, 30, generator=torch.Generator().manual_seed(1))
-    backward, forward_mask = select_sets(theta, 120, 360)
+    backward, values, forward_mask = select_sets(theta, 120, 360)
     assert torch.equal(backward, reference(theta.abs(), 360))
+    assert torch.equal(values, theta.reshape(-1)[backward])
     assert torch.equal(backward[forward_mask], reference(theta.abs(), 120))
     assert torch.all(backward[1:] > backward[:-1])
 
 
 def test_select_sets_random_keeps_a_and_draws_the_rest_deterministically():
     theta = torch.randn(50, 40, generator=torch.Generator().manual_seed(2))
-    draw = lambda seed: select_sets(theta, 100, 500, "random", torch.Generator().manual_seed(seed))
-    (b1, a1), (b2, a2), (b3, _) = draw(7), draw(7), draw(8)
+    draw = lambda seed: select_sets(theta, 100, 500, "random", seed)
+    (b1, _, a1), (b2, _, a2), (b3, _, _) = draw(7), draw(7), draw(8)
     assert torch.equal(b1, b2) and torch.equal(a1, a2)
     assert not torch.equal(b1, b3)
     assert b1.numel() == 500 and torch.equal(b1[a1], reference(theta.abs(), 100))
@@ -71,3 +72,58 @@ def test_select_sets_random_keeps_a_and_draws_the_rest_deterministically():
 def test_unknown_rule():
     with pytest.raises(ValueError, match="Unknown selection rule 'best'"):
         select_sets(torch.ones(4), 1, 2, "best")
+
+
+class ThreadCollectives:
+    """Ranks as threads: enough to exercise sharded selection's collectives in one process."""
+
+    def __init__(self, rank, world, board, barrier):
+        self.rank, self.world, self.board, self.barrier = rank, world, board, barrier
+
+    def _exchange(self, item):
+        self.barrier.wait()
+        self.board[self.rank] = item
+        self.barrier.wait()
+        items = list(self.board)
+        self.barrier.wait()
+        return items
+
+    def all_reduce_sum(self, tensor):
+        return sum(self._exchange(tensor.clone()))
+
+    def all_gather_ints(self, value):
+        return self._exchange(value)
+
+    def all_gather_varlen(self, tensor):
+        return torch.cat(self._exchange(tensor.clone()))
+
+
+def sharded_select(theta, k_forward, k_backward, world, rule="topk"):
+    import threading
+    from ds_topkast.store import shard_range
+
+    board, barrier, results = [None] * world, threading.Barrier(world), [None] * world
+
+    def run(rank):
+        start, end = shard_range(theta.numel(), rank, world)
+        comm = ThreadCollectives(rank, world, board, barrier)
+        results[rank] = select_sets(theta.reshape(-1)[start:end], k_forward, k_backward, rule, 3,
+                                    offset=start, numel=theta.numel(), comm=comm)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@pytest.mark.parametrize("case", ["two values", "all equal", "random", "few values"])
+@pytest.mark.parametrize("world", [2, 3, 5])
+@pytest.mark.parametrize("rule", ["topk", "random"])
+def test_sharded_selection_equals_local_on_every_rank(case, world, rule):
+    theta = TIED[case] * torch.where(torch.arange(TIED[case].numel()) % 3 == 0, -1.0, 1.0)
+    expected = select_sets(theta, 50, 300, rule, 3)
+    for indices, values, forward_mask in sharded_select(theta, 50, 300, world, rule):
+        assert torch.equal(indices, expected[0]) and torch.equal(values, expected[1])
+        assert torch.equal(forward_mask, expected[2])

@@ -1,13 +1,8 @@
 """End to end: the training command under the real deepspeed launcher, then --resume."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from conftest import _free_port
-
-REPO = Path(__file__).resolve().parents[1]
+from launcher import REPO, deepspeed_launch
 
 
 def write_config(path: Path, steps: int) -> Path:
@@ -21,15 +16,8 @@ def write_config(path: Path, steps: int) -> Path:
     return path
 
 
-def launch(*args: str) -> subprocess.CompletedProcess:
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [str(deepspeed), "--num_gpus", "1", "--master_port", _free_port(), "--module", "ds_topkast.train", *args]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+def launch(*args: str):
+    return deepspeed_launch(1, "--module", "ds_topkast.train", *args)
 
 
 def records(out: Path, kind: str) -> list[dict]:

@@ -1,0 +1,52 @@
+"""The collectives of sharded selection and the refresh guards, over DeepSpeed's process group.
+
+Going through `deepspeed.comm` (not torch.distributed directly) puts every byte the
+refresh moves into DeepSpeed's comms logger next to the gradient traffic. Tensors are
+moved to the accelerator for the call (NCCL needs them there) and back to the host.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ds_topkast.select import Collectives
+
+
+class ProcessGroupCollectives(Collectives):
+    """`Collectives` over the default (data-parallel) process group."""
+
+    def __init__(self):
+        import deepspeed.comm as dist
+        from deepspeed.accelerator import get_accelerator
+
+        self._dist = dist
+        self._device = get_accelerator().current_device_name()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        moved = tensor.to(self._device)
+        self._dist.all_reduce(moved)
+        return moved.to(tensor.device)
+
+    def all_reduce_min_max(self, tensor: Tensor) -> tuple[Tensor, Tensor]:
+        """Elementwise minimum and maximum over ranks (for consistency checks)."""
+        low, high = tensor.to(self._device), tensor.to(self._device).clone()
+        self._dist.all_reduce(low, op=self._dist.ReduceOp.MIN)
+        self._dist.all_reduce(high, op=self._dist.ReduceOp.MAX)
+        return low.to(tensor.device), high.to(tensor.device)
+
+    def all_gather_ints(self, value: int) -> list[int]:
+        return [int(v) for v in self._all_gather(torch.tensor([value], dtype=torch.long))]
+
+    def all_gather_varlen(self, tensor: Tensor) -> Tensor:
+        counts = self.all_gather_ints(tensor.numel())
+        padded = tensor.new_zeros(max(counts))
+        padded[:tensor.numel()] = tensor
+        parts = self._all_gather(padded)
+        return torch.cat([part[:count] for part, count in zip(parts, counts)]).to(tensor.device)
+
+    def _all_gather(self, tensor: Tensor) -> list[Tensor]:
+        moved = tensor.to(self._device)
+        parts = [torch.empty_like(moved) for _ in range(self.world)]
+        self._dist.all_gather(parts, moved)
+        return [part.to(tensor.device) for part in parts]

@@ -1,0 +1,96 @@
+"""One rank's side of the multi-rank tests; tests/test_distributed.py starts it with the deepspeed launcher.
+
+Every run trains the tiny GPT-2 on the same global batches (GLOBAL_BATCH rows per step,
+each rank taking its own rows), so a run on any world size must match the 1-rank run.
+The pytest process imports `train` and `state_of` for its own 1-rank runs.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import ds_topkast
+from ds_topkast.layers import sparse_layers
+from models import batches, ds_config, tiny_gpt2
+
+GLOBAL_BATCH = 4
+
+
+def build(stage: int, world: int):
+    cfg = ds_config(stage=stage, micro_batch=GLOBAL_BATCH // world, lr=1e-2, refresh_interval=2,
+                    forward_interval=1, exploration_l2=1e-3)
+    cfg["optimizer"]["params"]["eps"] = 1e-4  # see test_reference_equivalence.EPS
+    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=cfg)
+    return engine
+
+
+def train(engine, first: int, last: int, perturb_at: int | None = None) -> list[float]:
+    """Optimizer steps first..last-1 on this rank's rows; returns the global mean loss per step."""
+    import deepspeed.comm as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = GLOBAL_BATCH // world
+    losses = []
+    for step, batch in enumerate(batches(last, micro_batch=GLOBAL_BATCH)[first:], start=first):
+        if step == perturb_at and rank == world - 1:
+            name = next(iter(sparse_layers(engine.module)))
+            engine.topkast.state.store.read(name)[0] += 1.0
+        mine = batch[rank * rows:(rank + 1) * rows]
+        loss = engine(input_ids=mine, labels=mine).loss
+        engine.backward(loss)
+        engine.step()
+        total = torch.tensor([loss.item()])
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses
+
+
+def state_of(engine, losses: list[float]) -> dict:
+    """Everything the tests compare, gathered in full on every rank (collectives: call on all ranks)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    adapter = engine.topkast.refresher.adapter
+    layers = sparse_layers(engine.module)
+    values = {n: (p.detach() if (v := safe_get_full_fp32_param(p)) is None else v).float().reshape(-1).clone()
+              for n, p in engine.module.named_parameters()}
+    return {
+        "losses": losses,
+        "indices": {n: l.indices.clone() for n, l in layers.items()},
+        "forward_mask": {n: l.forward_mask.clone() for n, l in layers.items()},
+        "compact": {n: adapter.get_master(l.values).clone() for n, l in layers.items()},
+        "params": {n: v for n, v in values.items() if not n.endswith(".values")},
+        "store": {n: (s.offset, s.theta.numel(), s.numel) for n, s in engine.topkast.state.store},
+        "history": [d.as_dict() for d in engine.topkast.refresher.history],
+    }
+
+
+def main() -> None:
+    import deepspeed.comm as dist
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["equivalence", "perturb", "save", "resume"])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stages", type=int, nargs="+", default=[2])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--start", type=int, default=0, help="resume: the checkpoint's step")
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    out = Path(args.out)
+    for stage in args.stages:
+        engine = build(stage, int(os.environ["WORLD_SIZE"]))
+        rank = dist.get_rank()
+        if args.mode == "perturb":
+            train(engine, 0, args.steps, perturb_at=3)
+            raise SystemExit("the perturbed store was not caught")
+        if args.mode == "resume":
+            engine.load_checkpoint(str(out / f"ckpt_stage{stage}"))
+        losses = train(engine, args.start, args.steps)
+        if args.mode == "save":
+            engine.save_checkpoint(str(out / f"ckpt_stage{stage}"))
+        torch.save(state_of(engine, losses), out / f"{args.mode}_stage{stage}_rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Data parallelism with real ranks: 2 ranks on a global batch train exactly like 1 rank on it."""
+import pytest
+import torch
+
+from dist_worker import build, state_of, train
+from ds_topkast.store import shard_range
+from launcher import deepspeed_launch
+
+STAGES = [0, 1, 2, 3]
+STEPS = 5
+
+
+def one_rank(stage, steps=STEPS):
+    engine = build(stage, world=1)
+    return state_of(engine, train(engine, 0, steps))
+
+
+def assert_same_training(got, expected, what):
+    assert got["losses"] == pytest.approx(expected["losses"], rel=1e-5), what
+    assert got["history"] == expected["history"], what
+    for name in expected["indices"]:
+        assert torch.equal(got["indices"][name], expected["indices"][name]), f"{what}: B of {name}"
+        assert torch.equal(got["forward_mask"][name], expected["forward_mask"][name]), f"{what}: A of {name}"
+    for group in ("compact", "params"):
+        for name, value in expected[group].items():
+            error = (got[group][name] - value).abs().max().item()
+            assert error <= 1e-5 * value.abs().max().item(), f"{what}: {name} differs by {error:.3g}"
+
+
+def load_ranks(out, prefix, world=2):
+    return [torch.load(out / f"{prefix}_rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp")
+    deepspeed_launch(2, "tests/dist_worker.py", "equivalence", "--out", str(out), "--steps", str(STEPS),
+                     "--stages", *map(str, STAGES))
+    return out
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_ranks_match_one_rank_on_the_same_global_batch(two_rank_runs, stage):
+    expected = one_rank(stage)
+    ranks = load_ranks(two_rank_runs, f"equivalence_stage{stage}")
+    assert [d["step"] for d in expected["history"]] == [2, 4]
+    for rank, got in enumerate(ranks):
+        assert_same_training(got, expected, f"ZeRO-{stage} rank {rank}")
+        for name, (offset, held, numel) in got["store"].items():
+            assert (offset, offset + held) == shard_range(numel, rank, 2), f"rank {rank} holds n/world of {name}"
+    for name in expected["indices"]:  # bitwise identical masks on both ranks
+        assert torch.equal(ranks[0]["indices"][name], ranks[1]["indices"][name])
+        assert torch.equal(ranks[0]["forward_mask"][name], ranks[1]["forward_mask"][name])
+
+
+def test_perturbed_store_on_one_rank_stops_every_rank(tmp_path):
+    result = deepspeed_launch(2, "tests/dist_worker.py", "perturb", "--out", str(tmp_path), check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "layer 'transformer.h.0.attn.c_attn' on rank 1: its dense-store shard changed" in output
+    assert "the perturbed store was not caught" not in output
+
+
+# DeepSpeed itself refuses to load ZeRO-partitioned optimizer state on another world size
+# ("not currently supported"; its universal-checkpoint conversion is the way there), so the
+# resharding of ds_topkast's own store is tested where DeepSpeed's side can follow: stage 0.
+RESHARD_STAGES = [0]
+
+
+@pytest.mark.parametrize("stage", RESHARD_STAGES)
+def test_resume_two_ranks_checkpoint_on_one_rank(tmp_path, stage):
+    deepspeed_launch(2, "tests/dist_worker.py", "save", "--out", str(tmp_path), "--steps", "3",
+                     "--stages", str(stage))
+    engine = build(stage, world=1)
+    engine.load_checkpoint(str(tmp_path / f"ckpt_stage{stage}"))
+    resumed = state_of(engine, train(engine, 3, 6))
+    expected = one_rank(stage, steps=6)
+    expected["losses"] = expected["losses"][3:]
+    assert_same_training(resumed, expected, f"ZeRO-{stage} 2 -> 1 ranks")
+
+
+@pytest.mark.parametrize("stage", RESHARD_STAGES)
+def test_resume_one_rank_checkpoint_on_two_ranks(tmp_path, stage):
+    engine = build(stage, world=1)
+    train(engine, 0, 3)
+    engine.save_checkpoint(str(tmp_path / f"ckpt_stage{stage}"))
+    deepspeed_launch(2, "tests/dist_worker.py", "resume", "--out", str(tmp_path), "--start", "3", "--steps", "6",
+                     "--stages", str(stage))
+    expected = one_rank(stage, steps=6)
+    expected["losses"] = expected["losses"][3:]
+    for rank, got in enumerate(load_ranks(tmp_path, f"resume_stage{stage}")):
+        assert_same_training(got, expected, f"ZeRO-{stage} 1 -> 2 ranks, rank {rank}")
