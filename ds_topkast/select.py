@@ -53,21 +53,32 @@ def _bin_holding_rank(counts: Tensor, rank: int) -> tuple[int, int]:
     return bin_index, above
 
 
+def _histogram(values: Tensor, comm: Collectives) -> Tensor:
+    """Counts per 16-bit bin over all ranks; int32 on the wire (a layer has < 2^31 entries)."""
+    return comm.all_reduce_sum(torch.bincount(values, minlength=_BINS).int()).long()
+
+
 def _kth_largest_bits(bits: Tensor, k: int, comm: Collectives) -> tuple[int, int]:
     """Bit pattern of the k-th largest entry over all ranks and how many lie strictly above it."""
     high = bits >> 16
-    high_counts = comm.all_reduce_sum(torch.bincount(high, minlength=_BINS))
+    high_counts = _histogram(high, comm)
     high_bin, above_high = _bin_holding_rank(high_counts, k)
-    low_counts = comm.all_reduce_sum(torch.bincount(bits[high == high_bin] & 0xFFFF, minlength=_BINS))
+    low_counts = _histogram(bits[high == high_bin] & 0xFFFF, comm)
     low_bin, above_low = _bin_holding_rank(low_counts, k - above_high)
     return (high_bin << 16) | low_bin, above_high + above_low
 
 
+_INFINITY_BITS = 0x7F800000
+
+
 def _score_bits(scores: Tensor) -> Tensor:
-    flat = scores.detach().reshape(-1).float().contiguous()
-    if not bool(torch.isfinite(flat).all()) or bool((flat < 0).any()):
-        raise ValueError("top-K scores must be finite and non-negative (|θ| of a layer that holds NaN or inf?).")
-    return flat.view(torch.int32)
+    """The float32 bits as int32; one pass checks that all are finite and >= +0.0."""
+    bits = scores.detach().reshape(-1).float().contiguous().view(torch.int32)
+    if bits.numel():
+        low, high = torch.aminmax(bits)
+        if int(low) < 0 or int(high) >= _INFINITY_BITS:
+            raise ValueError("top-K scores must be finite and non-negative (|θ| of a layer that holds NaN or inf?).")
+    return bits
 
 
 def shard_topk_indices(scores: Tensor, offset: int, k: int, comm: Collectives = LOCAL) -> Tensor:
@@ -137,6 +148,7 @@ def select_sets(theta: Tensor, k_forward: int, k_backward: int, rule: str = "top
         raise ValueError(f"Need 0 < k_forward ({k_forward}) <= k_backward ({k_backward}) <= n ({numel}).")
     flat = theta.detach().reshape(-1)
     local = BACKWARD_SET_RULES[rule](flat.abs(), offset, k_forward, k_backward, seed, comm)
-    indices = comm.all_gather_varlen(local)
+    wire = torch.int32 if numel < 2**31 else torch.long  # half the index traffic for every real layer
+    indices = comm.all_gather_varlen(local.to(wire)).long()
     values = comm.all_gather_varlen(flat[local - offset].float())
     return indices, values, topk_mask(values.abs(), k_forward)

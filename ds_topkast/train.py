@@ -112,15 +112,23 @@ class Trainer:
                 monitor.write_events([(f"Train/{k}", float(v), record["step"]) for k, v in record.items()
                                       if k not in ("step", "kind")])
 
+    def say(self, message: str, bar) -> None:
+        if self.rank == 0:
+            bar.write(message)
+
     def train_step(self, step: int) -> float:
-        losses = []
+        """One optimizer step; returns the loss averaged over micro-batches and ranks."""
+        import deepspeed.comm as dist
+
+        total = torch.zeros(1, dtype=torch.float64)
         for micro in range(self.engine.gradient_accumulation_steps()):
             batch = self.data.train_batch(step, micro, self.rows, self.rank, self.world)
             loss = self.engine(input_ids=batch, labels=batch).loss
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(loss.item())
-        return sum(losses) / len(losses)
+            total += loss.item()
+        dist.all_reduce(total)
+        return float(total) / (self.world * self.engine.gradient_accumulation_steps())
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -153,15 +161,15 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{loss / math.log(2):.3f}")
             history = self.engine.topkast.refresher.history
             for dynamics in history[seen_refreshes:]:
-                bar.write(f"step {dynamics.step}: refresh, A changed {dynamics.forward_changed:.2%}, "
-                          f"B changed {dynamics.backward_changed:.2%}, ever in B {dynamics.ever_in_backward:.2%}")
+                self.say(f"step {dynamics.step}: refresh, A changed {dynamics.forward_changed:.2%}, "
+                         f"B changed {dynamics.backward_changed:.2%}, ever in B {dynamics.ever_in_backward:.2%}", bar)
                 self.log({"kind": "refresh", **dynamics.as_dict()})
             seen_refreshes = len(history)
             if done % self.cfg.eval_interval == 0 or done == self.cfg.steps:
                 elapsed, tick = time.perf_counter() - tick, time.perf_counter()
                 record = {"kind": "eval", "step": done, "train_loss": loss, "eval_bpb": self.evaluate(),
                           "lr": self.engine.get_lr()[0], "seconds": elapsed}
-                bar.write(f"step {done}: train loss {loss:.4f}, eval bits/byte {record['eval_bpb']:.4f}")
+                self.say(f"step {done}: train loss {loss:.4f}, eval bits/byte {record['eval_bpb']:.4f}", bar)
                 self.log(record)
             if self.cfg.checkpoint_interval and done % self.cfg.checkpoint_interval == 0 and done < self.cfg.steps:
                 self.save()
