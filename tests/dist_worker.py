@@ -70,7 +70,7 @@ def main() -> None:
     import deepspeed.comm as dist
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["equivalence", "perturb", "save", "resume"])
+    parser.add_argument("mode", choices=["equivalence", "perturb", "save", "resume", "roundtrip"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--stages", type=int, nargs="+", default=[2])
     parser.add_argument("--steps", type=int, default=5)
@@ -84,7 +84,11 @@ def main() -> None:
         if args.mode == "perturb":
             train(engine, 0, args.steps, perturb_at=3)
             raise SystemExit("the perturbed store was not caught")
-        if args.mode == "resume":
+        if args.mode == "roundtrip":  # save at --start, resume in a fresh engine on the same ranks
+            train(engine, 0, args.start)
+            engine.save_checkpoint(str(out / f"ckpt_stage{stage}"))
+            engine = build(stage, int(os.environ["WORLD_SIZE"]))
+        if args.mode in ("resume", "roundtrip"):
             engine.load_checkpoint(str(out / f"ckpt_stage{stage}"))
         losses = train(engine, args.start, args.steps)
         if args.mode == "save":

@@ -61,6 +61,18 @@ def test_perturbed_store_on_one_rank_stops_every_rank(tmp_path):
     assert "the perturbed store was not caught" not in output
 
 
+def test_two_rank_checkpoint_resumes_on_two_ranks(tmp_path):
+    deepspeed_launch(2, "tests/dist_worker.py", "roundtrip", "--out", str(tmp_path), "--start", "3", "--steps", "6",
+                     "--stages", "1", "3")
+    for stage in (1, 3):
+        expected = one_rank(stage, steps=6)
+        expected["losses"] = expected["losses"][3:]
+        ranks = load_ranks(tmp_path, f"roundtrip_stage{stage}")
+        for rank, got in enumerate(ranks):
+            assert_same_training(got, expected, f"ZeRO-{stage} 2 ranks saved and resumed, rank {rank}")
+        assert (tmp_path / f"ckpt_stage{stage}" / "global_step3" / "topkast_rank00001.pt").is_file()
+
+
 # DeepSpeed itself refuses to load ZeRO-partitioned optimizer state on another world size
 # ("not currently supported"; its universal-checkpoint conversion is the way there), so the
 # resharding of ds_topkast's own store is tested where DeepSpeed's side can follow: stage 0.
