@@ -107,31 +107,38 @@ class TopKASTConfig(_Strict):
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> "TopKASTConfig":
         """Validate a "topkast" section, turning pydantic's report into one readable error."""
-        if not isinstance(section, Mapping):
-            raise TopKASTConfigError(f'The "{SECTION}" section must be a JSON object, got {type(section).__name__}.')
-        try:
-            return cls.model_validate(dict(section))
-        except ValidationError as err:
-            raise TopKASTConfigError(_explain(err)) from None
+        return validate_section(cls, section, SECTION)
 
 
-def _explain(err: ValidationError) -> str:
-    lines = [f'Invalid "{SECTION}" config:']
+def validate_section(model: type[BaseModel], section: Any, name: str) -> Any:
+    """Validate one config section with `model`; every problem becomes a line naming its key."""
+    if not isinstance(section, Mapping):
+        raise TopKASTConfigError(f'The "{name}" section must be a JSON object, got {type(section).__name__}.')
+    try:
+        return model.model_validate(dict(section))
+    except ValidationError as err:
+        raise TopKASTConfigError(_explain(err, model, name)) from None
+
+
+def _explain(err: ValidationError, model: type[BaseModel], name: str) -> str:
+    lines = [f'Invalid "{name}" config:']
     for problem in err.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or SECTION
+        key = ".".join([name, *map(str, problem["loc"])])
         if problem["type"] == "extra_forbidden":
-            known = ", ".join(_known_keys(problem["loc"]))
-            lines.append(f"  {SECTION}.{key}: unknown key; remove it or use one of: {known}.")
+            known = ", ".join(sorted(_model_at(model, problem["loc"][:-1]).model_fields))
+            lines.append(f"  {key}: unknown key; remove it or use one of: {known}.")
         else:
-            lines.append(f"  {SECTION}.{key}: {problem['msg']} (got {problem.get('input')!r}).")
+            lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r}).")
     return "\n".join(lines)
 
 
-def _known_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] = TopKASTConfig
-    if len(loc) > 1 and loc[0] == "dense_store":
-        model = DenseStoreConfig
-    return sorted(model.model_fields)
+def _model_at(model: type[BaseModel], path: tuple) -> type[BaseModel]:
+    """The nested config model that a key path leads to (for listing its valid keys)."""
+    for part in path:
+        annotation = model.model_fields[part].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next(c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel))
+    return model
 
 
 def load_deepspeed_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:

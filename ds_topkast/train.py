@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from ds_topkast.config import TopKASTConfigError, load_deepspeed_config
+from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, validate_section
 from ds_topkast.data import BYTE_VOCAB, ByteBatches, load_bytes
 
 
@@ -62,10 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def train_section(ds_config: dict[str, Any], steps: int | None) -> TrainConfig:
-    try:
-        cfg = TrainConfig.model_validate(ds_config.get("train", {}))
-    except ValidationError as err:
-        raise TopKASTConfigError(f'Invalid "train" section: {err}') from None
+    cfg = validate_section(TrainConfig, ds_config.get("train", {}), "train")
     return cfg.model_copy(update={"steps": steps}) if steps is not None else cfg
 
 

@@ -85,3 +85,26 @@ def test_fp16_is_refused():
 def test_missing_config_file(tmp_path):
     with pytest.raises(TopKASTConfigError, match="does not exist"):
         ds_topkast.initialize(model=MLP(), config=str(tmp_path / "nope.json"))
+
+
+TRAIN_ERRORS = [
+    ({"steps": 0}, "train.steps: Input should be greater than 0"),
+    ({"data": {"paths": "x"}}, "train.data.paths: unknown key; remove it or use one of: eval_fraction, max_bytes, path"),
+    ({"epochs": 3}, "train.epochs: unknown key; remove it or use one of: checkpoint_interval, data,"),
+]
+
+
+@pytest.mark.parametrize("section,message", TRAIN_ERRORS, ids=[m for _, m in TRAIN_ERRORS])
+def test_train_section_errors_name_the_key(section, message):
+    from ds_topkast.train import train_section
+
+    with pytest.raises(TopKASTConfigError) as err:
+        train_section({"train": section}, None)
+    assert message in str(err.value)
+
+
+def test_training_command_refuses_a_missing_corpus(tmp_path):
+    from ds_topkast.data import CorpusError, load_bytes
+
+    with pytest.raises(CorpusError, match="does not exist; give a text file or a folder"):
+        load_bytes(str(tmp_path / "missing.txt"))

@@ -133,3 +133,15 @@ def test_exploration_penalty_is_added_by_backward():
     penalty = sum(l.last_exploration_penalty.item() for l in sparse_layers(engine.module).values())
     returned = engine.backward(loss)
     assert returned.item() == pytest.approx(loss.item() + penalty, rel=1e-6)
+
+
+def test_config_path_in_args_as_deepspeed_reads_it(tmp_path):
+    import argparse
+    import json
+
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(ds_config(**PLAIN)))
+    args = argparse.Namespace(deepspeed_config=str(path), local_rank=0)
+    engine, *_ = ds_topkast.initialize(args=args, model=MLP())
+    assert set(sparse_layers(engine.module)) == {"fc1", "fc2"}
+    assert engine.topkast.config.refresh_interval == 3
