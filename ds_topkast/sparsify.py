@@ -109,7 +109,8 @@ def _convert(module: nn.Module, cfg: TopKASTConfig, k_forward: int, k_backward: 
                          exploration_l2=cfg.exploration_l2, source_type=type(module).__name__)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `name` of `model`."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -141,7 +142,7 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any]) -> nn.
         layer = _convert(module, cfg, k_forward, k_backward, selection_seed(cfg, 0, index))
         store.add(name, _linear_weight(module))
         state._replaced[id(module.weight)] = (weakref.ref(module.weight), layer.values)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     model.topkast_state = state
     return model
 

@@ -1,0 +1,69 @@
+"""`ds_topkast.export`: give a trained model back its own architecture with plain dense weights.
+
+    model = ds_topkast.export(engine)                    # α: what the sparse model computes
+    model = ds_topkast.export(engine, weights="theta")   # θ: the dense store with B's latest values
+
+Every TopKASTLinear becomes the module it replaced (nn.Linear, or transformers' Conv1D
+with its (in, out) weight) holding a dense weight in the model's dtype, and the Top-KAST
+state is dropped, so the result saves and loads with its own library (e.g.
+`save_pretrained` / `from_pretrained`) like the model before `sparsify`. The model is
+converted in place: the engine is finished afterwards. With an engine, call it on every
+rank (it gathers the fp32 master and, for "theta", the store shards). Under ZeRO-3 the
+other parameters are partitioned too; export refuses there rather than return a model
+with empty weights.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ds_topkast.layers import TopKASTLinear, dense_alpha, sparse_layers
+from ds_topkast.sparsify import set_submodule, topkast_state
+
+WEIGHTS = ("forward", "theta")
+
+
+def _dense_module(layer: TopKASTLinear, weight: Tensor) -> nn.Module:
+    """The replaced layer type with this (out, in) weight and the layer's own bias Parameter."""
+    if layer.source_type == "Conv1D":
+        from transformers.pytorch_utils import Conv1D
+
+        module = Conv1D(layer.out_features, layer.in_features)  # (nf, nx): weight is (in, out)
+        module.weight = nn.Parameter(weight.t().contiguous())
+    else:
+        module = nn.Linear(layer.in_features, layer.out_features, bias=False)
+        module.weight = nn.Parameter(weight.contiguous())
+    if layer.bias is not None:
+        module.bias = layer.bias
+    return module
+
+
+def _full_theta(model: nn.Module, name: str, engine) -> Tensor:
+    shard = topkast_state(model).store.shard(name)
+    if engine is None or engine.topkast.refresher.comm.world == 1:
+        return shard.theta.clone()
+    return engine.topkast.refresher.comm.all_gather_varlen(shard.theta)
+
+
+@torch.no_grad()
+def export(engine_or_model, weights: str = "forward") -> nn.Module:
+    """Replace the Top-KAST layers of a trained engine's (or sparsified model's) module by dense ones."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"export(weights={weights!r}): use one of {WEIGHTS}.")
+    engine = engine_or_model if hasattr(engine_or_model, "topkast") else None
+    model = engine.module if engine is not None else engine_or_model
+    if engine is not None and engine.zero_optimization_stage() == 3:
+        raise ValueError("export does not gather ZeRO-3 partitioned parameters; save a checkpoint and export from "
+                         "an engine with zero_optimization.stage 0-2 that loads it, with the same world size.")
+    for name, layer in sparse_layers(model).items():
+        values = (engine.topkast.refresher.adapter.get_master(layer.values) if engine is not None
+                  else layer.values.detach().float())
+        if weights == "forward":
+            weight = dense_alpha(values, layer.indices, layer.forward_mask, layer.shape)
+        else:
+            weight = _full_theta(model, name, engine).to(values.device)
+            weight[layer.indices.long()] = values
+            weight = weight.view(layer.shape)
+        set_submodule(model, name, _dense_module(layer, weight.to(layer.values.dtype)))
+    del model.topkast_state
+    return model

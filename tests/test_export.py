@@ -1,0 +1,45 @@
+"""export gives back the original architecture, loadable by its own library, computing the same thing."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import ds_topkast
+from ds_topkast.layers import sparse_layers
+from models import MLP, batches, ds_config, tiny_gpt2, tiny_llama
+from test_engine import train
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_exported_gpt2_saves_loads_and_matches_the_sparse_model(tmp_path, stage):
+    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=ds_config(stage=stage, refresh_interval=2))
+    train(engine, 3)
+    x = batches(1)[0]
+    engine.eval()
+    with torch.no_grad():
+        expected = engine(input_ids=x).logits
+    model = ds_topkast.export(engine)
+    assert not sparse_layers(model) and not hasattr(model, "topkast_state")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(input_ids=x).logits, expected, rtol=1e-5, atol=1e-5)
+    density = (loaded.transformer.h[0].attn.c_attn.weight != 0).float().mean().item()
+    assert density == pytest.approx(0.2, abs=0.01)
+
+
+def test_theta_export_holds_the_dense_store_with_current_b_values():
+    model = ds_topkast.sparsify(tiny_llama(), {"forward_sparsity": 0.8, "backward_sparsity": 0.6})
+    layer = sparse_layers(model)["model.layers.0.mlp.up_proj"]
+    layer.values.data.add_(1.0)
+    theta = model.topkast_state.store.read("model.layers.0.mlp.up_proj").clone()
+    theta[layer.indices.long()] = layer.values.detach()
+    ds_topkast.export(model, weights="theta")
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight.reshape(-1), theta)
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
+def test_export_refuses_unknown_weights_and_zero3():
+    with pytest.raises(ValueError, match="use one of"):
+        ds_topkast.export(ds_topkast.sparsify(MLP(), {"exclude": ["embed", "head"]}), weights="alpha")
+    engine, *_ = ds_topkast.initialize(model=MLP(), config=ds_config(stage=3, exclude=["embed", "head"]))
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        ds_topkast.export(engine)
