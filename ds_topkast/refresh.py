@@ -1,10 +1,10 @@
 """The refresh: write back, re-select A and B against the sharded dense store, rebuild the compact state.
 
 DESIGN.md, Section 3. Every `refresh_interval` optimizer steps, on every rank:
-1. guards: each rank's store shards are unchanged since the last refresh, and every
-   rank holds the same sets;
-2. write back the fp32 master of each layer's compact values into the owning shards;
-   refuse non-finite weights (every rank raises, naming the layer);
+1. guard: every rank holds the same sets; then, streaming the store layer by layer:
+2. guard: this rank's shard is unchanged since the last refresh; write back the fp32
+   master of the layer's compact values into the owning shards; refuse non-finite
+   weights (every rank raises together, naming the layer and the ranks);
 3. select B (top k_B of |θ|, or random B\\A) and A (top k_A) exactly over the shards,
    ties by global index, and assemble B's indices and values on every rank;
 4. rebuild: new values, fp32 master and low-precision copy; each per-entry optimizer
@@ -25,7 +25,7 @@ from ds_topkast.layers import TopKASTLinear
 from ds_topkast.optimizer_state import OptimizerStateAdapter
 from ds_topkast.select import select_sets
 from ds_topkast.sparsify import TopKASTState, selection_seed
-from ds_topkast.store import checksum
+from ds_topkast.store import LayerShard, checksum
 
 
 class RefreshError(RuntimeError):
@@ -81,25 +81,28 @@ class Refresher:
             layer.forward_set_stale = True
 
     def refresh(self, step: int) -> MaskDynamics:
-        """One full refresh of every layer at optimizer step `step` (a collective: all ranks call it)."""
-        store = self.state.store
-        self._agree_or_fail([not store.intact(name) for name in self.layers], step,
-                            "its dense-store shard changed since the last refresh (memory corruption or a stray "
-                            "write); resume from the last checkpoint")
+        """One full refresh of every layer at optimizer step `step` (a collective: all ranks call it).
+
+        The store is streamed layer by layer (a read-modify-write pass), so only the
+        shard in hand, and whatever the store prefetches, is in host memory.
+        """
         self.check_sets_agree(step)
-        for name, layer in self.layers.items():
-            store.write(name, layer.indices, self.adapter.get_master(layer.values))
-        self._agree_or_fail([not bool(torch.isfinite(store.read(name)).all()) for name in self.layers], step,
-                            "it holds non-finite weights; lower the learning rate or enable gradient clipping, and "
-                            "resume from the last checkpoint")
         totals = torch.zeros(3, dtype=torch.float64)
-        for index, (name, layer) in enumerate(self.layers.items()):
-            totals += self._refresh_layer(index, name, layer, step)
+        for index, shard in enumerate(self.state.store.stream(self.layers)):
+            layer = self.layers[shard.name]
+            self._agree_or_fail(shard.name, not shard.intact(), step,
+                                "its dense-store shard changed since the last refresh (memory corruption or a stray "
+                                "write); resume from the last checkpoint")
+            shard.write_back(layer.indices, self.adapter.get_master(layer.values))
+            self._agree_or_fail(shard.name, not bool(torch.isfinite(shard.theta).all()), step,
+                                "it holds non-finite weights; lower the learning rate or enable gradient clipping, "
+                                "and resume from the last checkpoint")
+            totals += self._refresh_layer(index, layer, shard, step)
         self.check_sets_agree(step)
         k_forward = sum(layer.k_forward for layer in self.layers.values())
         k_backward = sum(layer.k_backward for layer in self.layers.values())
         ever = self.comm.all_reduce_sum(torch.tensor([sum(int(m.sum()) for m in self.ever_in_backward.values())]))
-        total = sum(store.numel(name) for name in self.layers)
+        total = sum(self.state.store.numel(name) for name in self.layers)
         dynamics = MaskDynamics(step=step, forward_changed=float(totals[0]) / k_forward,
                                 backward_changed=float(totals[1]) / k_backward,
                                 forward_from_reservoir=int(totals[2]), backward_from_reservoir=int(totals[1]),
@@ -107,15 +110,14 @@ class Refresher:
         self.history.append(dynamics)
         return dynamics
 
-    def _agree_or_fail(self, failed: list[bool], step: int, why: str) -> None:
-        """Share per-layer failures of every rank, so that all ranks raise the same error together."""
-        table = torch.zeros(self.comm.world, len(failed), dtype=torch.long)
-        table[self.comm.rank] = torch.tensor(failed, dtype=torch.long)
-        table = self.comm.all_reduce_sum(table)
-        if table.any():
-            names = list(self.layers)
-            where = "; ".join(f"layer {names[j]!r} on rank {r}" for r, j in table.nonzero().tolist())
-            raise RefreshError(f"Top-KAST refresh at step {step} stopped: {where}: {why}.")
+    def _agree_or_fail(self, name: str, failed: bool, step: int, why: str) -> None:
+        """Share one layer's verdict of every rank, so that all ranks raise the same error together."""
+        verdicts = torch.zeros(self.comm.world, dtype=torch.long)
+        verdicts[self.comm.rank] = int(failed)
+        verdicts = self.comm.all_reduce_sum(verdicts)
+        if verdicts.any():
+            ranks = verdicts.nonzero().squeeze(1).tolist()
+            raise RefreshError(f"Top-KAST refresh at step {step} stopped: layer {name!r} on rank(s) {ranks}: {why}.")
 
     def check_sets_agree(self, step: int) -> None:
         """Every rank must hold the same A and B of every layer; a mismatch is an error, never a divergence."""
@@ -127,9 +129,8 @@ class Refresher:
             raise RefreshError(f"Top-KAST masks differ across ranks at step {step} in layers {diverged}: the ranks "
                                "no longer train the same model. Resume every rank from the last checkpoint.")
 
-    def _refresh_layer(self, index: int, name: str, layer: TopKASTLinear, step: int) -> Tensor:
-        store, adapter, cfg = self.state.store, self.adapter, self.state.config
-        shard = store.shard(name)
+    def _refresh_layer(self, index: int, layer: TopKASTLinear, shard: LayerShard, step: int) -> Tensor:
+        adapter, cfg = self.adapter, self.state.config
         old_indices = layer.indices.long()
         old_forward = old_indices[layer.forward_mask]
         new_indices, new_master, new_forward_mask = select_sets(
@@ -146,8 +147,7 @@ class Refresher:
         adapter.set_low_precision(layer.values, new_master.to(layer.values.dtype))
         new_forward = new_indices[new_forward_mask]
         layer.assign_sets(new_indices, new_forward_mask)
-        store.seal(name)
-        self._mark(self.ever_in_backward[name], shard.offset, new_indices)
+        self._mark(self.ever_in_backward[shard.name], shard.offset, new_indices)
         # Entries new to B are exactly those that came from the reservoir C.
         return torch.tensor([
             (~torch.isin(new_forward, old_forward)).sum(),

@@ -13,7 +13,7 @@ The store knows nothing of DeepSpeed or of the layers that use it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -49,10 +49,21 @@ def checksum(values: Tensor, block: int = 1 << 22) -> int:
 class LayerShard:
     """This rank's part of one layer: θ[offset : offset + len(theta)] of a layer of `numel` entries."""
 
+    name: str
     theta: Tensor
     offset: int
     numel: int
     checksum: int = 0
+
+    def intact(self) -> bool:
+        """Whether θ still matches the checksum taken at its last legitimate write."""
+        return checksum(self.theta) == self.checksum
+
+    def write_back(self, indices: Tensor, values: Tensor) -> None:
+        """θ[i] = v for the global indices i that fall in this shard (a refresh's write-back)."""
+        indices = indices.to("cpu", torch.long)
+        mine = (indices >= self.offset) & (indices < self.offset + self.theta.numel())
+        self.theta[indices[mine] - self.offset] = values.detach().to("cpu", torch.float32)[mine]
 
 
 class CPUDenseStore:
@@ -69,7 +80,7 @@ class CPUDenseStore:
 
     def add(self, name: str, theta: Tensor) -> None:
         """Take a copy of a layer's full weight (any shape and dtype) as flat fp32."""
-        self._layers[name] = LayerShard(self._host(theta), 0, theta.numel())
+        self._layers[name] = LayerShard(name, self._host(theta), 0, theta.numel())
         self.seal(name)
 
     def keep_shard(self, rank: int, world: int) -> None:
@@ -80,7 +91,7 @@ class CPUDenseStore:
             raise DenseStoreError("The store is already sharded; shard a full store only.")
         for name, layer in self._layers.items():
             start, end = shard_range(layer.numel, rank, world)
-            self._layers[name] = LayerShard(self._host(layer.theta[start:end]), start, layer.numel)
+            self._layers[name] = LayerShard(name, self._host(layer.theta[start:end]), start, layer.numel)
             self.seal(name)
         self.rank, self.world = rank, world
 
@@ -94,22 +105,20 @@ class CPUDenseStore:
         """This rank's flat fp32 slice of the layer (see `shard(name).offset`)."""
         return self.shard(name).theta
 
-    def write(self, name: str, indices: Tensor, values: Tensor) -> None:
-        """θ[i] = v for the global indices i that fall in this rank's shard (the write-back)."""
-        layer = self.shard(name)
-        indices = indices.to("cpu", torch.long)
-        mine = (indices >= layer.offset) & (indices < layer.offset + layer.theta.numel())
-        layer.theta[indices[mine] - layer.offset] = values.detach().to("cpu", torch.float32)[mine]
+    def stream(self, names: Iterable[str]) -> Iterator[LayerShard]:
+        """The shards one after another for a read-modify-write pass; each is sealed once the caller moves on.
+
+        Exhaust the iterator: the last shard is sealed when it ends. A pass that raises
+        leaves its shard unsealed, so the next refresh reports it until a checkpoint is loaded.
+        """
+        for name in names:
+            yield self.shard(name)
+            self.seal(name)
 
     def seal(self, name: str) -> None:
         """Record the shard's checksum after a legitimate write."""
         layer = self.shard(name)
         layer.checksum = checksum(layer.theta)
-
-    def intact(self, name: str) -> bool:
-        """Whether the shard still matches the checksum taken at its last legitimate write."""
-        layer = self.shard(name)
-        return checksum(layer.theta) == layer.checksum
 
     def numel(self, name: str) -> int:
         """Entries of the whole layer (all shards)."""

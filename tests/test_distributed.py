@@ -57,7 +57,7 @@ def test_perturbed_store_on_one_rank_stops_every_rank(tmp_path):
     result = deepspeed_launch(2, "tests/dist_worker.py", "perturb", "--out", str(tmp_path), check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "layer 'transformer.h.0.attn.c_attn' on rank 1: its dense-store shard changed" in output
+    assert "layer 'transformer.h.0.attn.c_attn' on rank(s) [1]: its dense-store shard changed" in output
     assert "the perturbed store was not caught" not in output
 
 
