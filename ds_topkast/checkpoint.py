@@ -31,6 +31,10 @@ class CheckpointError(RuntimeError):
     """A Top-KAST checkpoint file is missing or does not fit the running model."""
 
 
+def _store_folder(rank: int) -> str:
+    return f"topkast_store_rank{rank:05d}"
+
+
 def checkpoint_file(tag_dir: str | os.PathLike, rank: int) -> Path:
     return Path(tag_dir) / f"topkast_rank{rank:05d}.pt"
 
@@ -45,8 +49,10 @@ def save(refresher: Refresher, tag_dir: str | os.PathLike, rank: int) -> Path:
         "rank": store.rank,
         "world": store.world,
         "config": refresher.state.config.model_dump(mode="json"),
-        "store": {name: shard.theta.clone() for name, shard in store},
-        "offsets": {name: shard.offset for name, shard in store},
+        "store_folder": _store_folder(rank),
+        "store": store.checkpoint_entries(path.parent / _store_folder(rank)),
+        "offsets": {name: store.layout(name)[0] for name in store.names()},
+        "lengths": {name: store.layout(name)[1] for name in store.names()},
         "sets": {name: {"indices": layer.indices.cpu().clone(), "forward_mask": layer.forward_mask.cpu().clone()}
                  for name, layer in refresher.layers.items()},
         "ever_in_backward": {name: m.clone() for name, m in refresher.ever_in_backward.items()},
@@ -77,16 +83,27 @@ def _read(path: Path) -> dict:
     return payload
 
 
-def _assemble(saved: list[dict], key: str, name: str, start: int, end: int) -> Tensor:
+def _piece(payload: dict, tag_dir: Path, key: str, name: str) -> Tensor:
+    """A saved rank's slice of a layer: a tensor in the file, or a store file linked next to it (NVMe)."""
+    piece = payload[key][name]
+    if isinstance(piece, str):
+        path = tag_dir / payload["store_folder"] / piece
+        if not path.is_file():
+            raise CheckpointError(f"Checkpoint store file {path} is missing; the checkpoint was copied incompletely.")
+        return torch.from_file(str(path), size=payload["lengths"][name], dtype=torch.float32)
+    return piece
+
+
+def _assemble(saved: list[dict], tag_dir: Path, key: str, name: str, start: int, end: int) -> Tensor:
     """Entries [start, end) of a layer's sharded `key` ("store" or "ever_in_backward") across saved ranks."""
     parts = []
     for payload in saved:
         offset = payload["offsets"][name]
-        piece = payload[key][name]
+        piece = _piece(payload, tag_dir, key, name)
         lo, hi = max(start, offset), min(end, offset + piece.numel())
         if lo < hi:
             parts.append(piece[lo - offset:hi - offset])
-    return torch.cat(parts) if parts else saved[0][key][name][:0]
+    return torch.cat(parts) if parts else _piece(saved[0], tag_dir, key, name)[:0]
 
 
 def load(refresher: Refresher, tag_dir: str | os.PathLike, rank: int) -> None:
@@ -105,8 +122,8 @@ def load(refresher: Refresher, tag_dir: str | os.PathLike, rank: int) -> None:
             raise CheckpointError(f"Checkpoint {tag_dir} holds no dense-store layer {name!r}; it was written for a "
                                   f"model with layers {sorted(first['store'])}.")
         start, end = shard_range(store.numel(name), store.rank, store.world)
-        store.load_shard(name, _assemble(saved, "store", name, start, end))
-        refresher.ever_in_backward[name] = _assemble(saved, "ever_in_backward", name, start, end).clone()
+        store.load_shard(name, _assemble(saved, tag_dir, "store", name, start, end))
+        refresher.ever_in_backward[name] = _assemble(saved, tag_dir, "ever_in_backward", name, start, end).clone()
     for name, layer in refresher.layers.items():
         sets = first["sets"][name]
         layer.assign_sets(sets["indices"].to(layer.indices.device), sets["forward_mask"].to(layer.indices.device))

@@ -44,18 +44,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=True)
 
 
+class AioConfig(_Strict):
+    """DeepSpeed async I/O settings for the NVMe store (same names as DeepSpeed's "aio" section)."""
+
+    block_size: int = Field(1 << 20, ge=4096, description="Bytes per I/O request.")
+    queue_depth: int = Field(8, ge=1, description="Requests in flight per handle.")
+    intra_op_parallelism: int = Field(1, ge=1, description="I/O threads per handle.")
+    single_submit: bool = Field(False, description="Submit requests one at a time.")
+    overlap_events: bool = Field(True, description="Overlap submission and completion.")
+
+
 class DenseStoreConfig(_Strict):
     """Where the full fp32 weights θ of the sparsified layers live, off the accelerator."""
 
     device: StoreDevice = Field(StoreDevice.cpu, description="cpu: host memory. nvme: files under nvme_path.")
     nvme_path: str | None = Field(None, description="Folder for the NVMe store's files (device 'nvme' only).")
     pin_memory: bool = Field(True, description="Pin host buffers so copies to the accelerator are asynchronous.")
+    aio: AioConfig | None = Field(None, description="NVMe I/O settings; default: the DeepSpeed config's \"aio\" "
+                                                    "section, else DeepSpeed's defaults.")
+    buffers: int = Field(2, ge=2, le=8, description="Host buffers the NVMe store streams through (>= 2: double "
+                                                  "buffering).")
 
     @model_validator(mode="after")
-    def _nvme_is_not_built_yet(self) -> "DenseStoreConfig":
-        if self.device == StoreDevice.nvme.value:
-            raise ValueError("dense_store.device 'nvme' is not available in this version of ds_topkast; "
-                             "set \"dense_store\": {\"device\": \"cpu\"}")
+    def _nvme_needs_a_path(self) -> "DenseStoreConfig":
+        if self.device == StoreDevice.nvme.value and not self.nvme_path:
+            raise ValueError("dense_store.device 'nvme' needs dense_store.nvme_path, a folder on the NVMe device")
         return self
 
 

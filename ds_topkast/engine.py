@@ -18,17 +18,19 @@ from torch import nn
 
 from ds_topkast import checkpoint
 from ds_topkast.collectives import ProcessGroupCollectives
-from ds_topkast.config import TopKASTConfig, TopKASTConfigError, load_deepspeed_config, topkast_section
+from ds_topkast.config import (DenseStoreConfig, TopKASTConfig, TopKASTConfigError, load_deepspeed_config,
+                               topkast_section)
 from ds_topkast.layers import exploration_loss, sparse_layers
 from ds_topkast.optimizer_state import adapter_for, per_entry_state_keys
 from ds_topkast.refresh import MaskDynamics, Refresher
 from ds_topkast.sparsify import TopKASTState, sparsify, topkast_state
+from ds_topkast.store import CPUDenseStore
 
 
 class TopKASTRuntime:
     """The Top-KAST side of one engine: refresh schedule, refresher, logging."""
 
-    def __init__(self, engine, model: nn.Module):
+    def __init__(self, engine, model: nn.Module, ds_config: dict[str, Any]):
         self.engine = engine
         self.state: TopKASTState = topkast_state(model)
         self.config: TopKASTConfig = self.state.config
@@ -38,7 +40,8 @@ class TopKASTRuntime:
                 f"ds_topkast shards its dense store over data-parallel ranks only, but this job has "
                 f"{comm.world} ranks and a data-parallel size of {engine.dp_world_size} (model, pipeline or "
                 "sequence parallelism); run pure data parallelism (with any ZeRO stage).")
-        self.state.store.keep_shard(comm.rank, comm.world)
+        self.state.store = place_store(self.state.store, self.config.dense_store, ds_config.get("aio") or {},
+                                       comm.rank, comm.world)
         self.refresher = Refresher(sparse_layers(model), self.state, adapter_for(engine), comm)
 
     def after_optimizer_step(self, step: int) -> MaskDynamics | None:
@@ -94,15 +97,28 @@ class TopKASTEngineMixin:
         return load_path, client_state
 
 
+def place_store(store: CPUDenseStore, cfg: DenseStoreConfig, deepspeed_aio: dict[str, Any], rank: int,
+                world: int):
+    """Keep this rank's shard of the full store `sparsify` built: in host memory, or in files on NVMe."""
+    if cfg.device == "cpu":
+        store.keep_shard(rank, world)
+        return store
+    from ds_topkast.nvme_store import AioSettings, NVMeDenseStore
+
+    aio = cfg.aio.model_dump() if cfg.aio is not None else {
+        key: value for key, value in deepspeed_aio.items() if key in AioSettings.__dataclass_fields__}
+    return NVMeDenseStore.from_store(store, cfg.nvme_path, rank, world, AioSettings(**aio), cfg.buffers)
+
+
 _ENGINE_CLASSES: dict[type, type] = {}
 
 
-def _with_topkast(engine, model: nn.Module):
+def _with_topkast(engine, model: nn.Module, ds_config: dict[str, Any]):
     base = type(engine)
     if base not in _ENGINE_CLASSES:
         _ENGINE_CLASSES[base] = type(f"TopKAST{base.__name__}", (TopKASTEngineMixin, base), {})
     engine.__class__ = _ENGINE_CLASSES[base]
-    engine.topkast = TopKASTRuntime(engine, model)
+    engine.topkast = TopKASTRuntime(engine, model, ds_config)
     return engine
 
 
@@ -185,4 +201,4 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
         training_data=training_data, lr_scheduler=lr_scheduler, config=config, config_params=config_params,
         **kwargs)
-    return _with_topkast(engine, model), ds_optimizer, loader, scheduler
+    return _with_topkast(engine, model, ds_config), ds_optimizer, loader, scheduler

@@ -39,10 +39,10 @@ def _dense_module(layer: TopKASTLinear, weight: Tensor) -> nn.Module:
 
 
 def _full_theta(model: nn.Module, name: str, engine) -> Tensor:
-    shard = topkast_state(model).store.shard(name)
+    local = topkast_state(model).store.read(name).clone()
     if engine is None or engine.topkast.refresher.comm.world == 1:
-        return shard.theta.clone()
-    return engine.topkast.refresher.comm.all_gather_varlen(shard.theta)
+        return local
+    return engine.topkast.refresher.comm.all_gather_varlen(local)
 
 
 @torch.no_grad()

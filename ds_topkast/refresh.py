@@ -66,9 +66,9 @@ class Refresher:
         self.history: list[MaskDynamics] = []
 
     def _local_mask(self, name: str, indices: Tensor) -> Tensor:
-        shard = self.state.store.shard(name)
-        mask = torch.zeros(shard.theta.numel(), dtype=torch.bool)
-        self._mark(mask, shard.offset, indices)
+        offset, length = self.state.store.layout(name)
+        mask = torch.zeros(length, dtype=torch.bool)
+        self._mark(mask, offset, indices)
         return mask
 
     @staticmethod

@@ -95,6 +95,11 @@ class CPUDenseStore:
             self.seal(name)
         self.rank, self.world = rank, world
 
+    def layout(self, name: str) -> tuple[int, int]:
+        """(global offset, entries held by this rank) of a layer."""
+        shard = self.shard(name)
+        return shard.offset, shard.theta.numel()
+
     def shard(self, name: str) -> LayerShard:
         try:
             return self._layers[name]
@@ -127,8 +132,9 @@ class CPUDenseStore:
     def names(self) -> list[str]:
         return list(self._layers)
 
-    def __iter__(self) -> Iterator[tuple[str, LayerShard]]:
-        return iter(self._layers.items())
+    def checkpoint_entries(self, folder) -> dict[str, Tensor]:
+        """What a checkpoint keeps of each layer: a copy of this rank's slice (`folder` is unused here)."""
+        return {name: layer.theta.clone() for name, layer in self._layers.items()}
 
     def nbytes(self) -> int:
         """Host bytes this rank holds."""

@@ -18,9 +18,9 @@ from models import batches, ds_config, tiny_gpt2
 GLOBAL_BATCH = 4
 
 
-def build(stage: int, world: int):
+def build(stage: int, world: int, **topkast):
     cfg = ds_config(stage=stage, micro_batch=GLOBAL_BATCH // world, lr=1e-2, refresh_interval=2,
-                    forward_interval=1, exploration_l2=1e-3)
+                    forward_interval=1, exploration_l2=1e-3, **topkast)
     cfg["optimizer"]["params"]["eps"] = 1e-4  # see test_reference_equivalence.EPS
     engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=cfg)
     return engine
@@ -52,6 +52,7 @@ def state_of(engine, losses: list[float]) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
     adapter = engine.topkast.refresher.adapter
+    store = engine.topkast.state.store
     layers = sparse_layers(engine.module)
     values = {n: (p.detach() if (v := safe_get_full_fp32_param(p)) is None else v).float().reshape(-1).clone()
               for n, p in engine.module.named_parameters()}
@@ -61,7 +62,7 @@ def state_of(engine, losses: list[float]) -> dict:
         "forward_mask": {n: l.forward_mask.clone() for n, l in layers.items()},
         "compact": {n: adapter.get_master(l.values).clone() for n, l in layers.items()},
         "params": {n: v for n, v in values.items() if not n.endswith(".values")},
-        "store": {n: (s.offset, s.theta.numel(), s.numel) for n, s in engine.topkast.state.store},
+        "store": {n: (*store.layout(n), store.numel(n)) for n in store.names()},
         "history": [d.as_dict() for d in engine.topkast.refresher.history],
     }
 

@@ -23,8 +23,10 @@ BAD_SECTIONS = [
     ({"selection": "magnitude"}, "topkast.selection"),
     ({"seed": -1}, "topkast.seed"),
     ({"dense_store": {"device": "gpu"}}, "topkast.dense_store.device"),
-    ({"dense_store": {"device": "nvme"}}, "set \"dense_store\": {\"device\": \"cpu\"}"),
-    ({"dense_store": {"pinned": True}}, "dense_store.pinned: unknown key; remove it or use one of: device, nvme_path"),
+    ({"dense_store": {"device": "nvme"}}, "needs dense_store.nvme_path, a folder on the NVMe device"),
+    ({"dense_store": {"device": "nvme", "nvme_path": "/x", "buffers": 1}}, "topkast.dense_store.buffers"),
+    ({"dense_store": {"aio": {"block": 4096}}}, "dense_store.aio.block: unknown key; remove it or use one of: block_size"),
+    ({"dense_store": {"pinned": True}}, "dense_store.pinned: unknown key; remove it or use one of: aio, buffers, device, nvme_path"),
     ({"refresh_every": 10}, "topkast.refresh_every: unknown key; remove it or use one of: backward_sparsity"),
 ]
 
