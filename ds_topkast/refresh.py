@@ -132,7 +132,7 @@ class Refresher:
     def _refresh_layer(self, index: int, layer: TopKASTLinear, shard: LayerShard, step: int) -> Tensor:
         adapter, cfg = self.adapter, self.state.config
         old_indices = layer.indices.long()
-        old_forward = old_indices[layer.forward_mask]
+        old_forward_mask = layer.forward_mask.clone()
         new_indices, new_master, new_forward_mask = select_sets(
             shard.theta, layer.k_forward, layer.k_backward, cfg.selection,
             selection_seed(cfg, step // cfg.refresh_interval, index),
@@ -145,12 +145,13 @@ class Refresher:
             old_state = adapter.get_state(layer.values, key)
             adapter.set_state(layer.values, key, torch.where(kept, old_state[pos], torch.zeros_like(old_state)))
         adapter.set_low_precision(layer.values, new_master.to(layer.values.dtype))
-        new_forward = new_indices[new_forward_mask]
         layer.assign_sets(new_indices, new_forward_mask)
         self._mark(self.ever_in_backward[shard.name], shard.offset, new_indices)
-        # Entries new to B are exactly those that came from the reservoir C.
+        # An entry of the new A was in the old A if it was kept in B at a position the old
+        # mask marked. Entries new to B are exactly those that came from the reservoir C.
+        was_forward = kept & old_forward_mask[pos]
         return torch.tensor([
-            (~torch.isin(new_forward, old_forward)).sum(),
+            (new_forward_mask & ~was_forward).sum(),
             (~kept).sum(),
-            (~torch.isin(new_forward, old_indices)).sum(),
+            (new_forward_mask & ~kept).sum(),
         ], dtype=torch.float64)

@@ -12,6 +12,7 @@ The store knows nothing of DeepSpeed or of the layers that use it.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -30,19 +31,10 @@ def shard_range(numel: int, rank: int, world: int) -> tuple[int, int]:
     return start, min(start + chunk, numel)
 
 
-def checksum(values: Tensor, block: int = 1 << 22) -> int:
-    """A position-sensitive checksum of a tensor's bits (changes if any entry or order changes).
-
-    Integer arithmetic wraps, so the result is exact and the same on every machine; blocks
-    bound the temporaries to a few times `block` entries.
-    """
-    flat = values.detach().reshape(-1).contiguous().view(torch.int32)
-    total = 0
-    for start in range(0, flat.numel(), block):
-        bits = flat[start:start + block].long() & 0xFFFFFFFF
-        weights = (torch.arange(start, start + bits.numel(), dtype=torch.long) * 2654435761 + 1) & 0xFFFFFFFF
-        total += int(((bits * weights) & 0xFFFFFFFFFFFF).sum())
-    return total
+def checksum(values: Tensor) -> int:
+    """CRC-32 of a host tensor's bytes: changes if any entry or their order changes; exact on every machine."""
+    flat = values.detach().reshape(-1).contiguous()
+    return zlib.crc32(memoryview(flat.view(torch.uint8).numpy()))
 
 
 @dataclass

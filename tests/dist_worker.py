@@ -76,11 +76,13 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[2])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--start", type=int, default=0, help="resume: the checkpoint's step")
+    parser.add_argument("--nvme", help="keep the dense store in files under this folder")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.out)
     for stage in args.stages:
-        engine = build(stage, int(os.environ["WORLD_SIZE"]))
+        store = {"dense_store": {"device": "nvme", "nvme_path": args.nvme}} if args.nvme else {}
+        engine = build(stage, int(os.environ["WORLD_SIZE"]), **store)
         rank = dist.get_rank()
         if args.mode == "perturb":
             train(engine, 0, args.steps, perturb_at=3)

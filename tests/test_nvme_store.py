@@ -29,6 +29,18 @@ def test_nvme_store_trains_like_cpu_store(tmp_path, stage):
     assert 0 < buffers <= 2 * 4 * max(store.layout(n)[1] + 1024 for n in store.names())
 
 
+def test_nvme_store_on_two_ranks_trains_like_cpu_store_on_one(tmp_path):
+    from launcher import deepspeed_launch
+    from test_distributed import load_ranks, one_rank
+
+    deepspeed_launch(2, "tests/dist_worker.py", "equivalence", "--out", str(tmp_path), "--steps", "5",
+                     "--stages", "2", "--nvme", str(tmp_path))
+    expected = one_rank(2)
+    for rank, got in enumerate(load_ranks(tmp_path, "equivalence_stage2")):
+        assert_same_training(got, expected, f"NVMe store, 2 ranks, rank {rank}")
+        assert len(list((tmp_path / "ds_topkast_store" / f"rank{rank:05d}").glob("*.bin"))) == 8
+
+
 def test_refresh_killed_mid_write_resumes_from_checkpoint(tmp_path, monkeypatch):
     import ds_topkast.nvme_store as nvme
 
