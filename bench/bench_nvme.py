@@ -8,7 +8,8 @@ times larger than the NVMe store's two buffers. In one run it times
              rebuild, write every shard out (crash-safe: temporary file, fsync, rename);
   I/O floor  the same files read and then written with a raw DeepSpeed aio handle of the
              same settings into one pinned buffer, nothing else;
-and samples the process's resident memory during the refresh.
+  in memory  the same refresh with the CPU store (no I/O at all): the compute floor;
+and samples the process's resident memory during the NVMe refresh.
 """
 import argparse
 import os
@@ -70,8 +71,6 @@ def peak_rss_during(fn) -> tuple[float, int, int]:
 
 
 def main() -> None:
-    import ds_topkast
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--path", required=True, help="A folder on the device to measure.")
     parser.add_argument("--layers", type=int, default=8)
@@ -87,23 +86,36 @@ def main() -> None:
               "zero_optimization": {"stage": 0},
               "topkast": {"forward_sparsity": 0.9, "backward_sparsity": 0.8, "refresh_interval": 10**6,
                           "dense_store": {"device": "nvme", "nvme_path": args.path}}}
-    engine, *_ = ds_topkast.initialize(model=Stack(args.layers, args.width), config=config)
-    engine.backward(engine(torch.randn(4, args.width)))
-    engine.step()
+    engine = trained_engine(config, args)
+    cpu_config = {**config, "topkast": {**config["topkast"], "dense_store": {"device": "cpu"}}}
+    cpu_engine = trained_engine(cpu_config, args)
     store = engine.topkast.state.store
-    refreshes, floors, peaks = [], [], []
+    refreshes, floors, peaks, in_memory = [], [], [], []
     for _ in range(args.repeats):
         seconds, before, peak = peak_rss_during(lambda: engine.topkast.refresher.refresh(engine.global_steps))
         refreshes.append(seconds)
         peaks.append(peak - before)
         floors.append(io_floor(store))
+        in_memory.append(peak_rss_during(lambda: cpu_engine.topkast.refresher.refresh(cpu_engine.global_steps))[0])
     mib = 2**20
     store_bytes = sum(4 * store.layout(name)[1] for name in store.names())
-    refresh, floor = statistics.median(refreshes), statistics.median(floors)
+    refresh, floor, memory = (statistics.median(t) for t in (refreshes, floors, in_memory))
     print(f"store {store_bytes / mib:.0f} MiB in {args.layers} files under {args.path}; "
           f"buffers {store.nbytes() / mib:.0f} MiB ({store_bytes / store.nbytes():.1f}x smaller than the store)")
-    print(f"{'refresh s':>10}{'I/O floor s':>12}{'ratio':>7}{'RSS growth during refresh MiB':>31}")
-    print(f"{refresh:>10.3f}{floor:>12.3f}{refresh / floor:>7.2f}{max(peaks) / mib:>31.1f}")
+    print(f"{'NVMe refresh s':>15}{'I/O floor s':>12}{'NVMe / I/O':>11}{'in-memory refresh s':>21}"
+          f"{'NVMe / in-memory':>18}{'RSS growth MiB':>16}")
+    print(f"{refresh:>15.3f}{floor:>12.3f}{refresh / floor:>11.2f}{memory:>21.3f}{refresh / memory:>18.2f}"
+          f"{max(peaks) / mib:>16.1f}")
+
+
+def trained_engine(config: dict, args):
+    """A ds_topkast engine on the layer stack after one optimizer step."""
+    import ds_topkast
+
+    engine, *_ = ds_topkast.initialize(model=Stack(args.layers, args.width), config=config)
+    engine.backward(engine(torch.randn(4, args.width)))
+    engine.step()
+    return engine
 
 
 if __name__ == "__main__":
