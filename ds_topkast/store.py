@@ -99,7 +99,7 @@ class CPUDenseStore:
             raise DenseStoreError(f"The dense store holds no layer named {name!r}; it holds {self.names()}.") from None
 
     def read(self, name: str) -> Tensor:
-        """This rank's flat fp32 slice of the layer (see `shard(name).offset`)."""
+        """This rank's flat fp32 slice of the layer (its global offset is `layout(name)[0]`)."""
         return self.shard(name).theta
 
     def stream(self, names: Iterable[str]) -> Iterator[LayerShard]:
