@@ -170,19 +170,27 @@ class NVMeDenseStore:
         """Read-modify-write pass: layer i+1 is read while the caller works on layer i, which is written after."""
         names = list(names)
         slots = len(self._handles)
-        if names:
-            self._start_read(0, names[0])
-        for i, name in enumerate(names):
-            slot = i % slots
-            self._wait(slot, 1, f"read of layer {name!r}")
-            if i + 1 < len(names):
-                self._start_read((i + 1) % slots, names[i + 1])
-            meta = self._shard_meta(name)
-            shard = LayerShard(name, self._buffer(slot)[:self.layout(name)[1]], meta.offset, meta.numel,
-                               meta.checksum)
-            yield shard
-            meta.checksum = checksum(shard.theta)
-            self._write(slot, name)
+        in_flight = None  # the slot with a read still running
+        try:
+            if names:
+                self._start_read(0, names[0])
+                in_flight = 0
+            for i, name in enumerate(names):
+                slot = i % slots
+                self._wait(slot, 1, f"read of layer {name!r}")
+                in_flight = None
+                if i + 1 < len(names):
+                    self._start_read((i + 1) % slots, names[i + 1])
+                    in_flight = (i + 1) % slots
+                meta = self._shard_meta(name)
+                shard = LayerShard(name, self._buffer(slot)[:self.layout(name)[1]], meta.offset, meta.numel,
+                                   meta.checksum)
+                yield shard
+                meta.checksum = checksum(shard.theta)
+                self._write(slot, name)
+        finally:
+            if in_flight is not None:  # a pass that stopped early: leave no read behind on a handle
+                self._handles[in_flight].wait()
 
     def read(self, name: str) -> Tensor:
         """A copy of this rank's slice of the layer, read synchronously (for inspection and export)."""

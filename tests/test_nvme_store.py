@@ -94,3 +94,17 @@ def test_missing_libaio_says_how_to_install(monkeypatch):
     monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
     with pytest.raises(NVMeStoreError, match="apt-get install libaio-dev"):
         ds_topkast.nvme_store.load_aio()
+
+
+def test_a_refresh_that_stops_early_leaves_the_store_usable(tmp_path):
+    engine = nvme_engine(0, tmp_path)
+    train(engine, 0, 1)
+    store = engine.topkast.state.store
+    before = {name: store.read(name) for name in store.names()}
+    passes = store.stream(store.names())
+    next(passes)
+    passes.close()  # as when a guard raises inside the refresh
+    for name in store.names():
+        assert torch.equal(store.read(name), before[name])
+    train(engine, 1, 3)  # the next refresh (step 2) streams every layer again
+    assert [d.step for d in engine.topkast.refresher.history] == [2]
