@@ -91,6 +91,7 @@ class NVMeDenseStore:
                          for _ in range(buffers)]
         self._buffers: list[Tensor] = []
         self._meta: dict[str, LayerShard] = {}  # theta is an empty placeholder: the data lives in files
+        self._files: dict[str, Path] = {}
         self.rank, self.world = rank, world
 
     @classmethod
@@ -100,8 +101,9 @@ class NVMeDenseStore:
         store = cls(nvme_path, rank, world, settings, buffers)
         ranges = {name: shard_range(source.numel(name), rank, world) for name in source.names()}
         store._require_space(sum(2 * 4 * _padded(end - start) for start, end in ranges.values()))
-        for name, (start, _) in ranges.items():
+        for index, (name, (start, _)) in enumerate(ranges.items()):
             store._meta[name] = LayerShard(name, torch.empty(0), start, source.numel(name))
+            store._files[name] = store.root / f"{index:05d}.bin"
         for name, (start, end) in ranges.items():
             store.load_shard(name, source.read(name)[start:end])
         return store
@@ -114,7 +116,7 @@ class NVMeDenseStore:
                                  "writes each new shard before replacing the old). Free space or use a larger device.")
 
     def _file(self, name: str) -> Path:
-        return self.root / f"{list(self._meta).index(name):05d}.bin"
+        return self._files[name]
 
     def _buffer(self, slot: int) -> Tensor:
         if not self._buffers:
@@ -159,9 +161,10 @@ class NVMeDenseStore:
         self._require_space(4 * length)
         self._handles[slot].async_pwrite(self._buffer(slot)[:length], str(temporary))
         self._wait(slot, 1, f"write of layer {name!r}")
-        if temporary.stat().st_size != 4 * length:
-            raise NVMeStoreError(f"Writing layer {name!r} to {temporary} stored {temporary.stat().st_size} of "
-                                 f"{4 * length} bytes; the device may be full.")
+        written = temporary.stat().st_size
+        if written != 4 * length:
+            raise NVMeStoreError(f"Writing layer {name!r} to {temporary} stored {written} of {4 * length} bytes; "
+                                 "the device may be full.")
         _fsync_path(temporary)
         os.replace(temporary, final)
         _fsync_path(self.root)
