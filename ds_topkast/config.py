@@ -82,8 +82,9 @@ class TopKASTConfig(_Strict):
     forward_sparsity: float = Field(0.9, ge=0.0, lt=1.0, description="Fraction of weights zero in the forward pass.")
     backward_sparsity: float = Field(0.8, ge=0.0, lt=1.0,
                                      description="Fraction of weights never updated between refreshes (<= forward).")
-    refresh_interval: int = Field(100, ge=1, description="Optimizer steps between refreshes of A and B from the store.")
-    forward_interval: int = Field(1, ge=1, description="Optimizer steps between re-selections of A inside B.")
+    refresh_interval: int = Field(100, ge=0, description="Optimizer steps between refreshes of A and B from the store "
+                                                        "(0: never; with forward_interval 0, a static-mask baseline).")
+    forward_interval: int = Field(1, ge=0, description="Optimizer steps between re-selections of A inside B (0: never).")
     include: list[str] = Field(default_factory=lambda: ["*"], min_length=1,
                                description="fnmatch patterns over module names to sparsify.")
     exclude: list[str] = Field(default_factory=lambda: ["*embed*", "*lm_head*"],

@@ -27,6 +27,11 @@ from ds_topkast.sparsify import TopKASTState, sparsify, topkast_state
 from ds_topkast.store import CPUDenseStore
 
 
+def _due(step: int, interval: int) -> bool:
+    """Whether an every-`interval`-steps event falls on `step`; interval 0 means never."""
+    return interval > 0 and step % interval == 0
+
+
 class TopKASTRuntime:
     """The Top-KAST side of one engine: refresh schedule, refresher, logging."""
 
@@ -45,18 +50,18 @@ class TopKASTRuntime:
         self.refresher = Refresher(sparse_layers(model), self.state, adapter_for(engine), comm)
 
     def after_optimizer_step(self, step: int) -> MaskDynamics | None:
-        """Refresh at multiples of refresh_interval; otherwise maybe re-select A inside B."""
-        if step % self.config.refresh_interval == 0:
+        """Refresh at multiples of refresh_interval; otherwise maybe re-select A inside B (0: never)."""
+        if _due(step, self.config.refresh_interval):
             dynamics = self.refresher.refresh(step)
             self._report(dynamics)
             return dynamics
-        if step % self.config.forward_interval == 0:
+        if _due(step, self.config.forward_interval):
             self.refresher.mark_forward_sets_stale()
         return None
 
     def after_load(self, step: int) -> None:
         """Restore the A re-selection that was pending when the checkpoint was written."""
-        if step > 0 and step % self.config.refresh_interval != 0 and step % self.config.forward_interval == 0:
+        if step > 0 and not _due(step, self.config.refresh_interval) and _due(step, self.config.forward_interval):
             self.refresher.mark_forward_sets_stale()
 
     def _report(self, dynamics: MaskDynamics) -> None:

@@ -1,13 +1,19 @@
-"""The training command: a GPT-style byte-level LM trained with Top-KAST under the deepspeed launcher.
+"""The training command: a language model trained with Top-KAST under the deepspeed launcher.
 
-    deepspeed --module ds_topkast.train --config configs/tiny_gpt2.json
+    deepspeed --module ds_topkast.train --config configs/tiny_gpt2.json --out runs/tiny
 
-One JSON file holds everything: DeepSpeed's own sections, the "topkast" section and a
-"train" section for this command (model, data, steps, evaluation, checkpoints;
-DeepSpeed ignores unknown top-level sections). Flags override the few things people
-change per run. The run prints a progress bar, periodic eval bits per byte, each
-refresh's mask dynamics and the memory report, writes metrics.jsonl and a checkpoint
-to --out, and continues a stopped run exactly with --resume.
+One JSON file holds everything: DeepSpeed's own sections (batch sizes, gradient
+accumulation and clipping, optimizer, warm-up + cosine scheduler, ZeRO, bf16, and its
+"tensorboard" / "csv_monitor" monitors), the "topkast" section, and a "train" section for
+this command (model, data, steps, evaluation, checkpoints; DeepSpeed ignores unknown
+top-level sections). Without a "topkast" section the same command trains the model
+dense with plain DeepSpeed, the baseline to compare against.
+
+The run prints the memory report, a progress bar, periodic evaluation (bits per byte,
+or perplexity for token corpora) and each refresh's mask dynamics; writes metrics.jsonl,
+the monitor's events, checkpoints every `checkpoint_interval` steps and at the end, and
+a plot of the losses and mask dynamics (training.png); `--resume` continues a stopped
+run exactly where its latest checkpoint left it.
 """
 from __future__ import annotations
 
@@ -22,38 +28,36 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, validate_section
-from ds_topkast.data import BYTE_VOCAB, ByteBatches, load_bytes
+from ds_topkast.config import SECTION, TopKASTConfigError, load_deepspeed_config, validate_section
+from ds_topkast.data import DataConfig, load_corpus
+from ds_topkast.families import make_family
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(_Strict):
-    path: str | None = Field(None, description="Text file or folder; none: the embedded stdlib-source corpus.")
-    max_bytes: int | None = Field(None, gt=0, description="Read at most this many bytes of the corpus.")
-    eval_fraction: float = Field(0.05, gt=0, lt=1, description="Trailing fraction of the bytes held out for eval.")
-
-
-class TrainConfig(_Strict):
+class TrainConfig(BaseModel):
     """The "train" section: what the command trains and for how long."""
 
+    model_config = ConfigDict(extra="forbid")
+
     model: dict[str, Any] = Field(default_factory=lambda: {"type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4},
-                                  description="transformers model_type plus its config fields (random init).")
+                                  description='"type" (a transformers model_type, or "transformer_xl" with an '
+                                              'optional "preset"), "config" or "pretrained", plus config fields.')
     data: DataConfig = Field(default_factory=DataConfig)
-    seq_len: int = Field(128, gt=1)
+    seq_len: int | None = Field(None, gt=1, description="Tokens per window (GPT-style, default 128) or per "
+                                                        "segment (Transformer-XL, default its tgt_len).")
     steps: int = Field(200, gt=0, description="Optimizer steps.")
     eval_interval: int = Field(50, gt=0)
-    eval_batches: int = Field(4, gt=0)
+    eval_batches: int | None = Field(8, gt=0, description="Eval batches (Transformer-XL: segments per stream); "
+                                                          "null: the whole eval split for Transformer-XL.")
+    log_interval: int = Field(10, gt=0, description="Steps between train-loss records.")
     checkpoint_interval: int | None = Field(None, gt=0, description="Also save every N steps (always at the end).")
+    plot: bool = Field(True, description="Write training.png (losses, mask dynamics) next to the checkpoint.")
     seed: int = 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="DeepSpeed JSON with \"topkast\" and \"train\" sections.")
-    parser.add_argument("--out", default="runs/tiny", help="Folder for checkpoints and metrics.jsonl.")
+    parser.add_argument("--out", default="runs/tiny", help="Folder for checkpoints, metrics.jsonl and the plot.")
     parser.add_argument("--steps", type=int, help="Override train.steps.")
     parser.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint in --out.")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
@@ -73,41 +77,30 @@ def fill_schedule_length(ds_config: dict[str, Any], steps: int) -> None:
         scheduler.setdefault("params", {}).setdefault("total_num_steps", steps)
 
 
-def build_model(spec: dict[str, Any], seq_len: int, seed: int) -> torch.nn.Module:
-    """A randomly initialised causal LM from a transformers model_type and config fields."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    fields = dict(spec)
-    model_type = fields.pop("type", None)
-    if model_type is None:
-        raise TopKASTConfigError('train.model needs a "type" (a transformers model_type such as "gpt2", "llama").')
-    fields.setdefault("vocab_size", BYTE_VOCAB)
-    position_key = "n_positions" if model_type == "gpt2" else "max_position_embeddings"
-    fields.setdefault(position_key, seq_len)
-    fields.update(bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(seed)  # identical initial weights (and so identical dense stores) on every rank
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
+def family_state_path(out: Path, steps: int, rank: int) -> Path:
+    return out / f"global_step{steps}" / f"train_state_rank{rank:05d}.pt"
 
 
 class Trainer:
-    """The loop: fixed global batches per step, periodic eval, checkpoints, metrics."""
+    """The loop: fixed global batches per step, periodic eval, checkpoints, metrics, plot."""
 
-    def __init__(self, engine, data: ByteBatches, cfg: TrainConfig, out: Path):
+    def __init__(self, engine, family, cfg: TrainConfig, out: Path, unit: str):
         import deepspeed.comm as dist
 
-        self.engine, self.data, self.cfg, self.out = engine, data, cfg, out
+        self.engine, self.family, self.cfg, self.out, self.unit = engine, family, cfg, out, unit
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.rows = engine.train_micro_batch_size_per_gpu()
+        self.accumulation = engine.gradient_accumulation_steps()
+        self.tokens_per_step = engine.train_batch_size() * family.tokens_per_row
         self.metrics = out / "metrics.jsonl"
+        self.refresher = getattr(getattr(engine, "topkast", None), "refresher", None)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
             with self.metrics.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            monitor = self.engine.monitor
-            if monitor.enabled:
-                monitor.write_events([(f"Train/{k}", float(v), record["step"]) for k, v in record.items()
-                                      if k not in ("step", "kind")])
+            if self.engine.monitor.enabled:
+                self.engine.monitor.write_events([(f"{record['kind']}/{k}", float(v), record["step"])
+                                                  for k, v in record.items() if k not in ("step", "kind")])
 
     def say(self, message: str, bar) -> None:
         if self.rank == 0:
@@ -118,64 +111,105 @@ class Trainer:
         import deepspeed.comm as dist
 
         total = torch.zeros(1, dtype=torch.float64)
-        for micro in range(self.engine.gradient_accumulation_steps()):
-            batch = self.data.train_batch(step, micro, self.rows, self.rank, self.world)
-            loss = self.engine(input_ids=batch, labels=batch).loss
+        for micro in range(self.accumulation):
+            loss = self.family.train_loss(self.engine, step, micro, self.rank, self.world)
             self.engine.backward(loss)
             self.engine.step()
             total += loss.item()
         dist.all_reduce(total)
-        return float(total) / (self.world * self.engine.gradient_accumulation_steps())
+        return float(total) / (self.world * self.accumulation)
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Eval bits per byte over the eval batches, split across ranks and all-reduced."""
+    def evaluate(self) -> dict[str, float]:
+        """Eval loss over every rank's share, as bits per byte (byte corpora) or perplexity (tokens)."""
         import deepspeed.comm as dist
 
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        for i, batch in enumerate(self.data.eval_batches(self.rows, self.cfg.eval_batches)):
-            if i % self.world == self.rank:
-                total += torch.tensor([self.engine(input_ids=batch, labels=batch).loss.item(), 1.0])
-        dist.all_reduce(total)
+        sums = self.family.eval_sums(self.engine, self.cfg.eval_batches, self.rank, self.world)
+        dist.all_reduce(sums)
         self.engine.train()
-        return float(total[0] / total[1]) / math.log(2)
+        loss = float(sums[0] / sums[1])
+        quality = {"eval_bpb": loss / math.log(2)} if self.unit == "byte" else {"eval_ppl": math.exp(min(loss, 50))}
+        return {"eval_loss": loss, **quality}
 
     def save(self) -> None:
+        """The family's per-rank state first, then DeepSpeed's checkpoint (which writes 'latest' last)."""
+        state = self.family.state_dict()
+        if any(v is not None for v in state.values()):
+            path = family_state_path(self.out, self.engine.global_steps, self.rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, path)
         self.engine.save_checkpoint(str(self.out))
+
+    def resume(self) -> None:
+        self.engine.load_checkpoint(str(self.out))
+        path = family_state_path(self.out, self.engine.global_steps, self.rank)
+        if self.family.state_dict():
+            if not path.is_file():
+                raise SystemExit(f"--resume: {path} is missing, so the Transformer-XL memory of rank {self.rank} "
+                                 "cannot be restored; resume from a complete checkpoint.")
+            self.family.load_state_dict(torch.load(path, weights_only=True))
+
+    def report_refreshes(self, seen: int, bar) -> int:
+        if self.refresher is None:
+            return seen
+        for dynamics in self.refresher.history[seen:]:
+            self.say(f"step {dynamics.step}: refresh, A changed {dynamics.forward_changed:.2%}, "
+                     f"B changed {dynamics.backward_changed:.2%}, ever in B {dynamics.ever_in_backward:.2%}", bar)
+            self.log({"kind": "refresh", **dynamics.as_dict()})
+        return len(self.refresher.history)
 
     def run(self) -> None:
         from tqdm import tqdm
 
         start = self.engine.global_steps
         bar = tqdm(total=self.cfg.steps, initial=start, disable=self.rank != 0, desc="train", unit="step")
-        seen_refreshes = len(self.engine.topkast.refresher.history)
-        tick = time.perf_counter()
+        seen = len(self.refresher.history) if self.refresher else 0
+        tick, ticked = time.perf_counter(), start
         for step in range(start, self.cfg.steps):
             loss = self.train_step(step)
             done = step + 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{loss / math.log(2):.3f}")
-            history = self.engine.topkast.refresher.history
-            for dynamics in history[seen_refreshes:]:
-                self.say(f"step {dynamics.step}: refresh, A changed {dynamics.forward_changed:.2%}, "
-                         f"B changed {dynamics.backward_changed:.2%}, ever in B {dynamics.ever_in_backward:.2%}", bar)
-                self.log({"kind": "refresh", **dynamics.as_dict()})
-            seen_refreshes = len(history)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.engine.get_lr()[0]:.2e}")
+            seen = self.report_refreshes(seen, bar)
+            if done % self.cfg.log_interval == 0 or done == self.cfg.steps:
+                seconds, tick = time.perf_counter() - tick, time.perf_counter()
+                self.log({"kind": "train", "step": done, "loss": loss, "lr": self.engine.get_lr()[0],
+                          "tokens_per_s": self.tokens_per_step * (done - ticked) / seconds})
+                ticked = done
             if done % self.cfg.eval_interval == 0 or done == self.cfg.steps:
-                elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-                record = {"kind": "eval", "step": done, "train_loss": loss, "eval_bpb": self.evaluate(),
-                          "lr": self.engine.get_lr()[0], "seconds": elapsed}
-                self.say(f"step {done}: train loss {loss:.4f}, eval bits/byte {record['eval_bpb']:.4f}", bar)
+                record = {"kind": "eval", "step": done, **self.evaluate()}
+                self.say(f"step {done}: train loss {loss:.4f}, " + ", ".join(
+                    f"{k.replace('_', ' ')} {v:.4f}" for k, v in record.items() if k.startswith("eval")), bar)
                 self.log(record)
+                tick = time.perf_counter()  # eval time does not count against throughput
             if self.cfg.checkpoint_interval and done % self.cfg.checkpoint_interval == 0 and done < self.cfg.steps:
                 self.save()
         bar.close()
         if self.engine.global_steps > start or not (self.out / "latest").exists():
             self.save()
+        if self.cfg.plot and self.rank == 0:
+            from ds_topkast.plots import plot_run
+
+            print(f"plot: {plot_run(self.metrics, self.out / 'training.png')}", flush=True)
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any]):
+    """ds_topkast's engine when the config has a "topkast" section, else plain DeepSpeed (the dense baseline)."""
+    import deepspeed
+
+    import ds_topkast
+
+    if SECTION in ds_config:
+        engine, *_ = ds_topkast.initialize(model=model, config=ds_config)
+    else:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    return engine
 
 
 def main(argv=None) -> None:
+    import deepspeed
+    import deepspeed.comm as dist
+
     import ds_topkast
 
     args = parse_args(argv)
@@ -183,17 +217,31 @@ def main(argv=None) -> None:
     cfg = train_section(ds_config, args.steps)
     fill_schedule_length(ds_config, cfg.steps)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.resume and not (out / "latest").exists():
         raise SystemExit(f"--resume: {out} holds no checkpoint (no 'latest' file); run without --resume first.")
-    data = ByteBatches(load_bytes(cfg.data.path, cfg.data.max_bytes), cfg.seq_len, cfg.data.eval_fraction, cfg.seed)
-    model = build_model(cfg.model, cfg.seq_len, cfg.seed)
-    engine, *_ = ds_topkast.initialize(model=model, config=ds_config)
+    if not args.resume and (out / "latest").exists():
+        raise SystemExit(f"{out} already holds a run (its 'latest' checkpoint); add --resume to continue it, or "
+                         "give a new --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    deepspeed.init_distributed()
+    corpus = load_corpus(cfg.data)
+    micro = ds_config.get("train_micro_batch_size_per_gpu")
+    if not isinstance(micro, int):
+        raise TopKASTConfigError("The training command needs train_micro_batch_size_per_gpu as a number in the "
+                                 "DeepSpeed config (it sizes the batches and streams).")
+    family = make_family(cfg.model, corpus, cfg.seq_len, micro, cfg.seed, dist.get_world_size(),
+                         ds_config.get("gradient_accumulation_steps", 1))
+    engine = build_engine(family.build_model(), ds_config)
+    trainer = Trainer(engine, family, cfg, out, corpus.unit)
     if args.resume:
-        engine.load_checkpoint(str(out))
-    trainer = Trainer(engine, data, cfg, out)
-    if trainer.rank == 0:
-        print(ds_topkast.memory_report(engine).format(), flush=True)
+        trainer.resume()
+    if trainer.rank == 0 and trainer.refresher is None:
+        print('No "topkast" section: training the dense baseline with plain DeepSpeed.', flush=True)
+    elif trainer.rank == 0:
+        report = ds_topkast.memory_report(engine)
+        print(report.format(), flush=True)
+        if engine.global_steps == 0:
+            trainer.log({"kind": "memory", "step": 0, **report.as_dict()})
     trainer.run()
 
 

@@ -11,9 +11,9 @@ BAD_SECTIONS = [
     ({"forward_sparsity": "high"}, "topkast.forward_sparsity"),
     ({"backward_sparsity": 1.5}, "topkast.backward_sparsity"),
     ({"forward_sparsity": 0.5, "backward_sparsity": 0.8}, "must be <= forward_sparsity"),
-    ({"refresh_interval": 0}, "topkast.refresh_interval"),
+    ({"refresh_interval": -1}, "topkast.refresh_interval"),
     ({"refresh_interval": 2.5}, "topkast.refresh_interval"),
-    ({"forward_interval": 0}, "topkast.forward_interval"),
+    ({"forward_interval": -1}, "topkast.forward_interval"),
     ({"include": []}, "topkast.include"),
     ({"include": "*"}, "topkast.include"),
     ({"exclude": [1]}, "topkast.exclude"),
@@ -91,7 +91,7 @@ def test_missing_config_file(tmp_path):
 
 TRAIN_ERRORS = [
     ({"steps": 0}, "train.steps: Input should be greater than 0"),
-    ({"data": {"paths": "x"}}, "train.data.paths: unknown key; remove it or use one of: eval_fraction, max_bytes, path"),
+    ({"data": {"paths": "x"}}, "train.data.paths: unknown key; remove it or use one of: dataset, eval_fraction, max_bytes, path"),
     ({"epochs": 3}, "train.epochs: unknown key; remove it or use one of: checkpoint_interval, data,"),
 ]
 
@@ -106,7 +106,7 @@ def test_train_section_errors_name_the_key(section, message):
 
 
 def test_training_command_refuses_a_missing_corpus(tmp_path):
-    from ds_topkast.data import CorpusError, load_bytes
+    from ds_topkast.data import CorpusError, DataConfig, load_corpus
 
-    with pytest.raises(CorpusError, match="does not exist; give a text file or a folder"):
-        load_bytes(str(tmp_path / "missing.txt"))
+    with pytest.raises(CorpusError, match="does not exist; give a text file, a folder or a glob"):
+        load_corpus(DataConfig(path=str(tmp_path / "missing.txt")))

@@ -1,15 +1,18 @@
-"""End to end: the training command under the real deepspeed launcher, then --resume."""
+"""End to end: the training command on 2 CPU ranks under the real deepspeed launcher, both model families."""
 import json
+import shutil
 from pathlib import Path
 
 from launcher import REPO, deepspeed_launch
 
+GPT = {"type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}
+TXL = {"type": "transformer_xl", "preset": "tiny"}
 
-def write_config(path: Path, steps: int) -> Path:
-    cfg = json.loads((REPO / "configs" / "tiny_gpt2.json").read_text())
-    cfg["train"].update(steps=steps, eval_interval=3, eval_batches=2, seq_len=32,
-                        model={"type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2},
-                        data={"max_bytes": 100_000})
+
+def write_config(path: Path, base: str, model: dict, steps: int, **train) -> Path:
+    cfg = json.loads((REPO / "configs" / base).read_text())
+    cfg["train"].update(steps=steps, eval_interval=3, eval_batches=2, seq_len=16, log_interval=1, model=model,
+                        data={"max_bytes": 100_000}, **train)
     cfg["train_micro_batch_size_per_gpu"] = 2
     cfg["topkast"]["refresh_interval"] = 2
     path.write_text(json.dumps(cfg))
@@ -17,7 +20,7 @@ def write_config(path: Path, steps: int) -> Path:
 
 
 def launch(*args: str):
-    return deepspeed_launch(1, "--module", "ds_topkast.train", *args)
+    return deepspeed_launch(2, "--module", "ds_topkast.train", *args)
 
 
 def records(out: Path, kind: str) -> list[dict]:
@@ -25,15 +28,21 @@ def records(out: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def test_train_then_resume(tmp_path):
+def test_gpt_trains_on_two_ranks_then_resumes(tmp_path):
     out = tmp_path / "run"
-    config = write_config(tmp_path / "cfg.json", steps=4)
+    config = write_config(tmp_path / "cfg.json", "tiny_gpt2.json", GPT, steps=4)
     first = launch("--config", str(config), "--out", str(out))
     assert "sparsified layers total" in first.stdout, "the memory report is printed at start"
-    assert "eval bits/byte" in first.stdout + first.stderr
+    assert "eval bpb" in first.stdout + first.stderr
     assert (out / "latest").read_text().strip() == "global_step4"
-    assert (out / "global_step4" / "topkast_rank00000.pt").is_file()
+    assert {p.name for p in (out / "global_step4").glob("topkast_rank*.pt")} == \
+        {"topkast_rank00000.pt", "topkast_rank00001.pt"}
     assert [r["step"] for r in records(out, "refresh")] == [2, 4]
+    assert (out / "training.png").stat().st_size > 10_000
+
+    again = deepspeed_launch(2, "--module", "ds_topkast.train", "--config", str(config), "--out", str(out),
+                             check=False)
+    assert again.returncode != 0 and "already holds a run" in again.stdout + again.stderr
 
     launch("--config", str(config), "--out", str(out), "--steps", "6", "--resume")
     assert (out / "latest").read_text().strip() == "global_step6"
@@ -41,3 +50,20 @@ def test_train_then_resume(tmp_path):
     evals = records(out, "eval")
     assert [r["step"] for r in evals] == [3, 4, 6]
     assert all(0 < r["eval_bpb"] < 8.5 for r in evals)
+
+
+def test_transformer_xl_on_two_ranks_resumes_exactly_with_its_memory(tmp_path):
+    """Steps 4-6 resumed from the step-3 checkpoint equal the uninterrupted run's, memory included."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    config = write_config(tmp_path / "cfg.json", "tiny_transformer_xl.json", TXL, steps=6, checkpoint_interval=3)
+    launch("--config", str(config), "--out", str(whole))
+    assert {p.name for p in (whole / "global_step3").glob("train_state_rank*.pt")} == \
+        {"train_state_rank00000.pt", "train_state_rank00001.pt"}, "each rank's memory is checkpointed"
+    assert [r["step"] for r in records(whole, "refresh")] == [2, 4, 6]
+
+    shutil.copytree(whole / "global_step3", resumed / "global_step3")
+    (resumed / "latest").write_text("global_step3")
+    launch("--config", str(config), "--out", str(resumed), "--resume")
+    expected = {r["step"]: r["loss"] for r in records(whole, "train") if r["step"] > 3}
+    assert {r["step"]: r["loss"] for r in records(resumed, "train")} == expected
+    assert records(resumed, "eval")[-1]["eval_loss"] == records(whole, "eval")[-1]["eval_loss"]
