@@ -58,7 +58,10 @@ class DataConfig(BaseModel):
 
 @dataclass
 class Corpus:
-    """Token ids of the train and eval splits; `unit` says what a token is (for bits per byte)."""
+    """Token ids of the train and eval splits, kept compact (uint8 bytes, int32 tokens; batches are int64).
+
+    `unit` says what a token is: "byte" (losses reported in bits per byte) or "token".
+    """
 
     train: Tensor
     eval: Tensor
@@ -183,7 +186,7 @@ def _tokenize(cfg: DataConfig, train_text: str, eval_text: str | None, source: s
         train, held_out = _split(encode(train_text), cfg.eval_fraction)
     else:
         train, held_out = encode(train_text), encode(eval_text)
-    return Corpus(train.long(), held_out.long(), vocab_size, "token", source)
+    return Corpus(train, held_out, vocab_size, "token", source)
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
@@ -199,12 +202,12 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         train_text = eval_text = None
     if cfg.tokenizer != "bytes":
         return _tokenize(cfg, train_text if train_text is not None else _decode(raw, source), eval_text, source)
-    tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+    tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     if _is_enwik8(cfg) and len(tokens) >= sum(ENWIK8_SPLIT):
         train_bytes, valid_bytes, _ = ENWIK8_SPLIT
         return Corpus(tokens[:train_bytes], tokens[train_bytes:train_bytes + valid_bytes], BYTE_VOCAB, "byte", source)
     if eval_text is not None:
-        held_out = torch.frombuffer(bytearray(eval_text.encode("utf-8")), dtype=torch.uint8).long()
+        held_out = torch.frombuffer(bytearray(eval_text.encode("utf-8")), dtype=torch.uint8)
         return Corpus(tokens, held_out, BYTE_VOCAB, "byte", source)
     return Corpus(*_split(tokens, cfg.eval_fraction), BYTE_VOCAB, "byte", source)
 
@@ -224,7 +227,7 @@ class WindowBatches:
         self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
 
     def _windows(self, data: Tensor, starts: Tensor) -> Tensor:
-        return torch.stack([data[s:s + self.seq_len] for s in starts.tolist()])
+        return torch.stack([data[s:s + self.seq_len] for s in starts.tolist()]).long()
 
     def train_batch(self, step: int, micro_step: int, rows: int, rank: int = 0, world: int = 1) -> Tensor:
         """This rank's `rows` windows of micro-batch `micro_step` in optimizer step `step`."""
@@ -266,11 +269,11 @@ class StreamBatches:
     def train_batch(self, micro_batch: int, rank: int, rows: int) -> Tensor:
         """Segment `micro_batch` (counted over the whole run) of this rank's streams."""
         start = (micro_batch % self.segments(self.train_streams, self.seg_len)) * self.seg_len
-        return self.train_streams[rank * rows:(rank + 1) * rows, start:start + self.seg_len + 1]
+        return self.train_streams[rank * rows:(rank + 1) * rows, start:start + self.seg_len + 1].long()
 
     def eval_batches(self, rank: int, rows: int, count: int | None) -> list[Tensor]:
         """This rank's eval streams segment by segment, from the start (at most `count` segments)."""
         total = self.segments(self.eval_streams, self.eval_seg_len)
         mine = self.eval_streams[rank * rows:(rank + 1) * rows]
-        return [mine[:, s * self.eval_seg_len:(s + 1) * self.eval_seg_len + 1]
+        return [mine[:, s * self.eval_seg_len:(s + 1) * self.eval_seg_len + 1].long()
                 for s in range(total if count is None else min(count, total))]

@@ -77,6 +77,20 @@ def fill_schedule_length(ds_config: dict[str, Any], steps: int) -> None:
         scheduler.setdefault("params", {}).setdefault("total_num_steps", steps)
 
 
+def micro_batch_per_rank(ds_config: dict[str, Any], world: int) -> int:
+    """train_micro_batch_size_per_gpu, or train_batch_size / (gradient_accumulation_steps * world) as DeepSpeed does."""
+    micro = ds_config.get("train_micro_batch_size_per_gpu")
+    if isinstance(micro, int):
+        return micro
+    total, accumulation = ds_config.get("train_batch_size"), ds_config.get("gradient_accumulation_steps", 1)
+    if isinstance(total, int) and isinstance(accumulation, int) and total % (accumulation * world) == 0:
+        return total // (accumulation * world)
+    raise TopKASTConfigError(
+        f"The training command needs train_micro_batch_size_per_gpu, or a train_batch_size ({total}) divisible by "
+        f"gradient_accumulation_steps ({accumulation}) x ranks ({world}), as numbers in the DeepSpeed config; "
+        "set one of them.")
+
+
 def family_state_path(out: Path, steps: int, rank: int) -> Path:
     return out / f"global_step{steps}" / f"train_state_rank{rank:05d}.pt"
 
@@ -225,12 +239,9 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     deepspeed.init_distributed()
     corpus = load_corpus(cfg.data)
-    micro = ds_config.get("train_micro_batch_size_per_gpu")
-    if not isinstance(micro, int):
-        raise TopKASTConfigError("The training command needs train_micro_batch_size_per_gpu as a number in the "
-                                 "DeepSpeed config (it sizes the batches and streams).")
-    family = make_family(cfg.model, corpus, cfg.seq_len, micro, cfg.seed, dist.get_world_size(),
-                         ds_config.get("gradient_accumulation_steps", 1))
+    world, accumulation = dist.get_world_size(), ds_config.get("gradient_accumulation_steps", 1)
+    family = make_family(cfg.model, corpus, cfg.seq_len, micro_batch_per_rank(ds_config, world), cfg.seed, world,
+                         accumulation)
     engine = build_engine(family.build_model(), ds_config)
     trainer = Trainer(engine, family, cfg, out, corpus.unit)
     if args.resume:

@@ -3,6 +3,7 @@ import pytest
 
 import ds_topkast
 from ds_topkast.config import TopKASTConfig, TopKASTConfigError, topkast_section
+from launcher import REPO
 from models import MLP, ds_config, tiny_gpt2
 
 BAD_SECTIONS = [
@@ -110,3 +111,19 @@ def test_training_command_refuses_a_missing_corpus(tmp_path):
 
     with pytest.raises(CorpusError, match="does not exist; give a text file, a folder or a glob"):
         load_corpus(DataConfig(path=str(tmp_path / "missing.txt")))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    """The paper setups are too big to train here; their sections and model shapes must still validate."""
+    from ds_topkast.config import load_deepspeed_config
+    from ds_topkast.models.transformer_xl import preset
+    from ds_topkast.train import micro_batch_per_rank, train_section
+
+    cfg = load_deepspeed_config(str(path))
+    train = train_section(cfg, None)
+    if "topkast" in cfg:
+        topkast_section(cfg)
+    assert micro_batch_per_rank(cfg, 8) > 0
+    if "preset" in train.model:
+        preset(train.model["preset"], **{k: v for k, v in train.model.items() if k not in ("type", "preset")})

@@ -31,6 +31,9 @@ def records(out: Path, kind: str) -> list[dict]:
 def test_gpt_trains_on_two_ranks_then_resumes(tmp_path):
     out = tmp_path / "run"
     config = write_config(tmp_path / "cfg.json", "tiny_gpt2.json", GPT, steps=4)
+    cfg = json.loads(config.read_text())
+    cfg["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "gpt"}
+    config.write_text(json.dumps(cfg))
     first = launch("--config", str(config), "--out", str(out))
     assert "sparsified layers total" in first.stdout, "the memory report is printed at start"
     assert "eval bpb" in first.stdout + first.stderr
@@ -39,6 +42,9 @@ def test_gpt_trains_on_two_ranks_then_resumes(tmp_path):
         {"topkast_rank00000.pt", "topkast_rank00001.pt"}
     assert [r["step"] for r in records(out, "refresh")] == [2, 4]
     assert (out / "training.png").stat().st_size > 10_000
+    monitored = {p.name for p in (tmp_path / "monitor" / "gpt").glob("*.csv")}
+    assert {"train_loss.csv", "train_tokens_per_s.csv", "eval_eval_bpb.csv", "TopKAST_ever_in_backward.csv"} <= \
+        monitored, monitored
 
     again = deepspeed_launch(2, "--module", "ds_topkast.train", "--config", str(config), "--out", str(out),
                              check=False)
