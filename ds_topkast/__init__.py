@@ -1,6 +1,8 @@
 """ds_topkast: Top-KAST (Top-K Always Sparse Training) as a DeepSpeed extension.
 
     engine, optimizer, loader, scheduler = ds_topkast.initialize(model=model, config="ds_config.json")
+    trainer = Trainer(model=ds_topkast.sparsify(model, "ds_config.json"), ...,
+                      callbacks=[ds_topkast.TopKASTCallback()])   # Hugging Face Trainer
 
 See README.md for the workflow and DESIGN.md / docs/ for how it is built.
 """
@@ -11,5 +13,14 @@ from ds_topkast.layers import TopKASTLinear, exploration_loss
 from ds_topkast.memory import memory_report
 from ds_topkast.sparsify import sparsify
 
-__all__ = ["TopKASTConfig", "TopKASTConfigError", "TopKASTLinear", "exploration_loss", "export", "initialize",
-           "memory_report", "sparsify"]
+__all__ = ["TopKASTCallback", "TopKASTConfig", "TopKASTConfigError", "TopKASTLinear", "exploration_loss", "export",
+           "initialize", "memory_report", "sparsify"]
+
+
+def __getattr__(name: str):
+    """TopKASTCallback is imported on first use: it pulls in transformers' Trainer, which plain users never need."""
+    if name == "TopKASTCallback":
+        from ds_topkast.integrations.hf_trainer import TopKASTCallback
+
+        return TopKASTCallback
+    raise AttributeError(f"module 'ds_topkast' has no attribute {name!r}")

@@ -6,7 +6,7 @@ swapped for a subclass, so `isinstance(engine, DeepSpeedEngine)` still holds):
 - `step()` runs the refresh after every `refresh_interval`-th optimizer step and marks
   set A for re-selection every `forward_interval` steps;
 - `save_checkpoint` / `load_checkpoint` also carry the dense store and the sets.
-The public methods hold the guards; `TopKASTRuntime` does the work.
+The public methods hold the guards; `TopKASTRuntime` (runtime.py) does the work.
 """
 from __future__ import annotations
 
@@ -16,61 +16,23 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ds_topkast import checkpoint
 from ds_topkast.collectives import ProcessGroupCollectives
-from ds_topkast.config import (DenseStoreConfig, TopKASTConfig, TopKASTConfigError, load_deepspeed_config,
-                               topkast_section)
-from ds_topkast.layers import exploration_loss, sparse_layers
+from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, topkast_section
+from ds_topkast.layers import exploration_loss
 from ds_topkast.optimizer_state import adapter_for, per_entry_state_keys
-from ds_topkast.refresh import MaskDynamics, Refresher
+from ds_topkast.runtime import TopKASTRuntime
 from ds_topkast.sparsify import TopKASTState, sparsify, topkast_state
-from ds_topkast.store import CPUDenseStore
 
 
-def _due(step: int, interval: int) -> bool:
-    """Whether an every-`interval`-steps event falls on `step`; interval 0 means never."""
-    return interval > 0 and step % interval == 0
-
-
-class TopKASTRuntime:
-    """The Top-KAST side of one engine: refresh schedule, refresher, logging."""
-
-    def __init__(self, engine, model: nn.Module, ds_config: dict[str, Any]):
-        self.engine = engine
-        self.state: TopKASTState = topkast_state(model)
-        self.config: TopKASTConfig = self.state.config
-        comm = ProcessGroupCollectives()
-        if engine.dp_world_size != comm.world:
-            raise TopKASTConfigError(
-                f"ds_topkast shards its dense store over data-parallel ranks only, but this job has "
-                f"{comm.world} ranks and a data-parallel size of {engine.dp_world_size} (model, pipeline or "
-                "sequence parallelism); run pure data parallelism (with any ZeRO stage).")
-        self.state.store = place_store(self.state.store, self.config.dense_store, ds_config.get("aio") or {},
-                                       comm.rank, comm.world)
-        self.refresher = Refresher(sparse_layers(model), self.state, adapter_for(engine), comm)
-
-    def after_optimizer_step(self, step: int) -> MaskDynamics | None:
-        """Refresh at multiples of refresh_interval; otherwise maybe re-select A inside B (0: never)."""
-        if _due(step, self.config.refresh_interval):
-            dynamics = self.refresher.refresh(step)
-            self._report(dynamics)
-            return dynamics
-        if _due(step, self.config.forward_interval):
-            self.refresher.mark_forward_sets_stale()
-        return None
-
-    def after_load(self, step: int) -> None:
-        """Restore the A re-selection that was pending when the checkpoint was written."""
-        if step > 0 and not _due(step, self.config.refresh_interval) and _due(step, self.config.forward_interval):
-            self.refresher.mark_forward_sets_stale()
-
-    def _report(self, dynamics: MaskDynamics) -> None:
-        from deepspeed.utils import log_dist
-        log_dist("Top-KAST refresh " + ", ".join(f"{k}={v:.4g}" for k, v in dynamics.as_dict().items()), ranks=[0])
-        monitor = getattr(self.engine, "monitor", None)
-        if monitor is not None and monitor.enabled and self.engine.global_rank == 0:
-            monitor.write_events([(f"TopKAST/{k}", float(v), dynamics.step)
-                                  for k, v in dynamics.as_dict().items() if k != "step"])
+def _runtime(engine, model: nn.Module, ds_config: dict[str, Any]) -> TopKASTRuntime:
+    """The run's Top-KAST runtime over this engine's process group, optimizer and monitor."""
+    comm = ProcessGroupCollectives()
+    if engine.dp_world_size != comm.world:
+        raise TopKASTConfigError(
+            f"ds_topkast shards its dense store over data-parallel ranks only, but this job has "
+            f"{comm.world} ranks and a data-parallel size of {engine.dp_world_size} (model, pipeline or "
+            "sequence parallelism); run pure data parallelism (with any ZeRO stage).")
+    return TopKASTRuntime(model, adapter_for(engine), comm, ds_config.get("aio"), getattr(engine, "monitor", None))
 
 
 class TopKASTEngineMixin:
@@ -90,29 +52,15 @@ class TopKASTEngineMixin:
 
     def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, **kwargs):
         tag = f"global_step{self.global_steps}" if tag is None else tag
-        checkpoint.save(self.topkast.refresher, os.path.join(save_dir, str(tag)), self.global_rank)
+        self.topkast.save(os.path.join(save_dir, str(tag)))
         return super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest,
                                        **kwargs)
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         load_path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
         if load_path is not None:
-            checkpoint.load(self.topkast.refresher, os.path.dirname(load_path), self.global_rank)
-            self.topkast.after_load(self.global_steps)
+            self.topkast.load(os.path.dirname(load_path), self.global_steps)
         return load_path, client_state
-
-
-def place_store(store: CPUDenseStore, cfg: DenseStoreConfig, deepspeed_aio: dict[str, Any], rank: int,
-                world: int):
-    """Keep this rank's shard of the full store `sparsify` built: in host memory, or in files on NVMe."""
-    if cfg.device == "cpu":
-        store.keep_shard(rank, world)
-        return store
-    from ds_topkast.nvme_store import AioSettings, NVMeDenseStore
-
-    aio = cfg.aio.model_dump() if cfg.aio is not None else {
-        key: value for key, value in deepspeed_aio.items() if key in AioSettings.__dataclass_fields__}
-    return NVMeDenseStore.from_store(store, cfg.nvme_path, rank, world, AioSettings(**aio), cfg.buffers)
 
 
 _ENGINE_CLASSES: dict[type, type] = {}
@@ -123,7 +71,7 @@ def _with_topkast(engine, model: nn.Module, ds_config: dict[str, Any]):
     if base not in _ENGINE_CLASSES:
         _ENGINE_CLASSES[base] = type(f"TopKAST{base.__name__}", (TopKASTEngineMixin, base), {})
     engine.__class__ = _ENGINE_CLASSES[base]
-    engine.topkast = TopKASTRuntime(engine, model, ds_config)
+    engine.topkast = _runtime(engine, model, ds_config)
     return engine
 
 

@@ -134,16 +134,22 @@ class PlainOptimizerState(OptimizerStateAdapter):
 
 def adapter_for(engine) -> OptimizerStateAdapter:
     """The adapter for a DeepSpeed engine's optimizer; unsupported wrappers are refused."""
+    return adapter_for_optimizer(engine.optimizer)
+
+
+def adapter_for_optimizer(optimizer) -> OptimizerStateAdapter:
+    """The adapter for a DeepSpeed optimizer wrapper or a plain torch optimizer (accelerate's wrappers unwrapped)."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    keys = per_entry_state_keys(engine.basic_optimizer)
-    wrapper = engine.optimizer
-    if isinstance(wrapper, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3, BF16_Optimizer)):
-        return DeepSpeedManagedState(keys)
-    if wrapper is engine.basic_optimizer:
-        return PlainOptimizerState(keys, wrapper)
+    managed = (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3, BF16_Optimizer)
+    while type(optimizer).__module__.startswith("accelerate."):
+        optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer / DeepSpeedOptimizerWrapper
+    if isinstance(optimizer, managed):
+        return DeepSpeedManagedState(per_entry_state_keys(optimizer.optimizer))
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return PlainOptimizerState(per_entry_state_keys(optimizer), optimizer)
     raise UnsupportedOptimizerError(
-        f"DeepSpeed wrapped the optimizer in {type(wrapper).__name__}, whose master weights ds_topkast cannot "
+        f"The optimizer is wrapped in {type(optimizer).__name__}, whose master weights ds_topkast cannot "
         "rewrite at a refresh. Use zero_optimization.stage 1, 2 or 3 (any precision) or stage 0 with fp32.")

@@ -24,7 +24,7 @@ _BINS = 1 << 16
 
 
 class Collectives:
-    """The three collectives sharded selection needs; this base class is a world of one."""
+    """The collectives sharded selection and the refresh guards need; this base class is a world of one."""
 
     rank: int = 0
     world: int = 1
@@ -32,6 +32,10 @@ class Collectives:
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """Elementwise sum over ranks (returned; may be `tensor` itself)."""
         return tensor
+
+    def all_reduce_min_max(self, tensor: Tensor) -> tuple[Tensor, Tensor]:
+        """Elementwise minimum and maximum over ranks."""
+        return tensor, tensor
 
     def all_gather_ints(self, value: int) -> list[int]:
         """One integer from every rank, in rank order."""

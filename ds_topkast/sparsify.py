@@ -8,6 +8,7 @@ types are torch's nn.Linear and transformers' Conv1D (GPT-2), one converter each
 from __future__ import annotations
 
 import fnmatch
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -15,7 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from ds_topkast.config import TopKASTConfig, TopKASTConfigError
+from ds_topkast.config import SECTION, TopKASTConfig, TopKASTConfigError, load_deepspeed_config, topkast_section
 from ds_topkast.distributions import kept_count, layer_densities
 from ds_topkast.layers import TopKASTLinear, sparse_layers
 from ds_topkast.select import select_sets
@@ -120,16 +121,39 @@ def selection_seed(cfg: TopKASTConfig, refresh_index: int, layer_index: int) -> 
     return cfg.seed * 1_000_003 + refresh_index * 10_007 + layer_index
 
 
-def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any]) -> nn.Module:
+def as_topkast_config(config: TopKASTConfig | Mapping[str, Any] | str | os.PathLike) -> TopKASTConfig:
+    """A TopKASTConfig from itself, a "topkast" section, or a DeepSpeed config (dict or JSON path) holding one."""
+    if isinstance(config, TopKASTConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return topkast_section(load_deepspeed_config(config))
+    if SECTION in config:
+        return topkast_section(config)
+    return TopKASTConfig.from_section(config)
+
+
+def _refuse_partitioned(chosen: Mapping[str, nn.Module]) -> None:
+    for name, module in chosen.items():
+        if hasattr(module.weight, "ds_numel"):
+            raise TopKASTConfigError(
+                f"{name}.weight is already partitioned by DeepSpeed ZeRO-3 (the model was built inside "
+                "zero.Init, which TrainingArguments(deepspeed=<ZeRO-3 config>) turns on for from_pretrained / "
+                "from_config). Build and sparsify the model before creating the TrainingArguments.")
+
+
+def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str | os.PathLike) -> nn.Module:
     """Replace the selected layers of `model` with Top-KAST layers, in place; returns `model`.
 
-    The full weights go into a dense store attached as `model.topkast_state`; A and B
-    start as the top-K of the model's own initial weights (paper, Section 2).
+    `config` is a TopKASTConfig, a "topkast" section, or a DeepSpeed config (dict or
+    JSON path) that holds one. The full weights go into a dense store attached as
+    `model.topkast_state`; A and B start as the top-K of the model's own initial
+    weights (paper, Section 2).
     """
-    cfg = config if isinstance(config, TopKASTConfig) else TopKASTConfig.from_section(config)
+    cfg = as_topkast_config(config)
     if sparse_layers(model):
         raise TopKASTConfigError("This model is already sparsified; call ds_topkast.sparsify once per model.")
     chosen = _choose_modules(model, cfg)
+    _refuse_partitioned(chosen)
     _refuse_shared_weights(model, chosen)
     shapes = [tuple(_linear_weight(m).shape) for m in chosen.values()]
     forward = layer_densities(shapes, cfg.forward_density, cfg.distribution)

@@ -1,0 +1,1 @@
+"""Glue to training frameworks that build the DeepSpeed engine themselves."""

@@ -1,0 +1,86 @@
+"""The Top-KAST side of one training run, whoever drives the optimizer.
+
+`TopKASTRuntime` owns what a run adds to a sparsified model: the dense store placed for
+this rank (host memory or NVMe), the refresher with its optimizer-state adapter, the
+schedule (refresh every `refresh_interval` optimizer steps, A re-selected inside B every
+`forward_interval`), checkpoint files and the report of each refresh. The DeepSpeed
+engine (engine.py) and the Hugging Face Trainer callback (integrations/hf_trainer.py)
+each build one and call it after every optimizer step; neither duplicates the schedule.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from torch import nn
+
+from ds_topkast import checkpoint
+from ds_topkast.config import DenseStoreConfig, TopKASTConfig
+from ds_topkast.layers import sparse_layers
+from ds_topkast.optimizer_state import OptimizerStateAdapter
+from ds_topkast.refresh import MaskDynamics, Refresher
+from ds_topkast.select import Collectives
+from ds_topkast.sparsify import TopKASTState, topkast_state
+from ds_topkast.store import CPUDenseStore
+
+logger = logging.getLogger("ds_topkast")
+
+
+def due(step: int, interval: int) -> bool:
+    """Whether an every-`interval`-steps event falls on `step`; interval 0 means never."""
+    return interval > 0 and step % interval == 0
+
+
+def place_store(store: CPUDenseStore, cfg: DenseStoreConfig, deepspeed_aio: dict[str, Any], rank: int,
+                world: int):
+    """Keep this rank's shard of the full store `sparsify` built: in host memory, or in files on NVMe."""
+    if cfg.device == "cpu":
+        store.keep_shard(rank, world)
+        return store
+    from ds_topkast.nvme_store import AioSettings, NVMeDenseStore
+
+    aio = cfg.aio.model_dump() if cfg.aio is not None else {
+        key: value for key, value in deepspeed_aio.items() if key in AioSettings.__dataclass_fields__}
+    return NVMeDenseStore.from_store(store, cfg.nvme_path, rank, world, AioSettings(**aio), cfg.buffers)
+
+
+class TopKASTRuntime:
+    """Store, refresher and schedule of one sparsified model; `monitor` is DeepSpeed's, when there is one."""
+
+    def __init__(self, model: nn.Module, adapter: OptimizerStateAdapter, comm: Collectives,
+                 deepspeed_aio: dict[str, Any] | None = None, monitor: Any = None):
+        self.state: TopKASTState = topkast_state(model)
+        self.config: TopKASTConfig = self.state.config
+        self.comm, self.monitor = comm, monitor
+        self.state.store = place_store(self.state.store, self.config.dense_store, deepspeed_aio or {},
+                                       comm.rank, comm.world)
+        self.refresher = Refresher(sparse_layers(model), self.state, adapter, comm)
+
+    def after_optimizer_step(self, step: int) -> MaskDynamics | None:
+        """Refresh at multiples of refresh_interval; otherwise maybe re-select A inside B (0: never)."""
+        if due(step, self.config.refresh_interval):
+            dynamics = self.refresher.refresh(step)
+            self._report(dynamics)
+            return dynamics
+        if due(step, self.config.forward_interval):
+            self.refresher.mark_forward_sets_stale()
+        return None
+
+    def save(self, tag_dir: str | os.PathLike) -> None:
+        """This rank's store shard and sets into a checkpoint folder, before the framework's own files."""
+        checkpoint.save(self.refresher, tag_dir, self.comm.rank)
+
+    def load(self, tag_dir: str | os.PathLike, step: int) -> None:
+        """Restore the store and sets saved at `step`, and the A re-selection that was then pending."""
+        checkpoint.load(self.refresher, tag_dir, self.comm.rank)
+        if step > 0 and not due(step, self.config.refresh_interval) and due(step, self.config.forward_interval):
+            self.refresher.mark_forward_sets_stale()
+
+    def _report(self, dynamics: MaskDynamics) -> None:
+        if self.comm.rank != 0:
+            return
+        logger.info("Top-KAST refresh " + ", ".join(f"{k}={v:.4g}" for k, v in dynamics.as_dict().items()))
+        if self.monitor is not None and self.monitor.enabled:
+            self.monitor.write_events([(f"TopKAST/{k}", float(v), dynamics.step)
+                                       for k, v in dynamics.as_dict().items() if k != "step"])

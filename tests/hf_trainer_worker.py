@@ -1,0 +1,107 @@
+"""The Hugging Face Trainer with TopKASTCallback, as the tests run it in-process and on 2 launched ranks.
+
+    deepspeed --num_gpus 2 tests/hf_trainer_worker.py --out DIR [--deepspeed]   # ZeRO-2 bf16
+    accelerate launch --multi_gpu --num_processes 2 tests/hf_trainer_worker.py --out DIR  # DDP, no DeepSpeed
+
+Each rank trains 4 optimizer steps with gradient accumulation 2 (refresh every 2 steps,
+checkpoints every 2), then trains again from checkpoint-2 in a second folder, and writes
+its masks, values and store shard of both runs to DIR/rankN.pt for the test to compare.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import VOCAB, batches, ds_config, tiny_gpt2  # noqa: E402
+
+TOPKAST = {"forward_sparsity": 0.8, "backward_sparsity": 0.6, "refresh_interval": 2, "exploration_l2": 1e-3}
+
+
+class Windows(torch.utils.data.Dataset):
+    def __init__(self, rows: int, seq: int = 16, seed: int = 1):
+        self.data = torch.cat(batches(rows // 4, micro_batch=4, seq=seq, seed=seed))
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.data[i], "labels": self.data[i]}
+
+
+def deepspeed_trainer_config(gas: int) -> dict:
+    """A ZeRO-2 bf16 config the way Trainer users write it: "auto" wherever the Trainer knows the value."""
+    cfg = ds_config(stage=2, bf16=True, gas=gas, **TOPKAST)
+    cfg.update(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto", train_batch_size="auto",
+               gradient_clipping="auto")
+    cfg["bf16"] = {"enabled": "auto"}
+    cfg["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}
+    return cfg
+
+
+def training_args(out: Path, *, steps: int, gas: int, micro: int, deepspeed: dict | None, save_steps: int | None,
+                  lr: float = 1e-2):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=micro, gradient_accumulation_steps=gas,
+        learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch",
+        train_sampling_strategy="sequential", save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500, logging_steps=1, report_to="none", seed=0, use_cpu=not torch.cuda.is_available(),
+        bf16=deepspeed is not None, deepspeed=deepspeed, dataloader_num_workers=0, disable_tqdm=True)
+
+
+def train(out: Path, *, steps: int = 4, gas: int = 2, micro: int = 2, deepspeed: bool = False,
+          save_steps: int | None = 2, resume: str | None = None):
+    """One Trainer run of the sparsified tiny GPT-2; returns (model, callback)."""
+    from transformers import Trainer
+
+    import ds_topkast
+
+    config = deepspeed_trainer_config(gas) if deepspeed else {"topkast": TOPKAST}
+    model = ds_topkast.sparsify(tiny_gpt2(), config)
+    callback = ds_topkast.TopKASTCallback()
+    args = training_args(out, steps=steps, gas=gas, micro=micro, deepspeed=config if deepspeed else None,
+                         save_steps=save_steps)
+    trainer = Trainer(model=model, args=args, train_dataset=Windows(64), callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume)
+    return model, callback
+
+
+def snapshot(model, callback) -> dict:
+    from ds_topkast.layers import sparse_layers
+
+    store = callback.runtime.state.store
+    layers = sparse_layers(model)
+    return {"indices": {n: l.indices.clone() for n, l in layers.items()},
+            "forward_mask": {n: l.forward_mask.clone() for n, l in layers.items()},
+            "values": {n: l.values.detach().float().clone() for n, l in layers.items()},
+            "store": {n: store.read(n).clone() for n in layers},
+            "refresh_steps": [d.step for d in callback.history]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--deepspeed", action="store_true")
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    out = Path(args.out)
+    rank = int(os.environ.get("RANK", 0))
+    whole = snapshot(*train(out / "whole", deepspeed=args.deepspeed))
+    if rank == 0:
+        (out / "resumed").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(out / "whole" / "checkpoint-2", out / "resumed" / "checkpoint-2")
+    torch.distributed.barrier()
+    resumed = snapshot(*train(out / "resumed", deepspeed=args.deepspeed, resume=True))
+    torch.save({"whole": whole, "resumed": resumed, "world": torch.distributed.get_world_size()},
+               out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The Hugging Face Trainer with TopKASTCallback: equal to ds_topkast.initialize, on 2 ranks, resumed exactly."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ds_topkast
+from conftest import _free_port
+from hf_trainer_worker import TOPKAST, Windows, snapshot, train
+from launcher import REPO, deepspeed_launch
+from models import ds_config, tiny_gpt2
+
+STEPS = 6
+
+
+def assert_same_run(got: dict, expected: dict, exact: bool = False) -> None:
+    for key in ("indices", "forward_mask"):
+        for name in expected[key]:
+            assert torch.equal(got[key][name], expected[key][name]), f"{key} of {name}"
+    tolerance = {"rtol": 0, "atol": 0} if exact else {}
+    for key in ("values", "store"):
+        for name in expected[key]:
+            torch.testing.assert_close(got[key][name], expected[key][name], **tolerance, msg=f"{key} of {name}")
+
+
+def test_trainer_without_deepspeed_equals_ds_topkast_initialize(tmp_path):
+    """Same seed, data and fp32 AdamW: the Trainer path (forward hook, callback) = the engine path."""
+    model, callback = train(tmp_path, steps=STEPS, gas=1, micro=4, deepspeed=False, save_steps=None)
+    trainer_run = snapshot(model, callback)
+    assert trainer_run["refresh_steps"] == [2, 4, 6]
+
+    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=ds_config(stage=0, micro_batch=4, lr=1e-2, **TOPKAST))
+    data = Windows(64).data
+    for step in range(STEPS):
+        batch = data[4 * step:4 * step + 4]
+        # the Trainer normalises the summed loss by the batch's label count (unshifted), and so do we here
+        engine.backward(engine(input_ids=batch, labels=batch, num_items_in_batch=torch.tensor(batch.numel())).loss)
+        engine.step()
+
+    class Engine:  # snapshot() reads the callback's runtime; the engine has the same one
+        runtime, history = engine.topkast, engine.topkast.refresher.history
+
+    assert_same_run(trainer_run, snapshot(engine.module, Engine))
+
+
+def check_two_rank_results(out) -> None:
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert all(r["world"] == 2 for r in ranks)
+    for run in ("whole", "resumed"):
+        for key in ("indices", "forward_mask"):
+            for name, tensor in ranks[0][run][key].items():
+                assert torch.equal(tensor, ranks[1][run][key][name]), f"{run}: {key} of {name} differs across ranks"
+    for rank in ranks:
+        assert rank["whole"]["refresh_steps"] == [2, 4], "4 optimizer steps of 2 micro-batches each: refresh at 2, 4"
+        assert rank["resumed"]["refresh_steps"] == [2, 4], "the history is restored with the store"
+        assert_same_run(rank["resumed"], rank["whole"], exact=True)
+    for step in (2, 4):
+        saved = {p.name for p in (out / "whole" / f"checkpoint-{step}").glob("topkast_rank*.pt")}
+        assert saved == {"topkast_rank00000.pt", "topkast_rank00001.pt"}
+
+
+def test_trainer_with_deepspeed_zero2_bf16_on_two_ranks_refreshes_on_optimizer_steps_and_resumes(tmp_path):
+    deepspeed_launch(2, "tests/hf_trainer_worker.py", "--out", str(tmp_path), "--deepspeed")
+    check_two_rank_results(tmp_path)
+
+
+def test_trainer_without_deepspeed_on_two_ranks_through_accelerate_launch(tmp_path):
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    # accelerate's --cpu launcher needs MPI for several processes; its multi_gpu launcher is torchrun, which on a
+    # machine without GPUs starts CPU ranks on gloo
+    result = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(),
+                             "tests/hf_trainer_worker.py", "--out", str(tmp_path)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    check_two_rank_results(tmp_path)
+
+
+def test_a_model_sparsified_with_another_section_is_refused(tmp_path):
+    from transformers import Trainer
+
+    from hf_trainer_worker import deepspeed_trainer_config, training_args
+
+    model = ds_topkast.sparsify(tiny_gpt2(), {"topkast": TOPKAST})
+    other = deepspeed_trainer_config(gas=1)
+    other["topkast"]["forward_sparsity"] = 0.9
+    args = training_args(tmp_path, steps=1, gas=1, micro=2, deepspeed=other, save_steps=None)
+    trainer = Trainer(model=model, args=args, train_dataset=Windows(8), callbacks=[ds_topkast.TopKASTCallback()])
+    with pytest.raises(ds_topkast.TopKASTConfigError, match="different \"topkast\" section"):
+        trainer.train()
