@@ -1,14 +1,17 @@
-"""Exact top-K selection against torch.topk on one large layer (DESIGN.md, Section 3, step 2).
+"""Exact top-K selection against torch.topk and torch.kthvalue on layers of 1M to 64M entries.
 
-    python bench/bench_select.py [--numel 16000000] [--repeats 5]
+    python bench/bench_select.py [--sizes 1M 4M 16M 64M] [--densities 0.1 0.2] [--repeats 3] [--out runs/bench]
 
-Both pick the k largest |θ| of the same tensor in the same run; the table gives the median
-time of each and their ratio. ds_topkast's selection also guarantees ties by flat index
-and exactly k entries, which the check below confirms against torch.topk's set.
+All three find the k largest |θ| of the same tensor in the same run (kthvalue finds the
+threshold, which is what a mask needs): the table gives the median time of each and the
+ratios. ds_topkast's selection also guarantees exactly k entries with ties broken by flat
+index, which the check below confirms against torch.topk's set. Writes select.json.
 """
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,20 +28,36 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def entries(text: str) -> int:
+    return int(float(text[:-1]) * 2**20) if text[-1] in "Mm" else int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--numel", type=int, default=16_000_000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", nargs="+", default=["1M", "4M", "16M", "64M"])
+    parser.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.2])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="runs/bench")
     args = parser.parse_args()
-    scores = torch.randn(args.numel, generator=torch.Generator().manual_seed(0)).abs()
-    print(f"|θ| of {args.numel:,} random normal entries, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"{'density':>8} {'k':>12} {'ds_topkast ms':>14} {'torch.topk ms':>14} {'topk / ours':>12}")
-    for density in (0.05, 0.1, 0.2, 0.5):
-        k = round(density * args.numel)
-        ours = median_seconds(lambda: topk_indices(scores, k), args.repeats)
-        ref = median_seconds(lambda: torch.topk(scores, k, sorted=False), args.repeats)
-        assert torch.equal(topk_indices(scores, k), torch.topk(scores, k).indices.sort().values)
-        print(f"{density:>8} {k:>12,} {ours * 1e3:>14.0f} {ref * 1e3:>14.0f} {ref / ours:>12.2f}")
+    print(f"|θ| of random normal entries, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{'entries':>12} {'density':>8} {'ours ms':>9} {'topk ms':>9} {'kthvalue ms':>12} {'topk/ours':>10} "
+          f"{'kthvalue/ours':>14}")
+    rows = []
+    for size in map(entries, args.sizes):
+        scores = torch.randn(size, generator=torch.Generator().manual_seed(0)).abs()
+        for density in args.densities:
+            k = round(density * size)
+            ours = median_seconds(lambda: topk_indices(scores, k), args.repeats)
+            topk = median_seconds(lambda: torch.topk(scores, k, sorted=False), args.repeats)
+            kth = median_seconds(lambda: torch.kthvalue(scores, size - k + 1), args.repeats)
+            assert torch.equal(topk_indices(scores, k), torch.topk(scores, k).indices.sort().values)
+            rows.append({"entries": size, "density": density, "ours_s": ours, "topk_s": topk, "kthvalue_s": kth})
+            print(f"{size:>12,} {density:>8} {ours * 1e3:>9.1f} {topk * 1e3:>9.1f} {kth * 1e3:>12.1f} "
+                  f"{topk / ours:>10.2f} {kth / ours:>14.2f}")
+        del scores
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "select.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

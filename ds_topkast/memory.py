@@ -27,6 +27,7 @@ class MemoryReport:
     dense: dict[str, int] = field(default_factory=dict)
     other_parameters: int = 0
     dense_store_bytes: int = 0
+    host_optimizer_state: int = 0  # ZeRO-Offload keeps master and moments on the host
 
     @property
     def sparse_total(self) -> int:
@@ -44,7 +45,7 @@ class MemoryReport:
     def as_dict(self) -> dict[str, float]:
         return {**{f"sparse_{k}": v for k, v in self.sparse.items()}, "sparse_total": self.sparse_total,
                 "dense_total": self.dense_total, "ratio": self.ratio, "other_parameters": self.other_parameters,
-                "dense_store": self.dense_store_bytes}
+                "dense_store": self.dense_store_bytes, "host_optimizer_state": self.host_optimizer_state}
 
     def format(self) -> str:
         mib = 2**20
@@ -55,6 +56,8 @@ class MemoryReport:
                     f"{self.dense_total / mib:>10.2f}Mi  (ratio {self.ratio:.3f})")
         rows.append(f"  {'other parameters':<26}{self.other_parameters / mib:>10.2f}Mi")
         rows.append(f"{'dense store (host, fp32)':<28}{self.dense_store_bytes / mib:>10.2f}Mi")
+        if self.host_optimizer_state:
+            rows.append(f"{'optimizer state (host)':<28}{self.host_optimizer_state / mib:>10.2f}Mi")
         return "\n".join(rows)
 
 
@@ -74,14 +77,33 @@ class _Rules:
         self.state_share = 1 / world if stage >= 1 else 1.0
         self.separate_master = stage >= 1 or model_dtype != torch.float32
         self.moments = len(per_entry_state_keys(engine.basic_optimizer))
+        self.offloaded = bool(engine.zero_use_cpu_optimizer())  # ZeRO-Offload: master and moments on the host
+
+    def optimizer_state(self, n: int) -> int:
+        """fp32 master and moments of n entries on this rank, wherever they live."""
+        master = round(n * _FP32 * self.state_share) if self.separate_master else 0
+        return master + round(n * _FP32 * self.moments * self.state_share)
 
     def trained(self, n: int) -> dict[str, int]:
+        """Accelerator bytes of n trained entries by category."""
+        on_device = not self.offloaded
         return {
             "values": round(n * self.param_bytes * self.param_share),
             "gradients": round(n * self.grad_bytes * self.grad_share),
-            "fp32_master": round(n * _FP32 * self.state_share) if self.separate_master else 0,
-            "moments": round(n * _FP32 * self.moments * self.state_share),
+            "fp32_master": round(n * _FP32 * self.state_share) if self.separate_master and on_device else 0,
+            "moments": round(n * _FP32 * self.moments * self.state_share) if on_device else 0,
         }
+
+
+def trained_bytes(engine) -> dict[str, int]:
+    """Bytes per rank of all of an engine's trained parameters by category, for any engine (dense ones too).
+
+    The categories are on the accelerator; "host_optimizer_state" is what ZeRO-Offload
+    keeps in host memory instead.
+    """
+    rules = _Rules(engine)
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
+    return {**rules.trained(n), "host_optimizer_state": rules.optimizer_state(n) if rules.offloaded else 0}
 
 
 def memory_report(engine) -> MemoryReport:
@@ -98,5 +120,7 @@ def memory_report(engine) -> MemoryReport:
     other_n = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()
                   if p.requires_grad and id(p) not in values)
     report.other_parameters = sum(rules.trained(other_n).values())
+    if rules.offloaded:
+        report.host_optimizer_state = rules.optimizer_state(compact + other_n)
     report.dense_store_bytes = topkast_state(engine.module).store.nbytes()
     return report

@@ -77,6 +77,7 @@ class NVMeDenseStore:
             raise NVMeStoreError(f"dense_store.nvme_path {nvme_path} does not exist or is not a folder; create it "
                                  "on the NVMe device (or point nvme_path at an existing folder there).")
         self.root = root / "ds_topkast_store" / f"rank{rank:05d}"
+        self.streamed_bytes = 0  # read + written by refresh passes: the store's only traffic with the engine
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / ".write_probe"
@@ -188,9 +189,11 @@ class NVMeDenseStore:
                 meta = self._shard_meta(name)
                 shard = LayerShard(name, self._buffer(slot)[:self.layout(name)[1]], meta.offset, meta.numel,
                                    meta.checksum)
+                self.streamed_bytes += shard.theta.numel() * 4
                 yield shard
                 meta.checksum = checksum(shard.theta)
                 self._write(slot, name)
+                self.streamed_bytes += shard.theta.numel() * 4
         finally:
             if in_flight is not None:  # a pass that stopped early: leave no read behind on a handle
                 self._handles[in_flight].wait()

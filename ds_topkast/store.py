@@ -65,6 +65,7 @@ class CPUDenseStore:
         self._pin = pin_memory and torch.accelerator.is_available()
         self._layers: dict[str, LayerShard] = {}
         self.rank, self.world = 0, 1
+        self.streamed_bytes = 0  # read + written by refresh passes: the store's only traffic with the engine
 
     def _host(self, tensor: Tensor) -> Tensor:
         flat = tensor.detach().to("cpu", torch.float32).reshape(-1).clone()
@@ -109,8 +110,11 @@ class CPUDenseStore:
         leaves its shard unsealed, so the next refresh reports it until a checkpoint is loaded.
         """
         for name in names:
-            yield self.shard(name)
+            shard = self.shard(name)
+            self.streamed_bytes += shard.theta.numel() * 4
+            yield shard
             self.seal(name)
+            self.streamed_bytes += shard.theta.numel() * 4
 
     def seal(self, name: str) -> None:
         """Record the shard's checksum after a legitimate write."""

@@ -9,4 +9,4 @@ shift || true
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 fi
-exec deepspeed --num_gpus "${NUM_GPUS:-1}" --module ds_topkast.train --config "$config" "$@"
+exec deepspeed --num_gpus "${NUM_GPUS:-1}" --master_port "${MASTER_PORT:-29500}" --module ds_topkast.train --config "$config" "$@"

@@ -121,9 +121,11 @@ def test_every_shipped_config_is_valid(path):
     from ds_topkast.train import micro_batch_per_rank, train_section
 
     cfg = load_deepspeed_config(str(path))
-    train = train_section(cfg, None)
     if "topkast" in cfg:
         topkast_section(cfg)
+    if "train" not in cfg:  # a Trainer config: its "auto" values are the Trainer's to fill
+        return
+    train = train_section(cfg, None)
     assert micro_batch_per_rank(cfg, 8) > 0
     if "preset" in train.model:
         preset(train.model["preset"], **{k: v for k, v in train.model.items() if k not in ("type", "preset")})

@@ -92,3 +92,11 @@ def test_a_model_sparsified_with_another_section_is_refused(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=Windows(8), callbacks=[ds_topkast.TopKASTCallback()])
     with pytest.raises(ds_topkast.TopKASTConfigError, match="different \"topkast\" section"):
         trainer.train()
+
+
+def test_the_example_script_trains_and_checkpoints_the_store(tmp_path):
+    deepspeed_launch(1, "examples/hf_trainer_gpt.py", "--deepspeed", "configs/hf_trainer_zero2.json", "--use_cpu",
+                     "--output_dir", str(tmp_path), "--max_steps", "4", "--save_steps", "4", "--max_bytes", "50000",
+                     "--per_device_train_batch_size", "2", "--seq_len", "32", "--per_device_eval_batch_size", "8",
+                     "--model_overrides", '{"n_layer": 1, "n_embd": 32, "n_head": 2}', "--report_to", "none")
+    assert (tmp_path / "checkpoint-4" / "topkast_rank00000.pt").is_file()

@@ -1,0 +1,170 @@
+"""Memory, step time and refresh cost: dense DeepSpeed, ZeRO-Offload and ds_topkast side by side.
+
+    python bench/bench_training.py [--size cpu|gpt2-small] [--steps 8] [--interval 100] [--out runs/bench]
+
+One process, one GPT-2-style model (same seed, same batches), five engines built one
+after another: dense DeepSpeed (ZeRO-2, bf16), ZeRO-Offload (ZeRO-2, bf16, optimizer on
+the CPU: DeepSpeedCPUAdam), and ds_topkast at 80/0, 90/80 and 95/90 (ZeRO-2, bf16, CPU
+store). For each:
+- accelerator bytes per rank by category (memory_report's accounting; on a GPU also
+  torch.cuda.max_memory_allocated), host bytes of the store and of offloaded state;
+- median step time between refreshes, and amortised with one refresh every
+  `--interval` steps (step + refresh / interval), as ratios to dense and to ZeRO-Offload;
+- one refresh against one read+write pass over the same store (the floor), and the
+  store's traffic: bytes streamed between refreshes (must be 0) and per refresh.
+Prints the table and writes training.json to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch  # noqa: E402
+
+SIZES = {  # GPT-2 shapes: layers, width, heads, tokens per row, rows per step
+    "cpu": dict(n_layer=4, n_embd=256, n_head=4, seq=128, micro=4),
+    "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, seq=256, micro=4),
+}
+VARIANTS = {"dense ZeRO-2": None, "ZeRO-Offload": "offload", "Top-KAST 80/0": (0.8, 0.0),
+            "Top-KAST 90/80": (0.9, 0.8), "Top-KAST 95/90": (0.95, 0.9)}
+
+
+def single_rank_environment() -> None:
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29731"),
+                       "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}.items():
+        os.environ.setdefault(key, value)
+
+
+def ds_config(variant, micro: int, interval: int) -> dict:
+    cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+           "optimizer": {"type": "Adam", "params": {"lr": 1e-4}}, "bf16": {"enabled": True},
+           "zero_optimization": {"stage": 2}}
+    if variant == "offload":
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    elif variant is not None:
+        cfg["topkast"] = {"forward_sparsity": variant[0], "backward_sparsity": variant[1], "refresh_interval": interval,
+                          "exclude": ["*wte*", "*wpe*", "*lm_head*"], "dense_store": {"device": "cpu"}}
+    return cfg
+
+
+def build_model(shape: dict):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(GPT2Config(
+        n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"], n_positions=shape["seq"],
+        vocab_size=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def store_floor_seconds(store, repeats: int = 3) -> float:
+    """One read and one write of every byte of the store (an in-place pass over each shard)."""
+    def one_pass():
+        for name in store.names():
+            store.read(name).mul_(1.0)
+    return median_seconds(one_pass, repeats)
+
+
+def measure(name: str, variant, shape: dict, steps: int, interval: int) -> dict:
+    import deepspeed
+
+    import ds_topkast
+    from ds_topkast.memory import trained_bytes
+
+    cfg = ds_config(variant, shape["micro"], interval)
+    model = build_model(shape)
+    if "topkast" in cfg:
+        engine, *_ = ds_topkast.initialize(model=model, config=cfg)
+    else:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 256, (shape["micro"], shape["seq"]), generator=gen) for _ in range(steps + 2)]
+
+    def step(batch):
+        engine.backward(engine(input_ids=batch, labels=batch).loss)
+        engine.step()
+
+    for batch in batches[:2]:  # warm-up: allocations, first optimizer step
+        step(batch)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    sparse = hasattr(engine, "topkast")
+    streamed_before = engine.topkast.state.store.streamed_bytes if sparse else 0
+    times = []
+    for batch in batches[2:]:
+        start = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - start)
+    row = {"variant": name, "step_s": statistics.median(times),
+           "max_memory_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
+    if sparse:
+        report = ds_topkast.memory_report(engine)
+        store = engine.topkast.state.store
+        row["streamed_between_refreshes"] = store.streamed_bytes - streamed_before
+        before = store.streamed_bytes
+        row["refresh_s"] = median_seconds(lambda: engine.topkast.refresher.refresh(engine.global_steps), 3)
+        row["streamed_per_refresh"] = (store.streamed_bytes - before) // 3
+        row["floor_s"] = store_floor_seconds(store)
+        row.update(sparsified_bytes=report.sparse_total, sparsified_dense_bytes=report.dense_total,
+                   accelerator_bytes=report.sparse_total + report.other_parameters,
+                   store_host_bytes=report.dense_store_bytes, host_optimizer_bytes=report.host_optimizer_state)
+    else:
+        categories = trained_bytes(engine)
+        row.update(accelerator_bytes=sum(v for k, v in categories.items() if k != "host_optimizer_state"),
+                   host_optimizer_bytes=categories["host_optimizer_state"], refresh_s=0.0)
+    row["amortised_step_s"] = row["step_s"] + row["refresh_s"] / interval
+    engine.destroy()
+    return row
+
+
+def print_table(rows: list[dict], interval: int) -> None:
+    dense, offload = rows[0], rows[1]
+    mib = 2**20
+    print(f"{'variant':<16}{'accel MiB':>10}{'sparsified':>11}{'step ms':>9}{'/dense':>8}{'/offload':>9}"
+          f"{'amortised':>10}{'/dense':>8}{'refresh s':>10}{'/floor':>8}{'refresh %':>10}")
+    for r in rows:
+        sparsified = f"{r['sparsified_bytes'] / r['sparsified_dense_bytes']:.3f}" if "sparsified_bytes" in r else "-"
+        floor = f"{r['refresh_s'] / r['floor_s']:.2f}" if r.get("floor_s") else "-"
+        share = r["refresh_s"] / interval / r["amortised_step_s"]
+        print(f"{r['variant']:<16}{r['accelerator_bytes'] / mib:>10.1f}{sparsified:>11}{r['step_s'] * 1e3:>9.1f}"
+              f"{r['step_s'] / dense['step_s']:>8.3f}{r['step_s'] / offload['step_s']:>9.3f}"
+              f"{r['amortised_step_s'] * 1e3:>10.1f}{r['amortised_step_s'] / dense['step_s']:>8.3f}"
+              f"{r['refresh_s']:>10.3f}{floor:>8}{share:>10.2%}")
+    print(f"sparsified: accelerator bytes of the sparsified layers / the same layers trained dense; "
+          f"refresh %: share of training time at one refresh per {interval} steps")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=list(SIZES), default="cpu")
+    parser.add_argument("--steps", type=int, default=8, help="Timed steps per variant (after 2 warm-up steps).")
+    parser.add_argument("--interval", type=int, default=100, help="Refresh interval for the amortised time.")
+    parser.add_argument("--out", default="runs/bench")
+    args = parser.parse_args()
+    single_rank_environment()
+    shape = SIZES[args.size]
+    print(f"GPT-2 shape {shape}, {torch.get_num_threads()} threads, "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU accelerator'}")
+    rows = [measure(name, variant, shape, args.steps, args.interval) for name, variant in VARIANTS.items()]
+    print_table(rows, args.interval)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training.json").write_text(json.dumps({"size": args.size, "shape": shape, "interval": args.interval,
+                                                   "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
