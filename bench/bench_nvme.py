@@ -19,19 +19,8 @@ import time
 
 import psutil
 import torch
-from torch import nn
 
-
-class Stack(nn.Module):
-    def __init__(self, layers: int, width: int):
-        super().__init__()
-        torch.manual_seed(0)
-        self.layers = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(layers))
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return x.square().mean()
+from common import Stack
 
 
 def io_floor(store) -> float:

@@ -16,21 +16,9 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from bench_training import median_seconds, single_rank_environment, store_floor_seconds
-
-
-class Stack(nn.Module):
-    def __init__(self, width: int, layers: int):
-        super().__init__()
-        torch.manual_seed(0)
-        self.layers = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(layers))
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return x.float().square().mean()
+from bench_training import store_floor_seconds
+from common import Stack, median_seconds, single_rank_environment
 
 
 def measure(width: int, layers: int) -> dict:
@@ -40,7 +28,7 @@ def measure(width: int, layers: int) -> dict:
            "optimizer": {"type": "Adam", "params": {"lr": 1e-4}}, "zero_optimization": {"stage": 2},
            "topkast": {"forward_sparsity": 0.9, "backward_sparsity": 0.8, "refresh_interval": 10**6,
                        "dense_store": {"device": "cpu"}}}
-    engine, *_ = ds_topkast.initialize(model=Stack(width, layers), config=cfg)
+    engine, *_ = ds_topkast.initialize(model=Stack(layers, width), config=cfg)
     engine.backward(engine(torch.randn(4, width, dtype=torch.bfloat16)))
     engine.step()
     store = engine.topkast.state.store
@@ -52,6 +40,8 @@ def measure(width: int, layers: int) -> dict:
 
 
 def main() -> None:
+    from ds_topkast.collectives import release_cpu_shm_buffer
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", nargs="+", type=int, default=[512, 1024, 2048, 3072])
     parser.add_argument("--layers", type=int, default=8)
@@ -69,6 +59,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "refresh.json").write_text(json.dumps(rows, indent=1))
+    release_cpu_shm_buffer()
 
 
 if __name__ == "__main__":

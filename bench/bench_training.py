@@ -3,9 +3,11 @@
     python bench/bench_training.py [--size cpu|gpt2-small] [--steps 8] [--interval 100] [--out runs/bench]
 
 One process, one GPT-2-style model (same seed, same batches), five engines built one
-after another: dense DeepSpeed (ZeRO-2, bf16), ZeRO-Offload (ZeRO-2, bf16, optimizer on
-the CPU: DeepSpeedCPUAdam), and ds_topkast at 80/0, 90/80 and 95/90 (ZeRO-2, bf16, CPU
-store). For each:
+after another: dense DeepSpeed (ZeRO-2), ZeRO-Offload (ZeRO-2, optimizer on the CPU:
+DeepSpeedCPUAdam), and ds_topkast at 80/0, 90/80 and 95/90 (ZeRO-2, CPU store), all in
+bf16 on a GPU. On DeepSpeed's CPU accelerator bf16 matmuls are emulated (a forward pass
+is ~35x slower than fp32 on our CI cores), which would hide every other cost, so there
+`--precision auto` runs fp32. For each:
 - accelerator bytes per rank by category (memory_report's accounting; on a GPU also
   torch.cuda.max_memory_allocated), host bytes of the store and of offloaded state;
 - median step time between refreshes, and amortised with one refresh every
@@ -26,6 +28,8 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
+from common import median_seconds, single_rank_environment  # noqa: E402
+
 SIZES = {  # GPT-2 shapes: layers, width, heads, tokens per row, rows per step
     "cpu": dict(n_layer=4, n_embd=256, n_head=4, seq=128, micro=4),
     "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, seq=256, micro=4),
@@ -34,15 +38,9 @@ VARIANTS = {"dense ZeRO-2": None, "ZeRO-Offload": "offload", "Top-KAST 80/0": (0
             "Top-KAST 90/80": (0.9, 0.8), "Top-KAST 95/90": (0.95, 0.9)}
 
 
-def single_rank_environment() -> None:
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29731"),
-                       "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}.items():
-        os.environ.setdefault(key, value)
-
-
-def ds_config(variant, micro: int, interval: int) -> dict:
+def ds_config(variant, micro: int, interval: int, bf16: bool) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
-           "optimizer": {"type": "Adam", "params": {"lr": 1e-4}}, "bf16": {"enabled": True},
+           "optimizer": {"type": "Adam", "params": {"lr": 1e-4}}, "bf16": {"enabled": bf16},
            "zero_optimization": {"stage": 2}}
     if variant == "offload":
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
@@ -58,16 +56,7 @@ def build_model(shape: dict):
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(GPT2Config(
         n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"], n_positions=shape["seq"],
-        vocab_size=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        vocab_size=256, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
 
 def store_floor_seconds(store, repeats: int = 3) -> float:
@@ -78,13 +67,13 @@ def store_floor_seconds(store, repeats: int = 3) -> float:
     return median_seconds(one_pass, repeats)
 
 
-def measure(name: str, variant, shape: dict, steps: int, interval: int) -> dict:
+def measure(name: str, variant, shape: dict, steps: int, interval: int, bf16: bool) -> dict:
     import deepspeed
 
     import ds_topkast
     from ds_topkast.memory import trained_bytes
 
-    cfg = ds_config(variant, shape["micro"], interval)
+    cfg = ds_config(variant, shape["micro"], interval, bf16)
     model = build_model(shape)
     if "topkast" in cfg:
         engine, *_ = ds_topkast.initialize(model=model, config=cfg)
@@ -148,22 +137,28 @@ def print_table(rows: list[dict], interval: int) -> None:
 
 
 def main() -> None:
+    from ds_topkast.collectives import release_cpu_shm_buffer
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=list(SIZES), default="cpu")
     parser.add_argument("--steps", type=int, default=8, help="Timed steps per variant (after 2 warm-up steps).")
     parser.add_argument("--interval", type=int, default=100, help="Refresh interval for the amortised time.")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto: bf16 on a GPU, fp32 on the CPU accelerator.")
     parser.add_argument("--out", default="runs/bench")
     args = parser.parse_args()
     single_rank_environment()
     shape = SIZES[args.size]
-    print(f"GPT-2 shape {shape}, {torch.get_num_threads()} threads, "
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and torch.cuda.is_available())
+    print(f"GPT-2 shape {shape}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU accelerator'}")
-    rows = [measure(name, variant, shape, args.steps, args.interval) for name, variant in VARIANTS.items()]
+    rows = [measure(name, variant, shape, args.steps, args.interval, bf16) for name, variant in VARIANTS.items()]
     print_table(rows, args.interval)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "training.json").write_text(json.dumps({"size": args.size, "shape": shape, "interval": args.interval,
-                                                   "rows": rows}, indent=1))
+                                                   "bf16": bf16, "rows": rows}, indent=1))
+    release_cpu_shm_buffer()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ds_topkast.collectives import release_cpu_shm_buffer
 from ds_topkast.config import SECTION, TopKASTConfigError, load_deepspeed_config, validate_section
 from ds_topkast.data import DataConfig, load_corpus
 from ds_topkast.families import make_family
@@ -254,6 +255,8 @@ def main(argv=None) -> None:
         if engine.global_steps == 0:
             trainer.log({"kind": "memory", "step": 0, **report.as_dict()})
     trainer.run()
+    dist.barrier()
+    release_cpu_shm_buffer()
 
 
 if __name__ == "__main__":

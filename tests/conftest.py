@@ -15,6 +15,15 @@ def _free_port() -> str:
 
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if "PYTEST_XDIST_WORKER" in os.environ:  # each pytest-xdist worker is its own world of one, on its own port
+    os.environ["MASTER_PORT"] = _free_port()
 for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port(), "RANK": "0", "LOCAL_RANK": "0",
                    "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}.items():
     os.environ.setdefault(key, value)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Delete the shared-memory buffer DeepSpeed's CPU comm op made for this process's port (see launcher.py)."""
+    from launcher import remove_shm_buffers
+
+    remove_shm_buffers(os.environ["MASTER_PORT"])

@@ -9,14 +9,28 @@ from conftest import _free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
+def remove_shm_buffers(port: str) -> None:
+    """Delete the /dev/shm all-reduce buffers DeepSpeed's CPU comm op leaves behind for a job on `port`.
+
+    DeepSpeed 0.19 creates one 66 MB file per rank and never unlinks it; without this a
+    test run would leave gigabytes of shared memory (RAM) behind.
+    """
+    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        leftover.unlink(missing_ok=True)
+
+
 def deepspeed_launch(ranks: int, *target: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus RANKS TARGET...` from the repository root; fails the test on a non-zero exit."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", _free_port(), *target]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    port = _free_port()
+    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", port, *target]
+    try:
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        remove_shm_buffers(port)
     if check:
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result

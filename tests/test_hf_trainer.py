@@ -9,7 +9,7 @@ import torch
 import ds_topkast
 from conftest import _free_port
 from hf_trainer_worker import TOPKAST, Windows, snapshot, train
-from launcher import REPO, deepspeed_launch
+from launcher import REPO, deepspeed_launch, remove_shm_buffers
 from models import ds_config, tiny_gpt2
 
 STEPS = 6
@@ -72,10 +72,14 @@ def test_trainer_without_deepspeed_on_two_ranks_through_accelerate_launch(tmp_pa
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     # accelerate's --cpu launcher needs MPI for several processes; its multi_gpu launcher is torchrun, which on a
     # machine without GPUs starts CPU ranks on gloo
-    result = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(),
-                             "tests/hf_trainer_worker.py", "--out", str(tmp_path)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    port = _free_port()
+    try:
+        result = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
+                                 "tests/hf_trainer_worker.py", "--out", str(tmp_path)],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        remove_shm_buffers(port)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     check_two_rank_results(tmp_path)
 
