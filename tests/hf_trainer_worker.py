@@ -1,7 +1,7 @@
 """The Hugging Face Trainer with TopKASTCallback, as the tests run it in-process and on 2 launched ranks.
 
     deepspeed --num_gpus 2 tests/hf_trainer_worker.py --out DIR [--deepspeed]   # ZeRO-2 bf16
-    accelerate launch --multi_gpu --num_processes 2 tests/hf_trainer_worker.py --out DIR  # DDP, no DeepSpeed
+    accelerate launch --multi_gpu --num_processes 2 tests/hf_trainer_worker.py --out DIR [--deepspeed]  # DDP or ZeRO-2
 
 Each rank trains 4 optimizer steps with gradient accumulation 2 (refresh every 2 steps,
 checkpoints every 2), then trains again from checkpoint-2 in a second folder, and writes
@@ -34,9 +34,9 @@ class Windows(torch.utils.data.Dataset):
         return {"input_ids": self.data[i], "labels": self.data[i]}
 
 
-def deepspeed_trainer_config(gas: int) -> dict:
-    """A ZeRO-2 bf16 config the way Trainer users write it: "auto" wherever the Trainer knows the value."""
-    cfg = ds_config(stage=2, bf16=True, gas=gas, **TOPKAST)
+def deepspeed_trainer_config(gas: int, stage: int = 2) -> dict:
+    """A ZeRO config the way Trainer users write it: "auto" wherever the Trainer knows the value (bf16 too)."""
+    cfg = ds_config(stage=stage, bf16=True, gas=gas, **TOPKAST)
     cfg.update(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto", train_batch_size="auto",
                gradient_clipping="auto")
     cfg["bf16"] = {"enabled": "auto"}
@@ -45,7 +45,7 @@ def deepspeed_trainer_config(gas: int) -> dict:
 
 
 def training_args(out: Path, *, steps: int, gas: int, micro: int, deepspeed: dict | None, save_steps: int | None,
-                  lr: float = 1e-2):
+                  lr: float = 1e-2, bf16: bool = True):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -53,21 +53,21 @@ def training_args(out: Path, *, steps: int, gas: int, micro: int, deepspeed: dic
         learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch",
         train_sampling_strategy="sequential", save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500, logging_steps=1, report_to="none", seed=0, use_cpu=not torch.cuda.is_available(),
-        bf16=deepspeed is not None, deepspeed=deepspeed, dataloader_num_workers=0, disable_tqdm=True)
+        bf16=bf16 and deepspeed is not None, deepspeed=deepspeed, dataloader_num_workers=0, disable_tqdm=True)
 
 
 def train(out: Path, *, steps: int = 4, gas: int = 2, micro: int = 2, deepspeed: bool = False,
-          save_steps: int | None = 2, resume: str | None = None):
+          save_steps: int | None = 2, resume: str | None = None, stage: int = 2, bf16: bool = True):
     """One Trainer run of the sparsified tiny GPT-2; returns (model, callback)."""
     from transformers import Trainer
 
     import ds_topkast
 
-    config = deepspeed_trainer_config(gas) if deepspeed else {"topkast": TOPKAST}
+    config = deepspeed_trainer_config(gas, stage) if deepspeed else {"topkast": TOPKAST}
     model = ds_topkast.sparsify(tiny_gpt2(), config)
     callback = ds_topkast.TopKASTCallback()
     args = training_args(out, steps=steps, gas=gas, micro=micro, deepspeed=config if deepspeed else None,
-                         save_steps=save_steps)
+                         save_steps=save_steps, bf16=bf16)
     trainer = Trainer(model=model, args=args, train_dataset=Windows(64), callbacks=[callback])
     trainer.train(resume_from_checkpoint=resume)
     return model, callback

@@ -45,6 +45,20 @@ def test_trainer_without_deepspeed_equals_ds_topkast_initialize(tmp_path):
     assert_same_run(trainer_run, snapshot(engine.module, Engine))
 
 
+@pytest.mark.parametrize("stage,bf16", [(1, False), (1, True), (3, False), (3, True)])
+def test_trainer_with_deepspeed_zero_stages_refreshes_on_optimizer_steps(tmp_path, stage, bf16):
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    try:
+        model, callback = train(tmp_path, steps=4, gas=2, deepspeed=True, save_steps=None, stage=stage, bf16=bf16)
+    finally:
+        unset_hf_deepspeed_config()  # ZeRO-3 TrainingArguments would partition later tests' models at construction
+    history = callback.history
+    assert [d.step for d in history] == [2, 4] and history[0].backward_changed > 0
+    store = callback.runtime.state.store
+    assert all(torch.isfinite(store.read(name)).all() for name in store.names())
+
+
 def check_two_rank_results(out) -> None:
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert all(r["world"] == 2 for r in ranks)
@@ -66,7 +80,8 @@ def test_trainer_with_deepspeed_zero2_bf16_on_two_ranks_refreshes_on_optimizer_s
     check_two_rank_results(tmp_path)
 
 
-def test_trainer_without_deepspeed_on_two_ranks_through_accelerate_launch(tmp_path):
+@pytest.mark.parametrize("deepspeed", [False, True], ids=["ddp", "deepspeed_zero2_bf16"])
+def test_trainer_on_two_ranks_through_accelerate_launch(tmp_path, deepspeed):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -76,7 +91,7 @@ def test_trainer_without_deepspeed_on_two_ranks_through_accelerate_launch(tmp_pa
     try:
         result = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
-                                 "tests/hf_trainer_worker.py", "--out", str(tmp_path)],
+                                 "tests/hf_trainer_worker.py", "--out", str(tmp_path)] + ["--deepspeed"] * deepspeed,
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     finally:
         remove_shm_buffers(port)
