@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ds_topkast.collectives import release_cpu_shm_buffer
+from ds_topkast.collectives import ProcessGroupCollectives, release_cpu_shm_buffer
 from ds_topkast.config import SECTION, TopKASTConfigError, load_deepspeed_config, validate_section
 from ds_topkast.data import DataConfig, load_corpus
 from ds_topkast.families import make_family
@@ -100,10 +100,9 @@ class Trainer:
     """The loop: fixed global batches per step, periodic eval, checkpoints, metrics, plot."""
 
     def __init__(self, engine, family, cfg: TrainConfig, out: Path, unit: str):
-        import deepspeed.comm as dist
-
         self.engine, self.family, self.cfg, self.out, self.unit = engine, family, cfg, out, unit
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.comm = ProcessGroupCollectives()  # moves host tensors to the accelerator for NCCL and back
+        self.rank, self.world = self.comm.rank, self.comm.world
         self.accumulation = engine.gradient_accumulation_steps()
         self.tokens_per_step = engine.train_batch_size() * family.tokens_per_row
         self.metrics = out / "metrics.jsonl"
@@ -122,25 +121,21 @@ class Trainer:
             bar.write(message)
 
     def train_step(self, step: int) -> float:
-        """One optimizer step; returns the loss averaged over micro-batches and ranks."""
-        import deepspeed.comm as dist
-
-        total = torch.zeros(1, dtype=torch.float64)
+        """One optimizer step; returns the loss averaged over micro-batches and ranks (one host sync per step)."""
+        losses = []
         for micro in range(self.accumulation):
             loss = self.family.train_loss(self.engine, step, micro, self.rank, self.world)
             self.engine.backward(loss)
             self.engine.step()
-            total += loss.item()
-        dist.all_reduce(total)
+            losses.append(loss.detach())
+        total = self.comm.all_reduce_sum(torch.stack(losses).double().sum().reshape(1))
         return float(total) / (self.world * self.accumulation)
 
     def evaluate(self) -> dict[str, float]:
         """Eval loss over every rank's share, as bits per byte (byte corpora) or perplexity (tokens)."""
-        import deepspeed.comm as dist
-
         self.engine.eval()
-        sums = self.family.eval_sums(self.engine, self.cfg.eval_batches, self.rank, self.world)
-        dist.all_reduce(sums)
+        sums = self.comm.all_reduce_sum(self.family.eval_sums(self.engine, self.cfg.eval_batches, self.rank,
+                                                              self.world))
         self.engine.train()
         loss = float(sums[0] / sums[1])
         quality = {"eval_bpb": loss / math.log(2)} if self.unit == "byte" else {"eval_ppl": math.exp(min(loss, 50))}

@@ -220,15 +220,15 @@ class AdaptiveEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         """Embeddings of `ids` in d_model, scaled by sqrt(d_model) as in the reference code."""
         if len(self.embeddings) == 1:
-            out = self._to_model(0, self.embeddings[0](ids))
-        else:
-            out = None
-            for i, (low, high) in enumerate(zip(self.bounds, self.bounds[1:])):
-                inside = (ids >= low) & (ids < high)
-                part = self._to_model(i, self.embeddings[i]((ids - low).clamp(0, high - low - 1)))
-                part = part * inside[..., None].to(part.dtype)
-                out = part if out is None else out + part
-        return out * math.sqrt(self.d_model)
+            return self._to_model(0, self.embeddings[0](ids)) * math.sqrt(self.d_model)
+        flat = ids.reshape(-1)
+        out = None
+        for i, (low, high) in enumerate(zip(self.bounds, self.bounds[1:])):
+            rows = ((flat >= low) & (flat < high)).nonzero().squeeze(1)  # embed each token in its own cluster only
+            part = self._to_model(i, self.embeddings[i](flat[rows] - low))
+            out = part.new_zeros(flat.numel(), self.d_model) if out is None else out
+            out = out.index_copy(0, rows, part)
+        return out.view(*ids.shape, self.d_model) * math.sqrt(self.d_model)
 
     def _cluster_log_probs(self, i: int, h: Tensor) -> Tensor:
         weight, bias = self.embeddings[i].weight, self.biases[i]
