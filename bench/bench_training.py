@@ -5,8 +5,8 @@
 One process, one GPT-2-style model (same seed, same batches), five engines built one
 after another: dense DeepSpeed (ZeRO-2), ZeRO-Offload (ZeRO-2, optimizer on the CPU:
 DeepSpeedCPUAdam), and ds_topkast at 80/0, 90/80 and 95/90 (ZeRO-2, CPU store), all in
-bf16 on a GPU. On DeepSpeed's CPU accelerator bf16 matmuls are emulated (a forward pass
-is ~35x slower than fp32 on our CI cores), which would hide every other cost, so there
+bf16 on a GPU. On DeepSpeed's CPU accelerator bf16 matmuls are emulated (a training step
+is ~16x slower than fp32 on our CI cores), which would hide every other cost, so there
 `--precision auto` runs fp32. For each:
 - accelerator bytes per rank by category (memory_report's accounting; on a GPU also
   torch.cuda.max_memory_allocated), host bytes of the store and of offloaded state;
