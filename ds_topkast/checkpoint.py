@@ -4,7 +4,10 @@ DeepSpeed's `save_checkpoint` keeps only rank 0's client_state, so each rank wri
 own file under `save_dir/tag/` holding its store shards. The file is written before
 DeepSpeed's files, so DeepSpeed's `latest` pointer, written last, never names a
 checkpoint without it. Files are plain tensors and numbers, read back with
-`torch.load(weights_only=True)`: loading a checkpoint never executes code.
+`torch.load(weights_only=True)`: loading a checkpoint never executes code. Every tensor
+(and every NVMe store file linked next to it) has a CRC-32 recorded at save; loading reads
+and checks all of them, and the layers and settings, before it changes anything, so a
+missing, truncated or corrupted file is refused by name and the running state is untouched.
 
 Resuming on another world size reshards: each rank reads the overlapping ranges of
 every saved rank's file (memory-mapped, so only those bytes are read). All ranks'
@@ -13,22 +16,26 @@ files must then be reachable from every rank, as on a shared filesystem.
 from __future__ import annotations
 
 import os
+import pickle
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ds_topkast.config import TopKASTConfig
 from ds_topkast.refresh import MaskDynamics, Refresher
-from ds_topkast.store import shard_range
+from ds_topkast.store import checksum, fsync_path, shard_range
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Settings that fix each layer's k_A and k_B: a checkpoint is only valid under the same ones.
 _SHAPE_SETTINGS = ("forward_sparsity", "backward_sparsity", "distribution", "include", "exclude")
+_SET_KEYS = ("indices", "forward_mask")
 
 
 class CheckpointError(RuntimeError):
-    """A Top-KAST checkpoint file is missing or does not fit the running model."""
+    """A Top-KAST checkpoint file is missing, damaged, or does not fit the running model."""
 
 
 def _store_folder(rank: int) -> str:
@@ -44,6 +51,9 @@ def save(refresher: Refresher, tag_dir: str | os.PathLike, rank: int) -> Path:
     path = checkpoint_file(tag_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     store = refresher.state.store
+    sets = {name: {"indices": layer.indices.cpu().clone(), "forward_mask": layer.forward_mask.cpu().clone()}
+            for name, layer in refresher.layers.items()}
+    ever = {name: m.clone() for name, m in refresher.ever_in_backward.items()}
     payload = {
         "format": FORMAT_VERSION,
         "rank": store.rank,
@@ -51,17 +61,33 @@ def save(refresher: Refresher, tag_dir: str | os.PathLike, rank: int) -> Path:
         "config": refresher.state.config.model_dump(mode="json"),
         "store_folder": _store_folder(rank),
         "store": store.checkpoint_entries(path.parent / _store_folder(rank)),
+        "numel": {name: store.numel(name) for name in store.names()},
         "offsets": {name: store.layout(name)[0] for name in store.names()},
         "lengths": {name: store.layout(name)[1] for name in store.names()},
-        "sets": {name: {"indices": layer.indices.cpu().clone(), "forward_mask": layer.forward_mask.cpu().clone()}
-                 for name, layer in refresher.layers.items()},
-        "ever_in_backward": {name: m.clone() for name, m in refresher.ever_in_backward.items()},
+        "sets": sets,
+        "ever_in_backward": ever,
         "history": [d.as_dict() for d in refresher.history],
+        "checksums": {"store": store.checksums(),
+                      "ever_in_backward": {name: checksum(m) for name, m in ever.items()},
+                      **{key: {name: checksum(s[key]) for name, s in sets.items()} for key in _SET_KEYS}},
     }
     partial = path.with_suffix(".pt.partial")
     torch.save(payload, partial)
+    fsync_path(partial)
     os.replace(partial, path)
     return path
+
+
+@dataclass
+class SavedState:
+    """The verified Top-KAST files of one checkpoint that a rank needs: its own, or every saved rank's."""
+
+    tag_dir: Path
+    payloads: list[dict]
+
+    @property
+    def first(self) -> dict:
+        return self.payloads[0]
 
 
 def _check_config(saved: dict, current: TopKASTConfig, path: Path) -> None:
@@ -70,61 +96,154 @@ def _check_config(saved: dict, current: TopKASTConfig, path: Path) -> None:
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         raise CheckpointError(f"Checkpoint {path} was written with different topkast settings ({details}); "
-                              "they fix every layer's k, so restore them in the config to resume this run.")
+                              "they fix every layer's k, so restore them in the config to resume this run. To "
+                              "continue its weights under the new settings, start a new run from them: "
+                              f"`ds_topkast.train ... --init-from {path.parent}` or "
+                              "`ds_topkast.load_dense_weights(model, <that folder>)` before sparsify (the optimizer "
+                              "state and schedule start afresh).")
+
+
+def _check_model(saved: dict, refresher: Refresher, path: Path) -> None:
+    """The checkpoint must hold exactly the model's sparsified layers, each with the same number of weights."""
+    store = refresher.state.store
+    missing = sorted(set(refresher.layers) - set(saved["numel"]))
+    extra = sorted(set(saved["numel"]) - set(refresher.layers))
+    if missing or extra:
+        raise CheckpointError(f"Checkpoint {path} does not fit this model: sparsified layers missing from it "
+                              f"{missing}, layers in it the model lacks {extra}. Resume with the model (and the "
+                              "include/exclude patterns) the checkpoint was written with.")
+    resized = [f"{name} ({saved['numel'][name]} -> {store.numel(name)})" for name in refresher.layers
+               if saved["numel"][name] != store.numel(name)]
+    if resized:
+        raise CheckpointError(f"Checkpoint {path} does not fit this model: layers changed size {resized}. Resume "
+                              "with the model configuration the checkpoint was written with.")
+
+
+def load_file(path: str | os.PathLike, mmap: bool = False, map_location: Any = "cpu") -> Any:
+    """`torch.load(weights_only=True)` of a checkpoint file, with errors that name the file and the way out.
+
+    A pickle that names code is refused (the weights-only unpickler stops at it); a
+    truncated or damaged archive is reported as such.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise CheckpointError(f"{path} is corrupted ({err}); resume from an earlier checkpoint.") from None
+        reason = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler error" in line), str(err))
+        raise CheckpointError(f"{path} holds objects that would run code when loaded, so it is refused ({reason}). "
+                              "Checkpoints hold only tensors, numbers and a few DeepSpeed records: the file was "
+                              "replaced or tampered with. Resume from a checkpoint you trust.") from None
+    except Exception as err:  # torch reports a damaged zip archive with several exception types
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]}): it is "
+                              "truncated or corrupted. Resume from an earlier checkpoint.") from None
 
 
 def _read(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"Checkpoint folder {path.parent} has no {path.name}: it was not written by ds_topkast "
                               "or was copied incompletely. Resume from a checkpoint saved by a ds_topkast engine.")
-    payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if payload.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format {payload.get('format')!r}; this ds_topkast reads {FORMAT_VERSION}.")
+    payload = load_file(path, mmap=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path} has format {found!r}; this ds_topkast reads {FORMAT_VERSION}.")
     return payload
+
+
+def _store_file(payload: dict, tag_dir: Path, name: str) -> Path:
+    return tag_dir / payload["store_folder"] / payload["store"][name]
 
 
 def _piece(payload: dict, tag_dir: Path, key: str, name: str) -> Tensor:
     """A saved rank's slice of a layer: a tensor in the file, or a store file linked next to it (NVMe)."""
     piece = payload[key][name]
-    if isinstance(piece, str):
-        path = tag_dir / payload["store_folder"] / piece
-        if not path.is_file():
-            raise CheckpointError(f"Checkpoint store file {path} is missing; the checkpoint was copied incompletely.")
-        return torch.from_file(str(path), size=payload["lengths"][name], dtype=torch.float32)
-    return piece
+    if not isinstance(piece, str):
+        return piece
+    path, length = _store_file(payload, tag_dir, name), payload["lengths"][name]
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint store file {path} is missing; the checkpoint was copied incompletely. "
+                              "Resume from a complete checkpoint.")
+    if path.stat().st_size < 4 * length:
+        raise CheckpointError(f"Checkpoint store file {path} is truncated ({path.stat().st_size} bytes, layer "
+                              f"{name!r} needs {4 * length}). Resume from an earlier checkpoint.")
+    return torch.from_file(str(path), size=length, dtype=torch.float32)
 
 
-def _assemble(saved: list[dict], tag_dir: Path, key: str, name: str, start: int, end: int) -> Tensor:
+def _verify(payload: dict, path: Path, tag_dir: Path) -> None:
+    """Every tensor and linked store file of one rank's file matches the checksum written with it."""
+    sums = payload["checksums"]
+    for key in ("store", "ever_in_backward"):
+        for name, expected in sums[key].items():
+            if checksum(_piece(payload, tag_dir, key, name)) != expected:
+                where = _store_file(payload, tag_dir, name) if isinstance(payload[key][name], str) else path
+                raise CheckpointError(f"{where} is corrupted: layer {name!r}'s {key} does not match the checksum "
+                                      "written with it. Resume from an earlier checkpoint.")
+    for key in _SET_KEYS:
+        for name, sets in payload["sets"].items():
+            if checksum(sets[key]) != sums[key][name]:
+                raise CheckpointError(f"{path} is corrupted: layer {name!r}'s {key} does not match the checksum "
+                                      "written with it. Resume from an earlier checkpoint.")
+
+
+def read_verified(path: Path) -> dict:
+    """One rank's file, read and checked against its checksums."""
+    payload = _read(path)
+    try:
+        _verify(payload, path, path.parent)
+    except (KeyError, TypeError, RuntimeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is corrupted (its contents are incomplete: {err!r}); resume from an earlier "
+                              "checkpoint.") from None
+    return payload
+
+
+def read(refresher: Refresher, tag_dir: str | os.PathLike, rank: int) -> SavedState:
+    """Read and check every file this rank's restore needs; raises before anything is changed."""
+    tag_dir = Path(tag_dir)
+    store = refresher.state.store
+    own_path = checkpoint_file(tag_dir, rank)
+    own = read_verified(own_path) if own_path.is_file() else None
+    first = own if own is not None else read_verified(checkpoint_file(tag_dir, 0))
+    first_path = checkpoint_file(tag_dir, first["rank"])
+    _check_config(first["config"], refresher.state.config, first_path)
+    _check_model(first, refresher, first_path)
+    if own is not None and own["world"] == store.world:
+        return SavedState(tag_dir, [own])
+    return every_rank(tag_dir, first)
+
+
+def every_rank(tag_dir: Path, first: dict) -> SavedState:
+    """The verified files of every rank that wrote the checkpoint `first` (one of them, already read) belongs to."""
+    others = [read_verified(checkpoint_file(tag_dir, r)) for r in range(first["world"]) if r != first["rank"]]
+    return SavedState(tag_dir, sorted([first, *others], key=lambda p: p["rank"]))
+
+
+def assemble(saved: SavedState, key: str, name: str, start: int, end: int) -> Tensor:
     """Entries [start, end) of a layer's sharded `key` ("store" or "ever_in_backward") across saved ranks."""
     parts = []
-    for payload in saved:
+    for payload in saved.payloads:
         offset = payload["offsets"][name]
-        piece = _piece(payload, tag_dir, key, name)
+        piece = _piece(payload, saved.tag_dir, key, name)
         lo, hi = max(start, offset), min(end, offset + piece.numel())
         if lo < hi:
             parts.append(piece[lo - offset:hi - offset])
-    return torch.cat(parts) if parts else _piece(saved[0], tag_dir, key, name)[:0]
+    return torch.cat(parts) if parts else _piece(saved.first, saved.tag_dir, key, name)[:0]
+
+
+def restore(refresher: Refresher, saved: SavedState) -> None:
+    """Restore this rank's store shards, the sets and the mask history; reshard if the world changed."""
+    store = refresher.state.store
+    for name in refresher.layers:
+        start, end = shard_range(store.numel(name), store.rank, store.world)
+        store.load_shard(name, assemble(saved, "store", name, start, end))
+        refresher.ever_in_backward[name] = assemble(saved, "ever_in_backward", name, start, end).clone()
+    for name, layer in refresher.layers.items():
+        sets = saved.first["sets"][name]
+        layer.assign_sets(sets["indices"].to(layer.indices.device), sets["forward_mask"].to(layer.indices.device))
+    refresher.history = [MaskDynamics(**d) for d in saved.first["history"]]
 
 
 def load(refresher: Refresher, tag_dir: str | os.PathLike, rank: int) -> None:
-    """Restore this rank's store shards, the sets and the mask history; reshard if the world changed."""
-    tag_dir = Path(tag_dir)
-    own = _read(checkpoint_file(tag_dir, rank)) if checkpoint_file(tag_dir, rank).is_file() else None
-    first = own if own is not None else _read(checkpoint_file(tag_dir, 0))
-    _check_config(first["config"], refresher.state.config, checkpoint_file(tag_dir, first["rank"]))
-    store = refresher.state.store
-    if own is not None and own["world"] == store.world:
-        saved = [own]
-    else:
-        saved = [_read(checkpoint_file(tag_dir, r)) for r in range(first["world"])]
-    for name in refresher.layers:
-        if name not in first["store"]:
-            raise CheckpointError(f"Checkpoint {tag_dir} holds no dense-store layer {name!r}; it was written for a "
-                                  f"model with layers {sorted(first['store'])}.")
-        start, end = shard_range(store.numel(name), store.rank, store.world)
-        store.load_shard(name, _assemble(saved, tag_dir, "store", name, start, end))
-        refresher.ever_in_backward[name] = _assemble(saved, tag_dir, "ever_in_backward", name, start, end).clone()
-    for name, layer in refresher.layers.items():
-        sets = first["sets"][name]
-        layer.assign_sets(sets["indices"].to(layer.indices.device), sets["forward_mask"].to(layer.indices.device))
-    refresher.history = [MaskDynamics(**d) for d in first["history"]]
+    """`read` then `restore`: the checkpoint is checked whole before the running state changes."""
+    restore(refresher, read(refresher, tag_dir, rank))

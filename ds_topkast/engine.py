@@ -7,21 +7,32 @@ swapped for a subclass, so `isinstance(engine, DeepSpeedEngine)` still holds):
   set A for re-selection every `forward_interval` steps;
 - `save_checkpoint` / `load_checkpoint` also carry the dense store and the sets.
 The public methods hold the guards; `TopKASTRuntime` (runtime.py) does the work.
+
+Checkpoints are made safe to resume from. DeepSpeed's rank 0 writes `latest` as soon as
+its own files are written, while other ranks may still be writing theirs; here `latest`
+is written only after every rank has finished (DeepSpeed's closing barrier), made
+durable and replaced atomically, so a job killed mid-save leaves `latest` naming the
+previous complete checkpoint. Loading checks ds_topkast's files before DeepSpeed reads
+anything, and DeepSpeed's own files are read with `torch.load(weights_only=True)`
+(allowing only the few DeepSpeed types its files hold), so no checkpoint runs code.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from ds_topkast.checkpoint import load_file
 from ds_topkast.collectives import ProcessGroupCollectives
 from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, topkast_section
 from ds_topkast.layers import exploration_loss
-from ds_topkast.optimizer_state import adapter_for, per_entry_state_keys
+from ds_topkast.optimizer_state import adapter_for, per_entry_state_keys, refuse_unknown_config_optimizer
 from ds_topkast.runtime import TopKASTRuntime
 from ds_topkast.sparsify import TopKASTState, sparsify, topkast_state
+from ds_topkast.store import fsync_path
 
 
 def _runtime(engine, model: nn.Module, ds_config: dict[str, Any]) -> TopKASTRuntime:
@@ -51,16 +62,65 @@ class TopKASTEngineMixin:
         return result
 
     def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, **kwargs):
-        tag = f"global_step{self.global_steps}" if tag is None else tag
-        self.topkast.save(os.path.join(save_dir, str(tag)))
-        return super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest,
-                                       **kwargs)
+        tag = str(f"global_step{self.global_steps}" if tag is None else tag)
+        self.topkast.save(os.path.join(save_dir, tag))
+        saved = super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False, **kwargs)
+        if save_latest:  # DeepSpeed's save ends with a barrier: every rank's files are written by now
+            import deepspeed.comm as dist
+
+            if self.global_rank == 0:
+                _commit_latest(Path(save_dir), tag)
+            dist.barrier()
+        return saved
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
+        tag = _latest_tag(Path(load_dir)) if tag is None else str(tag)
+        verified = self.topkast.verify(os.path.join(load_dir, tag)) if tag is not None else None
         load_path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
         if load_path is not None:
-            self.topkast.load(os.path.dirname(load_path), self.global_steps)
+            self.topkast.load(os.path.dirname(load_path), self.global_steps, verified)
         return load_path, client_state
+
+
+def _latest_tag(load_dir: Path) -> str | None:
+    """The tag `latest` names, as DeepSpeed reads it; None when there is no `latest` (DeepSpeed then warns)."""
+    latest = load_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def _commit_latest(save_dir: Path, tag: str) -> None:
+    """Make the tag's files durable, then point `latest` at it by an atomic rename."""
+    for path in sorted((save_dir / tag).rglob("*")):
+        if path.is_file():
+            fsync_path(path)
+    temporary = save_dir / "latest.partial"
+    temporary.write_text(tag)
+    fsync_path(temporary)
+    os.replace(temporary, save_dir / "latest")
+    fsync_path(save_dir)
+
+
+def _deepspeed_checkpoint_types() -> list[type]:
+    """The non-tensor types DeepSpeed 0.19 pickles into its checkpoints: plain records, no code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_weights_only(path, map_location=None):
+    """DeepSpeed's checkpoint-engine load, without executing code from the file."""
+    with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+        return load_file(path, map_location=map_location)
+
+
+def _read_checkpoints_weights_only(engine) -> None:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if type(checkpoint_engine) is TorchCheckpointEngine:
+        checkpoint_engine.load = _load_weights_only
 
 
 _ENGINE_CLASSES: dict[type, type] = {}
@@ -72,6 +132,7 @@ def _with_topkast(engine, model: nn.Module, ds_config: dict[str, Any]):
         _ENGINE_CLASSES[base] = type(f"TopKAST{base.__name__}", (TopKASTEngineMixin, base), {})
     engine.__class__ = _ENGINE_CLASSES[base]
     engine.topkast = _runtime(engine, model, ds_config)
+    _read_checkpoints_weights_only(engine)
     return engine
 
 
@@ -142,6 +203,7 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     ds_config = load_deepspeed_config(_config_source(args, config, config_params))
     cfg = topkast_section(ds_config)
     _refuse_unsupported_precision(ds_config)
+    refuse_unknown_config_optimizer(ds_config)
     if getattr(model, "topkast_state", None) is None:
         sparsify(model, cfg)
     elif topkast_state(model).config != cfg:

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
-from ds_topkast.store import CPUDenseStore, LayerShard, checksum, shard_range
+from ds_topkast.store import CPUDenseStore, LayerShard, checksum, fsync_path, shard_range
 
 ALIGN_BYTES = 4096
 _FLOATS_PER_ALIGN = ALIGN_BYTES // 4
@@ -58,14 +58,6 @@ def load_aio():
         raise NVMeStoreError("dense_store.device 'nvme' needs DeepSpeed's async I/O op, which needs libaio: "
                              "install it (Debian/Ubuntu: `apt-get install libaio-dev`) and retry.")
     return builder.load()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class NVMeDenseStore:
@@ -166,9 +158,9 @@ class NVMeDenseStore:
         if written != 4 * length:
             raise NVMeStoreError(f"Writing layer {name!r} to {temporary} stored {written} of {4 * length} bytes; "
                                  "the device may be full.")
-        _fsync_path(temporary)
+        fsync_path(temporary)
         os.replace(temporary, final)
-        _fsync_path(self.root)
+        fsync_path(self.root)
 
     def stream(self, names: Iterable[str]) -> Iterator[LayerShard]:
         """Read-modify-write pass: layer i+1 is read while the caller works on layer i, which is written after."""
@@ -230,6 +222,10 @@ class NVMeDenseStore:
                 shutil.copyfile(source, target)
             entries[name] = target.name
         return entries
+
+    def checksums(self) -> dict[str, int]:
+        """CRC-32 of each layer's shard as last written to its file (padding excluded)."""
+        return {name: meta.checksum for name, meta in self._meta.items()}
 
     def nbytes(self) -> int:
         """Host bytes this store holds: its I/O buffers, whatever the size of the store."""

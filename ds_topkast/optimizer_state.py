@@ -27,6 +27,19 @@ class UnsupportedOptimizerError(TypeError):
     """The optimizer or DeepSpeed wrapper is one whose state ds_topkast cannot remap."""
 
 
+# DeepSpeed config "optimizer.type" values that build one of the optimizers above.
+_CONFIG_TYPES = ("adam", "adamw", "sgd")
+
+
+def refuse_unknown_config_optimizer(ds_config: dict) -> None:
+    """Refuse an optimizer named in the DeepSpeed config before DeepSpeed builds (and maybe compiles) it."""
+    name = ds_config.get("optimizer", {}).get("type")
+    if isinstance(name, str) and name.lower() not in _CONFIG_TYPES:
+        raise UnsupportedOptimizerError(
+            f"ds_topkast does not know which state of optimizer {name} is per weight (the DeepSpeed config's "
+            "optimizer.type), so it cannot move that state at a refresh. Use \"Adam\", \"AdamW\" or \"SGD\".")
+
+
 def per_entry_state_keys(basic_optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
     """Names of the optimizer's per-entry state tensors; unknown optimizers are refused."""
     name = type(basic_optimizer).__name__

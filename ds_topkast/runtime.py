@@ -71,9 +71,13 @@ class TopKASTRuntime:
         """This rank's store shard and sets into a checkpoint folder, before the framework's own files."""
         checkpoint.save(self.refresher, tag_dir, self.comm.rank)
 
-    def load(self, tag_dir: str | os.PathLike, step: int) -> None:
+    def verify(self, tag_dir: str | os.PathLike) -> checkpoint.SavedState:
+        """Read and check this rank's checkpoint files (checksums, layers, settings) without changing anything."""
+        return checkpoint.read(self.refresher, tag_dir, self.comm.rank)
+
+    def load(self, tag_dir: str | os.PathLike, step: int, verified: checkpoint.SavedState | None = None) -> None:
         """Restore the store and sets saved at `step`, and the A re-selection that was then pending."""
-        checkpoint.load(self.refresher, tag_dir, self.comm.rank)
+        checkpoint.restore(self.refresher, verified if verified is not None else self.verify(tag_dir))
         if step > 0 and not due(step, self.config.refresh_interval) and due(step, self.config.forward_interval):
             self.refresher.mark_forward_sets_stale()
 

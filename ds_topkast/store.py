@@ -12,6 +12,7 @@ The store knows nothing of DeepSpeed or of the layers that use it.
 """
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -35,6 +36,15 @@ def checksum(values: Tensor) -> int:
     """CRC-32 of a host tensor's bytes: changes if any entry or their order changes; exact on every machine."""
     flat = values.detach().reshape(-1).contiguous()
     return zlib.crc32(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Make a written file (or a folder's entries) durable before anything points at it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -131,6 +141,10 @@ class CPUDenseStore:
     def checkpoint_entries(self, folder) -> dict[str, Tensor]:
         """What a checkpoint keeps of each layer: a copy of this rank's slice (`folder` is unused here)."""
         return {name: layer.theta.clone() for name, layer in self._layers.items()}
+
+    def checksums(self) -> dict[str, int]:
+        """CRC-32 of each layer's shard as last written (what a checkpoint of it must hold)."""
+        return {name: layer.checksum for name, layer in self._layers.items()}
 
     def nbytes(self) -> int:
         """Host bytes this rank holds."""
