@@ -19,6 +19,10 @@ from torch import Tensor, nn
 from ds_topkast.select import topk_mask
 
 
+class NonFiniteWeightsError(FloatingPointError):
+    """A layer's trained values hold NaN or infinity, so no mask may be selected from them."""
+
+
 def dense_alpha(values: Tensor, indices: Tensor, forward_mask: Tensor, shape: tuple[int, int]) -> Tensor:
     """The dense forward weight α: values of A scattered at their flat indices, zero elsewhere."""
     weight = values.new_zeros(shape[0] * shape[1])
@@ -75,6 +79,7 @@ class TopKASTLinear(nn.Module):
         self.register_buffer("forward_mask", forward_mask.clone())
         self.forward_set_stale = False
         self.last_exploration_penalty: Tensor | None = None
+        self.layer_name = ""  # its name in the model, for error messages (set by sparsify)
 
     @property
     def k_backward(self) -> int:
@@ -85,9 +90,15 @@ class TopKASTLinear(nn.Module):
         return (self.out_features, self.in_features)
 
     def reselect_forward_set(self) -> None:
-        """A := the top k_forward of |values| inside B (DESIGN.md, Section 3, step 5)."""
+        """A := the top k_forward of |values| inside B (DESIGN.md, Section 3, step 5); never from non-finite values."""
         with torch.no_grad():
-            self.forward_mask.copy_(topk_mask(self.values.detach().float().abs(), self.k_forward))
+            magnitude = self.values.detach().float().abs()
+            if not bool(torch.isfinite(magnitude).all()):
+                raise NonFiniteWeightsError(
+                    f"Top-KAST layer {self.layer_name or self.extra_repr()!r} holds non-finite weights, so set A "
+                    "cannot be re-selected: an optimizer step applied NaN or infinite gradients. Lower the learning "
+                    "rate or enable gradient clipping, and resume from the last checkpoint.")
+            self.forward_mask.copy_(topk_mask(magnitude, self.k_forward))
         self.forward_set_stale = False
 
     def assign_sets(self, indices: Tensor, forward_mask: Tensor) -> None:

@@ -2,9 +2,10 @@
 
 DESIGN.md, Section 3. Every `refresh_interval` optimizer steps, on every rank:
 1. guard: every rank holds the same sets; then, streaming the store layer by layer:
-2. guard: this rank's shard is unchanged since the last refresh; write back the fp32
-   master of the layer's compact values into the owning shards; refuse non-finite
-   weights (every rank raises together, naming the layer and the ranks);
+2. guard: this rank's shard is unchanged since the last refresh; refuse non-finite
+   trained values before anything is written (every rank raises together, naming the
+   layer and the ranks); write back the fp32 master of the layer's compact values into
+   the owning shards;
 3. select B (top k_B of |θ|, or random B\\A) and A (top k_A) exactly over the shards,
    ties by global index, and assemble B's indices and values on every rank;
 4. rebuild: new values, fp32 master and low-precision copy; each per-entry optimizer
@@ -93,10 +94,11 @@ class Refresher:
             self._agree_or_fail(shard.name, not shard.intact(), step,
                                 "its dense-store shard changed since the last refresh (memory corruption or a stray "
                                 "write); resume from the last checkpoint")
-            shard.write_back(layer.indices, self.adapter.get_master(layer.values))
-            self._agree_or_fail(shard.name, not bool(torch.isfinite(shard.theta).all()), step,
-                                "it holds non-finite weights; lower the learning rate or enable gradient clipping, "
-                                "and resume from the last checkpoint")
+            master = self.adapter.get_master(layer.values)
+            self._agree_or_fail(shard.name, not bool(torch.isfinite(master).all()), step,
+                                "its trained values hold NaN or infinity (nothing was written to the store); lower "
+                                "the learning rate or enable gradient clipping, and resume from the last checkpoint")
+            shard.write_back(layer.indices, master)
             totals += self._refresh_layer(index, layer, shard, step)
         self.check_sets_agree(step)
         k_forward = sum(layer.k_forward for layer in self.layers.values())

@@ -100,6 +100,14 @@ def _refuse_shared_weights(model: nn.Module, chosen: Mapping[str, nn.Module]) ->
                 f"(tied weights); a sparse copy would untie them. Add {name!r} to topkast.exclude.")
 
 
+def _refuse_non_finite(chosen: Mapping[str, nn.Module]) -> None:
+    """Selection by magnitude is meaningless on NaN or infinite weights: refuse them by layer name."""
+    bad = [name for name, module in chosen.items() if not bool(torch.isfinite(_linear_weight(module)).all())]
+    if bad:
+        raise TopKASTConfigError(f"Layers {bad} hold NaN or infinite weights, so their top-k cannot be selected; "
+                                 "initialise or load the model correctly before sparsifying it.")
+
+
 def _convert(module: nn.Module, cfg: TopKASTConfig, k_forward: int, k_backward: int, seed: int) -> TopKASTLinear:
     weight = _linear_weight(module)
     out_features, in_features = weight.shape
@@ -155,6 +163,7 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
     chosen = _choose_modules(model, cfg)
     _refuse_partitioned(chosen)
     _refuse_shared_weights(model, chosen)
+    _refuse_non_finite(chosen)
     shapes = [tuple(_linear_weight(m).shape) for m in chosen.values()]
     forward = layer_densities(shapes, cfg.forward_density, cfg.distribution)
     backward = layer_densities(shapes, cfg.backward_density, cfg.distribution)
@@ -164,6 +173,7 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
         k_forward = kept_count(out_f * in_f, d_fwd)
         k_backward = max(k_forward, kept_count(out_f * in_f, d_bwd))
         layer = _convert(module, cfg, k_forward, k_backward, selection_seed(cfg, 0, index))
+        layer.layer_name = name
         store.add(name, _linear_weight(module))
         state._replaced[id(module.weight)] = (weakref.ref(module.weight), layer.values)
         set_submodule(model, name, layer)
