@@ -54,6 +54,8 @@ class DataConfig(BaseModel):
     max_bytes: int | None = Field(None, gt=0, description="Read at most this many bytes of the corpus.")
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="Trailing fraction held out for eval when the "
                                                                "source has no validation split.")
+    binary: bool = Field(False, description="Byte-level mode only: accept files that are not UTF-8 text (NUL bytes, "
+                                            "invalid UTF-8), to model raw bytes.")
 
 
 @dataclass
@@ -109,12 +111,26 @@ def read_bytes(path: str | None = None, max_bytes: int | None = None) -> bytes:
     return joined
 
 
-def _decode(data: bytes, source: str) -> str:
+_TEXT_MODES_FIX = "word and tokenizer modes need text: use data.tokenizer 'bytes' or convert the files"
+_BYTES_MODE_FIX = "check data.path, or set data.binary: true to model its raw bytes anyway"
+
+
+def _decode(data: bytes, source: str, fix: str = _TEXT_MODES_FIX) -> str:
+    """The corpus as UTF-8 text; a character cut at the end (by max_bytes) is dropped, anything else refused."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise CorpusError(f"Corpus {source} is not UTF-8 text (byte {err.start}: {err.reason}); word and "
-                          "tokenizer modes need text: use data.tokenizer 'bytes' or convert the files.") from None
+        if err.reason == "unexpected end of data":
+            return data[:err.start].decode("utf-8")
+        raise CorpusError(f"Corpus {source} is not UTF-8 text (byte {err.start}: {err.reason}); {fix}.") from None
+
+
+def _check_text_bytes(data: bytes, source: str) -> None:
+    """Byte-level mode models text: a NUL byte or invalid UTF-8 means the path names the wrong files."""
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise CorpusError(f"Corpus {source} looks binary, not text (a NUL byte at offset {nul}); {_BYTES_MODE_FIX}.")
+    _decode(data, source, _BYTES_MODE_FIX)
 
 
 def _hub_texts(name: str, max_bytes: int | None) -> tuple[str, str | None]:
@@ -201,7 +217,12 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         raw = read_bytes(cfg.path, cfg.max_bytes)
         train_text = eval_text = None
     if cfg.tokenizer != "bytes":
+        if cfg.binary:
+            raise CorpusError("train.data.binary applies to byte-level mode only; remove it or set data.tokenizer "
+                              "'bytes'.")
         return _tokenize(cfg, train_text if train_text is not None else _decode(raw, source), eval_text, source)
+    if not cfg.binary and cfg.dataset is None:
+        _check_text_bytes(raw, source)
     tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     if _is_enwik8(cfg) and len(tokens) >= sum(ENWIK8_SPLIT):
         train_bytes, valid_bytes, _ = ENWIK8_SPLIT

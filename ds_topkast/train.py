@@ -28,10 +28,12 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ds_topkast.checkpoint import load_file
 from ds_topkast.collectives import ProcessGroupCollectives, release_cpu_shm_buffer
 from ds_topkast.config import SECTION, TopKASTConfigError, load_deepspeed_config, validate_section
 from ds_topkast.data import DataConfig, load_corpus
 from ds_topkast.families import make_family
+from ds_topkast.init_from import tag_folder
 
 
 class TrainConfig(BaseModel):
@@ -61,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/tiny", help="Folder for checkpoints, metrics.jsonl and the plot.")
     parser.add_argument("--steps", type=int, help="Override train.steps.")
     parser.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint in --out.")
+    parser.add_argument("--init-from", metavar="CHECKPOINT",
+                        help="Start a new run from the weights of a checkpoint (a tag folder, or a run folder's "
+                             "latest) at this config's sparsity: how a run changes its topkast settings. The "
+                             "optimizer state and schedule start afresh.")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                         help="Set by the deepspeed launcher.")
     return parser.parse_args(argv)
@@ -92,7 +98,7 @@ def micro_batch_per_rank(ds_config: dict[str, Any], world: int) -> int:
         "set one of them.")
 
 
-def family_state_path(out: Path, steps: int, rank: int) -> Path:
+def train_state_path(out: Path, steps: int, rank: int) -> Path:
     return out / f"global_step{steps}" / f"train_state_rank{rank:05d}.pt"
 
 
@@ -142,22 +148,50 @@ class Trainer:
         return {"eval_loss": loss, **quality}
 
     def save(self) -> None:
-        """The family's per-rank state first, then DeepSpeed's checkpoint (which writes 'latest' last)."""
-        state = self.family.state_dict()
-        if any(v is not None for v in state.values()):
-            path = family_state_path(self.out, self.engine.global_steps, self.rank)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, path)
+        """This rank's loop state first (random generators, Transformer-XL memory), then DeepSpeed's checkpoint.
+
+        DeepSpeed checkpoints neither, and without the generators dropout would draw
+        other masks after a resume; ds_topkast's engine writes `latest` last of all.
+        """
+        from deepspeed.accelerator import get_accelerator
+
+        path = train_state_path(self.out, self.engine.global_steps, self.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"family": self.family.state_dict(), "cpu_rng": torch.get_rng_state(),
+                 "accelerator_rng": get_accelerator().get_rng_state()}
+        partial = path.with_suffix(".pt.partial")
+        torch.save(state, partial)
+        os.replace(partial, path)
         self.engine.save_checkpoint(str(self.out))
 
     def resume(self) -> None:
+        from deepspeed.accelerator import get_accelerator
+
         self.engine.load_checkpoint(str(self.out))
-        path = family_state_path(self.out, self.engine.global_steps, self.rank)
-        if self.family.state_dict():
-            if not path.is_file():
-                raise SystemExit(f"--resume: {path} is missing, so the Transformer-XL memory of rank {self.rank} "
-                                 "cannot be restored; resume from a complete checkpoint.")
-            self.family.load_state_dict(torch.load(path, weights_only=True))
+        path = train_state_path(self.out, self.engine.global_steps, self.rank)
+        if not path.is_file():
+            raise SystemExit(f"--resume: {path} is missing, so rank {self.rank}'s random generators (and "
+                             "Transformer-XL memory) cannot be restored; resume from a complete checkpoint.")
+        state = load_file(path)
+        self.family.load_state_dict(state["family"])
+        torch.set_rng_state(state["cpu_rng"])
+        get_accelerator().set_rng_state(state["accelerator_rng"])
+        self.forget_metrics_after(self.engine.global_steps)
+
+    def forget_metrics_after(self, step: int) -> None:
+        """Drop records of the steps after the resumed checkpoint (a stopped run re-runs them) and torn lines."""
+        if self.rank != 0 or not self.metrics.is_file():
+            return
+        kept = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # the last line of a run killed while writing it
+                continue
+        partial = self.metrics.with_suffix(".jsonl.partial")
+        partial.write_text("".join(line + "\n" for line in kept))
+        os.replace(partial, self.metrics)
 
     def report_refreshes(self, seen: int, bar) -> int:
         if self.refresher is None:
@@ -227,6 +261,11 @@ def main(argv=None) -> None:
     cfg = train_section(ds_config, args.steps)
     fill_schedule_length(ds_config, cfg.steps)
     out = Path(args.out)
+    if args.resume and args.init_from:
+        raise SystemExit("--resume continues a run and --init-from starts a new one from a checkpoint's weights; "
+                         "give one of them.")
+    if args.init_from:
+        tag_folder(args.init_from)  # a wrong path fails here, before any rank starts work
     if args.resume and not (out / "latest").exists():
         raise SystemExit(f"--resume: {out} holds no checkpoint (no 'latest' file); run without --resume first.")
     if not args.resume and (out / "latest").exists():
@@ -238,7 +277,10 @@ def main(argv=None) -> None:
     world, accumulation = dist.get_world_size(), ds_config.get("gradient_accumulation_steps", 1)
     family = make_family(cfg.model, corpus, cfg.seq_len, micro_batch_per_rank(ds_config, world), cfg.seed, world,
                          accumulation)
-    engine = build_engine(family.build_model(), ds_config)
+    model = family.build_model()
+    if args.init_from:
+        ds_topkast.load_dense_weights(model, args.init_from)
+    engine = build_engine(model, ds_config)
     trainer = Trainer(engine, family, cfg, out, corpus.unit)
     if args.resume:
         trainer.resume()

@@ -40,7 +40,7 @@ def test_the_default_corpus_is_the_standard_library_source():
 
 def test_enwik8_takes_the_standard_split(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "ENWIK8_SPLIT", (900, 50, 50))  # the real one is 90M / 5M / 5M bytes
-    content = bytes(range(256)) * 4
+    content = bytes(range(32, 127)) * 11
     corpus = load_corpus(DataConfig(path=str(write(tmp_path / "enwik8", content[:1000]))))
     assert bytes(corpus.train.tolist()) == content[:900] and bytes(corpus.eval.tolist()) == content[900:950]
 
@@ -69,7 +69,24 @@ def test_text_modes_refuse_non_utf8_and_name_the_fix(tmp_path):
     binary = write(tmp_path / "b.bin", b"ok \xff\xfe bad")
     with pytest.raises(CorpusError, match="not UTF-8 text.*use data.tokenizer 'bytes'"):
         load_corpus(DataConfig(path=str(binary), tokenizer="words"))
-    assert len(load_corpus(DataConfig(path=str(binary))).train) > 0, "bytes mode takes any bytes"
+    with pytest.raises(CorpusError, match="binary applies to byte-level mode only"):
+        load_corpus(DataConfig(path=str(binary), tokenizer="words", binary=True))
+
+
+@pytest.mark.parametrize("content,message", [(b"text\x00\x01\x02 more", "looks binary, not text \\(a NUL byte at "
+                                                                          "offset 4\\)"),
+                                             (b"ok \xff\xfe bad", "is not UTF-8 text \\(byte 3")])
+def test_byte_mode_refuses_binary_files_unless_told(tmp_path, content, message):
+    path = write(tmp_path / "b.bin", content * 50)
+    with pytest.raises(CorpusError, match=message + ".*set data.binary: true to model its raw bytes anyway"):
+        load_corpus(DataConfig(path=str(path)))
+    assert len(load_corpus(DataConfig(path=str(path), binary=True)).train) > 0
+
+
+def test_a_character_cut_by_max_bytes_is_not_an_error(tmp_path):
+    path = write(tmp_path / "t.txt", "naïve café ".encode() * 100)
+    for mode in ("bytes", "words"):
+        assert len(load_corpus(DataConfig(path=str(path), max_bytes=24, tokenizer=mode, eval_fraction=0.5)).train)
 
 
 def test_an_unreachable_hub_dataset_says_what_to_do(monkeypatch):
