@@ -17,6 +17,9 @@ def _free_port() -> str:
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 if "PYTEST_XDIST_WORKER" in os.environ:  # each pytest-xdist worker is its own world of one, on its own port
     os.environ["MASTER_PORT"] = _free_port()
+    # and has its share of the cores: workers that each spin a thread per core wait on one another
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port(), "RANK": "0", "LOCAL_RANK": "0",
                    "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}.items():
     os.environ.setdefault(key, value)

@@ -26,7 +26,24 @@ def build(stage: int, world: int, **topkast):
     return engine
 
 
-def train(engine, first: int, last: int, perturb_at: int | None = None) -> list[float]:
+def perturb_store(engine) -> None:
+    """A stray write into this rank's dense store."""
+    name = next(iter(sparse_layers(engine.module)))
+    engine.topkast.state.store.read(name)[0] += 1.0
+
+
+def perturb_sets(engine) -> None:
+    """This rank's set B loses an entry and gains another: its masks no longer match the other ranks'."""
+    layer = next(iter(sparse_layers(engine.module).values()))
+    outside = torch.ones(layer.in_features * layer.out_features, dtype=torch.bool)
+    outside[layer.indices.long()] = False
+    layer.indices[-1] = int(outside.nonzero()[0])
+
+
+PERTURBATIONS = {"perturb": perturb_store, "diverge": perturb_sets}
+
+
+def train(engine, first: int, last: int, perturb=None, perturb_at: int | None = None) -> list[float]:
     """Optimizer steps first..last-1 on this rank's rows; returns the global mean loss per step."""
     import deepspeed.comm as dist
 
@@ -35,8 +52,7 @@ def train(engine, first: int, last: int, perturb_at: int | None = None) -> list[
     losses = []
     for step, batch in enumerate(batches(last, micro_batch=GLOBAL_BATCH)[first:], start=first):
         if step == perturb_at and rank == world - 1:
-            name = next(iter(sparse_layers(engine.module)))
-            engine.topkast.state.store.read(name)[0] += 1.0
+            perturb(engine)
         mine = batch[rank * rows:(rank + 1) * rows]
         loss = engine(input_ids=mine, labels=mine).loss
         engine.backward(loss)
@@ -71,7 +87,7 @@ def main() -> None:
     import deepspeed.comm as dist
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["equivalence", "perturb", "save", "resume", "roundtrip"])
+    parser.add_argument("mode", choices=["equivalence", "perturb", "diverge", "save", "resume", "roundtrip"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--stages", type=int, nargs="+", default=[2])
     parser.add_argument("--steps", type=int, default=5)
@@ -84,9 +100,9 @@ def main() -> None:
         store = {"dense_store": {"device": "nvme", "nvme_path": args.nvme}} if args.nvme else {}
         engine = build(stage, int(os.environ["WORLD_SIZE"]), **store)
         rank = dist.get_rank()
-        if args.mode == "perturb":
-            train(engine, 0, args.steps, perturb_at=3)
-            raise SystemExit("the perturbed store was not caught")
+        if args.mode in PERTURBATIONS:
+            train(engine, 0, args.steps, PERTURBATIONS[args.mode], perturb_at=3)
+            raise SystemExit(f"the {args.mode} perturbation was not caught")
         if args.mode == "roundtrip":  # save at --start, resume in a fresh engine on the same ranks
             train(engine, 0, args.start)
             engine.save_checkpoint(str(out / f"ckpt_stage{stage}"))

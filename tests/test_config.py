@@ -92,7 +92,7 @@ def test_missing_config_file(tmp_path):
 
 TRAIN_ERRORS = [
     ({"steps": 0}, "train.steps: Input should be greater than 0"),
-    ({"data": {"paths": "x"}}, "train.data.paths: unknown key; remove it or use one of: dataset, eval_fraction, max_bytes, path"),
+    ({"data": {"paths": "x"}}, "train.data.paths: unknown key; remove it or use one of: binary, dataset, eval_fraction, max_bytes, path"),
     ({"epochs": 3}, "train.epochs: unknown key; remove it or use one of: checkpoint_interval, data,"),
 ]
 
@@ -129,3 +129,33 @@ def test_every_shipped_config_is_valid(path):
     assert micro_batch_per_rank(cfg, 8) > 0
     if "preset" in train.model:
         preset(train.model["preset"], **{k: v for k, v in train.model.items() if k not in ("type", "preset")})
+
+
+def test_weights_partitioned_by_zero3_are_refused():
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config(stage=3)):
+        model = MLP()
+    with pytest.raises(TopKASTConfigError, match="fc1.weight is already partitioned by DeepSpeed ZeRO-3.*Build and "
+                                                 "sparsify the model before"):
+        ds_topkast.sparsify(model, {"exclude": ["embed", "head"]})
+
+
+def test_a_config_file_that_is_not_json(tmp_path):
+    (tmp_path / "ds.json").write_text('{"topkast": {"forward_sparsity": 0.9,}}')
+    with pytest.raises(TopKASTConfigError, match="ds.json is not valid JSON"):
+        ds_topkast.initialize(model=MLP(), config=str(tmp_path / "ds.json"))
+
+
+def test_the_training_command_refuses_a_resume_without_a_checkpoint(tmp_path):
+    from ds_topkast.train import main
+
+    with pytest.raises(SystemExit, match="holds no checkpoint"):
+        main(["--config", str(REPO / "configs" / "tiny_gpt2.json"), "--out", str(tmp_path), "--resume"])
+
+
+def test_path_and_dataset_together_are_refused():
+    from ds_topkast.data import CorpusError, DataConfig, load_corpus
+
+    with pytest.raises(CorpusError, match="gives both path and dataset; keep one"):
+        load_corpus(DataConfig(path="x.txt", dataset="enwik8"))

@@ -53,12 +53,16 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(two_rank_runs, stage)
         assert torch.equal(ranks[0]["forward_mask"][name], ranks[1]["forward_mask"][name])
 
 
-def test_perturbed_store_on_one_rank_stops_every_rank(tmp_path):
-    result = deepspeed_launch(2, "tests/dist_worker.py", "perturb", "--out", str(tmp_path), check=False)
+@pytest.mark.parametrize("mode,message", [
+    ("perturb", "layer 'transformer.h.0.attn.c_attn' on rank(s) [1]: its dense-store shard changed"),
+    ("diverge", "masks differ across ranks at step 4 in layers ['transformer.h.0.attn.c_attn']"),
+])
+def test_a_store_or_masks_changed_on_one_rank_stop_every_rank(tmp_path, mode, message):
+    result = deepspeed_launch(2, "tests/dist_worker.py", mode, "--out", str(tmp_path), check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "layer 'transformer.h.0.attn.c_attn' on rank(s) [1]: its dense-store shard changed" in output
-    assert "the perturbed store was not caught" not in output
+    assert message in output, output[-3000:]
+    assert "perturbation was not caught" not in output
 
 
 def test_two_rank_checkpoint_resumes_on_two_ranks(tmp_path):
