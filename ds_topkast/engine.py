@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ds_topkast.checkpoint import load_file
+from ds_topkast.checkpoint import CheckpointError, load_file
 from ds_topkast.collectives import ProcessGroupCollectives
 from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, topkast_section
 from ds_topkast.layers import exploration_loss
@@ -76,10 +76,26 @@ class TopKASTEngineMixin:
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         tag = _latest_tag(Path(load_dir)) if tag is None else str(tag)
         verified = self.topkast.verify(os.path.join(load_dir, tag)) if tag is not None else None
+        if verified is not None and self._loads_partitioned_optimizer_state(kwargs):
+            saved_world = verified.first["world"]
+            if saved_world != self.dp_world_size:
+                raise CheckpointError(
+                    f"{os.path.join(load_dir, tag)} was written by {saved_world} data-parallel ranks under ZeRO stage "
+                    f"{self.zero_optimization_stage()}, whose optimizer state DeepSpeed cannot repartition for "
+                    f"{self.dp_world_size}. Resume on {saved_world} ranks, or start a new run from its weights on "
+                    "any number of ranks: `ds_topkast.train ... --init-from <that folder>` or "
+                    "`ds_topkast.load_dense_weights(model, <that folder>)` (ds_topkast's own store reshards "
+                    "either way; stage 0 checkpoints resume on any world size).")
         load_path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
         if load_path is not None:
             self.topkast.load(os.path.dirname(load_path), self.global_steps, verified)
         return load_path, client_state
+
+
+    def _loads_partitioned_optimizer_state(self, kwargs: dict[str, Any]) -> bool:
+        """Whether this load reads ZeRO-partitioned optimizer state (tied to the world size that wrote it)."""
+        return (self.zero_optimization_stage() > 0 and kwargs.get("load_optimizer_states", True)
+                and not kwargs.get("load_module_only", False) and not self.load_universal_checkpoint())
 
 
 def _latest_tag(load_dir: Path) -> str | None:

@@ -2,9 +2,12 @@
 import pytest
 import torch
 
+import ds_topkast
 from dist_worker import build, state_of, train
+from ds_topkast.checkpoint import CheckpointError
 from ds_topkast.store import shard_range
 from launcher import deepspeed_launch
+from models import ds_config, tiny_gpt2
 
 STAGES = [0, 1, 2, 3]
 STEPS = 5
@@ -106,3 +109,14 @@ def test_resume_one_rank_checkpoint_on_two_ranks(tmp_path, stage):
     expected["losses"] = expected["losses"][3:]
     for rank, got in enumerate(load_ranks(tmp_path, f"resume_stage{stage}")):
         assert_same_training(got, expected, f"ZeRO-{stage} 1 -> 2 ranks, rank {rank}")
+
+
+def test_a_zero2_checkpoint_on_another_world_size_is_refused_with_the_way_out(tmp_path):
+    deepspeed_launch(2, "tests/dist_worker.py", "save", "--out", str(tmp_path), "--steps", "2", "--stages", "2")
+    engine = build(2, world=1)
+    with pytest.raises(CheckpointError, match="written by 2 data-parallel ranks under ZeRO stage 2.*Resume on 2 "
+                                              "ranks, or start a new run from its weights"):
+        engine.load_checkpoint(str(tmp_path / "ckpt_stage2"))
+    model = ds_topkast.load_dense_weights(tiny_gpt2(seed=1), tmp_path / "ckpt_stage2")
+    engine, *_ = ds_topkast.initialize(model=model, config=ds_config(stage=2, refresh_interval=2))
+    assert engine.topkast.refresher.history == []
