@@ -14,7 +14,9 @@ is written only after every rank has finished (DeepSpeed's closing barrier), mad
 durable and replaced atomically, so a job killed mid-save leaves `latest` naming the
 previous complete checkpoint. Loading checks ds_topkast's files before DeepSpeed reads
 anything, and DeepSpeed's own files are read with `torch.load(weights_only=True)`
-(allowing only the few DeepSpeed types its files hold), so no checkpoint runs code.
+(allowing only the few DeepSpeed types its files hold), so no checkpoint runs code. A ZeRO
+checkpoint offered to another data-parallel world size is refused up front with the way
+out (DeepSpeed would fail only after loading the module).
 """
 from __future__ import annotations
 
@@ -76,26 +78,25 @@ class TopKASTEngineMixin:
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         tag = _latest_tag(Path(load_dir)) if tag is None else str(tag)
         verified = self.topkast.verify(os.path.join(load_dir, tag)) if tag is not None else None
-        if verified is not None and self._loads_partitioned_optimizer_state(kwargs):
-            saved_world = verified.first["world"]
-            if saved_world != self.dp_world_size:
-                raise CheckpointError(
-                    f"{os.path.join(load_dir, tag)} was written by {saved_world} data-parallel ranks under ZeRO stage "
-                    f"{self.zero_optimization_stage()}, whose optimizer state DeepSpeed cannot repartition for "
-                    f"{self.dp_world_size}. Resume on {saved_world} ranks, or start a new run from its weights on "
-                    "any number of ranks: `ds_topkast.train ... --init-from <that folder>` or "
-                    "`ds_topkast.load_dense_weights(model, <that folder>)` (ds_topkast's own store reshards "
-                    "either way; stage 0 checkpoints resume on any world size).")
+        if verified is not None:
+            self._refuse_zero_state_of_another_world(verified.first["world"], os.path.join(load_dir, tag), kwargs)
         load_path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
         if load_path is not None:
             self.topkast.load(os.path.dirname(load_path), self.global_steps, verified)
         return load_path, client_state
 
-
-    def _loads_partitioned_optimizer_state(self, kwargs: dict[str, Any]) -> bool:
-        """Whether this load reads ZeRO-partitioned optimizer state (tied to the world size that wrote it)."""
-        return (self.zero_optimization_stage() > 0 and kwargs.get("load_optimizer_states", True)
-                and not kwargs.get("load_module_only", False) and not self.load_universal_checkpoint())
+    def _refuse_zero_state_of_another_world(self, saved_world: int, tag_dir: str, kwargs: dict[str, Any]) -> None:
+        """DeepSpeed cannot repartition ZeRO optimizer state; say so before it loads anything, with the way out."""
+        partitioned = (self.zero_optimization_stage() > 0 and kwargs.get("load_optimizer_states", True)
+                       and not kwargs.get("load_module_only", False) and not self.load_universal_checkpoint())
+        if partitioned and saved_world != self.dp_world_size:
+            raise CheckpointError(
+                f"{tag_dir} was written by {saved_world} data-parallel ranks under ZeRO stage "
+                f"{self.zero_optimization_stage()}, whose optimizer state DeepSpeed cannot repartition for "
+                f"{self.dp_world_size}. Resume on {saved_world} ranks, or start a new run from its weights on any "
+                "number of ranks: `ds_topkast.train ... --init-from <that folder>` or "
+                "`ds_topkast.load_dense_weights(model, <that folder>)` (ds_topkast's own store reshards either way; "
+                "stage 0 checkpoints resume on any world size).")
 
 
 def _latest_tag(load_dir: Path) -> str | None:
