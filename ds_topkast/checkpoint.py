@@ -1,9 +1,10 @@
 """Top-KAST's share of a checkpoint: each rank's dense-store shard, the sets and the mask history.
 
 DeepSpeed's `save_checkpoint` keeps only rank 0's client_state, so each rank writes its
-own file under `save_dir/tag/` holding its store shards. The file is written before
-DeepSpeed's files, so DeepSpeed's `latest` pointer, written last, never names a
-checkpoint without it. Files are plain tensors and numbers, read back with
+own file under `save_dir/tag/` holding its store shards. The file is written (by rename)
+before DeepSpeed's files, and the engine points `latest` at a tag only once every rank
+has written all of its files, so `latest` never names a checkpoint without it. Files
+are plain tensors and numbers, read back with
 `torch.load(weights_only=True)`: loading a checkpoint never executes code. Every tensor
 (and every NVMe store file linked next to it) has a CRC-32 recorded at save; loading reads
 and checks all of them, and the layers and settings, before it changes anything, so a
