@@ -191,9 +191,9 @@ def read_verified(path: Path) -> dict:
     payload = _read(path)
     try:
         _verify(payload, path, path.parent)
-    except (KeyError, TypeError, RuntimeError) as err:
-        if isinstance(err, CheckpointError):
-            raise
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, RuntimeError) as err:  # entries missing or of the wrong kind
         raise CheckpointError(f"{path} is corrupted (its contents are incomplete: {err!r}); resume from an earlier "
                               "checkpoint.") from None
     return payload

@@ -16,10 +16,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from ds_topkast.checkpoint import CheckpointError, assemble, checkpoint_file, every_rank, load_file, read_verified
+from ds_topkast.sparsify import in_module_layout, linear_weight
 
 _MODEL_STATES = "mp_rank_00_model_states.pt"
 _SPARSE_KEYS = ("values", "indices", "forward_mask")
@@ -67,14 +67,13 @@ def load_dense_weights(model: nn.Module, checkpoint: str | os.PathLike) -> nn.Mo
     state = {key: value for key, value in module_state.items()
              if key.rsplit(".", 1)[0] not in theta or key.rsplit(".", 1)[1] not in _SPARSE_KEYS}
     for name, flat in theta.items():
-        weight = model.get_submodule(name).weight
-        transposed = type(model.get_submodule(name)).__name__ == "Conv1D"  # (in, out), θ is (out, in)
-        shape = weight.shape[::-1] if transposed else weight.shape
-        if flat.numel() != weight.numel():
-            raise CheckpointError(f"Layer {name!r} has {flat.numel()} weights in {tag_dir} and {weight.numel()} in "
-                                  "the model; build the model the checkpoint was trained with.")
-        dense = flat.view(shape)
-        state[f"{name}.weight"] = (dense.t() if transposed else dense).to(weight.dtype)
+        module = model.get_submodule(name)
+        if flat.numel() != module.weight.numel():
+            raise CheckpointError(f"Layer {name!r} has {flat.numel()} weights in {tag_dir} and "
+                                  f"{module.weight.numel()} in the model; build the model the checkpoint was trained "
+                                  "with.")
+        matrix = flat.view(linear_weight(module).shape)  # θ is (out, in) whatever the module's own layout
+        state[f"{name}.weight"] = in_module_layout(module, matrix).to(module.weight.dtype)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

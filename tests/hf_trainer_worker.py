@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import VOCAB, batches, ds_config, tiny_gpt2  # noqa: E402
+from models import batches, ds_config, tiny_gpt2  # noqa: E402
 
 TOPKAST = {"forward_sparsity": 0.8, "backward_sparsity": 0.6, "refresh_interval": 2, "exploration_l2": 1e-3}
 

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import _free_port
+from conftest import _free_port, core_share
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,9 +23,7 @@ def deepspeed_launch(ranks: int, *target: str, check: bool = True, timeout: int 
                      env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus RANKS TARGET...` from the repository root; fails the test on a non-zero exit."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    # One thread per rank: ranks that each spin up a thread per core wait on one another (5x slower here).
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks)),
-           **(env or {})}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": core_share(ranks), **(env or {})}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     port = _free_port()

@@ -19,6 +19,14 @@ def tiny_gpt2(seed: int = 0, **overrides) -> nn.Module:
     return AutoModelForCausalLM.from_config(GPT2Config(**cfg))
 
 
+def gpt2_engine(cfg: dict, **overrides):
+    """ds_topkast's engine over a fresh tiny_gpt2 (seed 0; `overrides` change its shape)."""
+    import ds_topkast
+
+    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(seed=0, **overrides), config=cfg)
+    return engine
+
+
 def tiny_llama(seed: int = 0) -> nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
 

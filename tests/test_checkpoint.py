@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-import ds_topkast
 from ds_topkast.checkpoint import CheckpointError, checkpoint_file
 from ds_topkast.layers import sparse_layers
-from models import batches, ds_config, tiny_gpt2
+from models import batches, ds_config, gpt2_engine
 from test_engine import train
 
 STEPS = 8
@@ -17,26 +16,21 @@ def snapshot(engine):
             for name, layer in sparse_layers(engine.module).items()}
 
 
-def fresh_engine(cfg):
-    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(seed=0), config=cfg)
-    return engine
-
-
 @pytest.mark.parametrize("stage,bf16,save_at", [(0, False, 4), (2, False, 3), (3, False, 4), (1, True, 5)])
 def test_resume_equals_uninterrupted(tmp_path, stage, bf16, save_at):
     cfg = ds_config(stage=stage, bf16=bf16, lr=1e-2, refresh_interval=3, forward_interval=2, exploration_l2=1e-3)
     data = batches(STEPS)
 
-    whole = fresh_engine(cfg)
+    whole = gpt2_engine(cfg)
     expected_losses = train(whole, STEPS, data)
     expected = snapshot(whole)
 
-    first = fresh_engine(cfg)
+    first = gpt2_engine(cfg)
     losses = train(first, save_at, data)
     first.save_checkpoint(str(tmp_path))
     assert checkpoint_file(tmp_path / f"global_step{save_at}", 0).is_file()
 
-    resumed = fresh_engine(cfg)
+    resumed = gpt2_engine(cfg)
     load_path, _ = resumed.load_checkpoint(str(tmp_path))
     assert load_path is not None and resumed.global_steps == save_at
     losses += train(resumed, STEPS - save_at, data[save_at:])
@@ -51,18 +45,18 @@ def test_resume_equals_uninterrupted(tmp_path, stage, bf16, save_at):
 
 
 def test_changed_sparsity_is_refused_on_load(tmp_path):
-    engine = fresh_engine(ds_config(refresh_interval=2))
+    engine = gpt2_engine(ds_config(refresh_interval=2))
     train(engine, 2)
     engine.save_checkpoint(str(tmp_path))
-    other = fresh_engine(ds_config(refresh_interval=2, forward_sparsity=0.7))
+    other = gpt2_engine(ds_config(refresh_interval=2, forward_sparsity=0.7))
     with pytest.raises(Exception, match="forward_sparsity: 0.8 -> 0.7"):
         other.load_checkpoint(str(tmp_path))
 
 
 def test_missing_topkast_file_is_refused(tmp_path):
-    engine = fresh_engine(ds_config(refresh_interval=2))
+    engine = gpt2_engine(ds_config(refresh_interval=2))
     train(engine, 2)
     engine.save_checkpoint(str(tmp_path), tag="t")
     checkpoint_file(tmp_path / "t", 0).unlink()
     with pytest.raises(CheckpointError, match="has no topkast_rank00000.pt"):
-        fresh_engine(ds_config(refresh_interval=2)).load_checkpoint(str(tmp_path), tag="t")
+        gpt2_engine(ds_config(refresh_interval=2)).load_checkpoint(str(tmp_path), tag="t")

@@ -11,22 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import ds_topkast
 from ds_topkast.checkpoint import CheckpointError, checkpoint_file
 from ds_topkast.layers import sparse_layers
-from models import batches, ds_config, tiny_gpt2
+from models import batches, ds_config, gpt2_engine
 from test_engine import train
 
 TAG = "global_step2"
 
 
-def engine_for(cfg, **model):
-    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(seed=0, **model), config=cfg)
-    return engine
-
-
 def saved_run(folder: Path, cfg):
-    engine = engine_for(cfg)
+    engine = gpt2_engine(cfg)
     train(engine, 2)
     engine.save_checkpoint(str(folder))
     return engine
@@ -87,7 +81,7 @@ def test_a_corrupted_tensor_is_refused_naming_the_file(tmp_path, damage):
     cfg = ds_config(stage=2, refresh_interval=2)
     saved_run(tmp_path, cfg)
     rewrite_payload(checkpoint_file(tmp_path / TAG, 0), change)
-    assert_refused_untouched(engine_for(cfg), tmp_path, "topkast_rank00000.pt " + message)
+    assert_refused_untouched(gpt2_engine(cfg), tmp_path, "topkast_rank00000.pt " + message)
 
 
 def test_a_truncated_file_is_refused_naming_the_file(tmp_path):
@@ -95,7 +89,7 @@ def test_a_truncated_file_is_refused_naming_the_file(tmp_path):
     saved_run(tmp_path, cfg)
     path = checkpoint_file(tmp_path / TAG, 0)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    assert_refused_untouched(engine_for(cfg), tmp_path, f"{path} cannot be read .*truncated or corrupted")
+    assert_refused_untouched(gpt2_engine(cfg), tmp_path, f"{path} cannot be read .*truncated or corrupted")
 
 
 def test_flipped_bytes_anywhere_are_caught(tmp_path):
@@ -106,7 +100,7 @@ def test_flipped_bytes_anywhere_are_caught(tmp_path):
     for offset in range(len(raw) // 3, len(raw) * 2 // 3, 97):
         raw[offset] ^= 0xFF
     path.write_bytes(bytes(raw))
-    assert_refused_untouched(engine_for(cfg), tmp_path, f"{path} (cannot be read|is corrupted)")
+    assert_refused_untouched(gpt2_engine(cfg), tmp_path, f"{path} (cannot be read|is corrupted)")
 
 
 NVME_DAMAGES = {
@@ -127,7 +121,7 @@ def test_a_damaged_nvme_store_file_is_refused_naming_it(tmp_path, damage):
     (tmp_path / "ckpt" / TAG / "topkast_store_rank00000" / store_file.name).write_bytes(
         (tmp_path / "nvme" / "ds_topkast_store" / "rank00000" / store_file.name).read_bytes())
     change(store_file)
-    assert_refused_untouched(engine_for(cfg), tmp_path / "ckpt", f"{store_file} {message}")
+    assert_refused_untouched(gpt2_engine(cfg), tmp_path / "ckpt", f"{store_file} {message}")
 
 
 class RunsCode:
@@ -151,7 +145,7 @@ def test_a_crafted_pickle_is_refused_without_running_it(tmp_path, victim):
     payload["extra"] = RunsCode(marker)
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=f"{path} holds objects that would run code when loaded"):
-        engine_for(cfg).load_checkpoint(str(tmp_path))
+        gpt2_engine(cfg).load_checkpoint(str(tmp_path))
     assert not marker.exists(), "the crafted pickle ran"
 
 
@@ -160,7 +154,7 @@ def test_deepspeed_files_still_load_weights_only_in_every_zero_stage(tmp_path):
     for stage, bf16 in [(1, True), (3, False)]:
         cfg = ds_config(stage=stage, bf16=bf16, refresh_interval=2)
         saved_run(tmp_path / str(stage), cfg)
-        assert engine_for(cfg).load_checkpoint(str(tmp_path / str(stage)))[0] is not None
+        assert gpt2_engine(cfg).load_checkpoint(str(tmp_path / str(stage)))[0] is not None
 
 
 @pytest.mark.parametrize("model,message", [
@@ -170,13 +164,13 @@ def test_deepspeed_files_still_load_weights_only_in_every_zero_stage(tmp_path):
 def test_a_changed_model_is_refused(tmp_path, model, message):
     cfg = ds_config(refresh_interval=2)
     saved_run(tmp_path, cfg)
-    other = engine_for(cfg, **model)
+    other = gpt2_engine(cfg, **model)
     assert_refused_untouched(other, tmp_path, "does not fit this model: " + message)
 
 
 def test_settings_that_keep_every_k_may_change_on_resume(tmp_path):
     saved_run(tmp_path, ds_config(refresh_interval=2))
-    changed = engine_for(ds_config(refresh_interval=3, forward_interval=0, exploration_l2=1e-4))
+    changed = gpt2_engine(ds_config(refresh_interval=3, forward_interval=0, exploration_l2=1e-4))
     assert changed.load_checkpoint(str(tmp_path))[0] is not None
     train(changed, 2, batches(4)[2:])
     assert [d.step for d in changed.topkast.refresher.history] == [2, 3]

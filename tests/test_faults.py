@@ -11,10 +11,10 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
-from launcher import REPO, deepspeed_launch
+from launcher import deepspeed_launch
+from test_train_cli import write_config as cli_config
 
 STEPS = int(os.environ.get("TOPKAST_SOAK_STEPS", 120))
 FAULTS = [  # (point, step, rank, the checkpoint `latest` must name after the kill)
@@ -25,14 +25,8 @@ FAULTS = [  # (point, step, rank, the checkpoint `latest` must name after the ki
 
 
 def write_config(path: Path) -> Path:
-    cfg = json.loads((REPO / "configs" / "tiny_gpt2.json").read_text())
-    cfg["train"].update(model={"type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2}, data={"max_bytes": 100_000},
-                        seq_len=16, steps=STEPS, eval_interval=STEPS // 2, eval_batches=2, log_interval=1,
-                        checkpoint_interval=4, plot=False)
-    cfg["train_micro_batch_size_per_gpu"] = 2
-    cfg["topkast"].update(refresh_interval=2, exploration_l2=1e-4)
-    path.write_text(json.dumps(cfg))
-    return path
+    return cli_config(path, "tiny_gpt2.json", {"type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2}, STEPS,
+                      topkast={"exploration_l2": 1e-4}, eval_interval=STEPS // 2, checkpoint_interval=4, plot=False)
 
 
 def train(config: Path, out: Path, *extra: str, env=None, check=True):

@@ -1,15 +1,13 @@
 """A run changes its sparsity by starting anew from a checkpoint's dense weights (`--init-from`)."""
-import json
-
 import deepspeed
 import pytest
 import torch
 
 import ds_topkast
 from ds_topkast.checkpoint import CheckpointError
-from launcher import REPO
 from models import ds_config, tiny_gpt2
 from test_engine import train
+from test_train_cli import GPT, write_config
 
 
 def saved_sparse_run(folder):
@@ -56,14 +54,10 @@ def test_wrong_folders_and_models_are_refused(tmp_path):
 def test_the_training_command_takes_init_from(tmp_path):
     from ds_topkast.train import main
 
-    cfg = json.loads((REPO / "configs" / "tiny_gpt2.json").read_text())
-    cfg["train"].update(model={"type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}, data={"max_bytes": 50_000},
-                        seq_len=16, steps=2, eval_interval=2, eval_batches=1, plot=False)
-    cfg["train_micro_batch_size_per_gpu"] = 2
-    (tmp_path / "first.json").write_text(json.dumps(cfg))
+    write_config(tmp_path / "first.json", "tiny_gpt2.json", GPT, 2, plot=False)
     main(["--config", str(tmp_path / "first.json"), "--out", str(tmp_path / "first")])
-    cfg["topkast"].update(forward_sparsity=0.9, backward_sparsity=0.8)
-    (tmp_path / "second.json").write_text(json.dumps(cfg))
+    write_config(tmp_path / "second.json", "tiny_gpt2.json", GPT, 2,
+                 topkast={"forward_sparsity": 0.9, "backward_sparsity": 0.8}, plot=False)
     with pytest.raises(SystemExit, match="give one of them"):
         main(["--config", str(tmp_path / "second.json"), "--out", str(tmp_path / "x"), "--resume",
               "--init-from", str(tmp_path / "first")])

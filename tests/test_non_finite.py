@@ -14,14 +14,9 @@ import ds_topkast
 from ds_topkast.config import TopKASTConfigError
 from ds_topkast.layers import NonFiniteWeightsError, sparse_layers
 from ds_topkast.refresh import RefreshError
-from models import batches, ds_config, tiny_gpt2
+from models import batches, ds_config, gpt2_engine, tiny_gpt2
 
 LAYER = "transformer.h.0.attn.c_attn"
-
-
-def engine_for(cfg):
-    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(seed=0), config=cfg)
-    return engine
 
 
 def step(engine, batch, poison: bool = False):
@@ -45,7 +40,7 @@ def assert_store_finite_and_unchanged(engine, before):
 
 
 def test_fp32_nan_step_stops_the_refresh_before_it_writes(tmp_path):
-    engine = engine_for(ds_config(stage=0, refresh_interval=2, forward_interval=0))
+    engine = gpt2_engine(ds_config(stage=0, refresh_interval=2, forward_interval=0))
     data = batches(2)
     step(engine, data[0])
     before = snapshot(engine)
@@ -55,7 +50,7 @@ def test_fp32_nan_step_stops_the_refresh_before_it_writes(tmp_path):
 
 
 def test_fp32_nan_step_stops_the_reselection_of_a(tmp_path):
-    engine = engine_for(ds_config(stage=0, refresh_interval=10, forward_interval=1))
+    engine = gpt2_engine(ds_config(stage=0, refresh_interval=10, forward_interval=1))
     data = batches(2)
     step(engine, data[0], poison=True)
     before = snapshot(engine)
@@ -66,7 +61,7 @@ def test_fp32_nan_step_stops_the_reselection_of_a(tmp_path):
 
 @pytest.mark.parametrize("stage,bf16", [(1, True), (2, False)])
 def test_zero_skips_the_nan_step_and_the_refresh_sees_finite_weights(stage, bf16):
-    engine = engine_for(ds_config(stage=stage, bf16=bf16, refresh_interval=2, forward_interval=1))
+    engine = gpt2_engine(ds_config(stage=stage, bf16=bf16, refresh_interval=2, forward_interval=1))
     data = batches(4)
     step(engine, data[0])
     step(engine, data[1], poison=True)  # the refresh at step 2 follows the skipped step

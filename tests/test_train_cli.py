@@ -12,12 +12,13 @@ GPT = {"type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}
 TXL = {"type": "transformer_xl", "preset": "tiny"}
 
 
-def write_config(path: Path, base: str, model: dict, steps: int, **train) -> Path:
+def write_config(path: Path, base: str, model: dict, steps: int, topkast: dict | None = None, **train) -> Path:
+    """A shipped config cut down to a test's size; `topkast` and `train` entries override its sections."""
     cfg = json.loads((REPO / "configs" / base).read_text())
-    cfg["train"].update(steps=steps, eval_interval=3, eval_batches=2, seq_len=16, log_interval=1, model=model,
-                        data={"max_bytes": 100_000}, **train)
+    cfg["train"].update({"steps": steps, "eval_interval": 3, "eval_batches": 2, "seq_len": 16, "log_interval": 1,
+                         "model": model, "data": {"max_bytes": 100_000}, **train})
     cfg["train_micro_batch_size_per_gpu"] = 2
-    cfg["topkast"]["refresh_interval"] = 2
+    cfg["topkast"].update({"refresh_interval": 2, **(topkast or {})})
     path.write_text(json.dumps(cfg))
     return path
 
