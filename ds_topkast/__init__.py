@@ -10,11 +10,11 @@ from ds_topkast.config import TopKASTConfig, TopKASTConfigError
 from ds_topkast.engine import initialize
 from ds_topkast.export import export
 from ds_topkast.init_from import load_dense_weights
-from ds_topkast.layers import TopKASTLinear, exploration_loss
+from ds_topkast.layers import TopKASTLinear, exploration_penalty
 from ds_topkast.memory import memory_report
 from ds_topkast.sparsify import sparsify
 
-__all__ = ["TopKASTCallback", "TopKASTConfig", "TopKASTConfigError", "TopKASTLinear", "exploration_loss", "export",
+__all__ = ["TopKASTCallback", "TopKASTConfig", "TopKASTConfigError", "TopKASTLinear", "exploration_penalty", "export",
            "initialize", "load_dense_weights", "memory_report", "sparsify"]
 
 

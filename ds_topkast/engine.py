@@ -1,10 +1,9 @@
 """`ds_topkast.initialize`: `deepspeed.initialize` plus Top-KAST, with the same arguments and returns.
 
-The returned engine is DeepSpeed's own engine with four methods extended (its class is
+The returned engine is DeepSpeed's own engine with three methods extended (its class is
 swapped for a subclass, so `isinstance(engine, DeepSpeedEngine)` still holds):
-- `backward(loss)` adds the exploration regulariser of the latest forward pass;
-- `step()` runs the refresh after every `refresh_interval`-th optimizer step and marks
-  set A for re-selection every `forward_interval` steps;
+- `step()` runs the refresh after every `refresh_interval`-th optimizer step and
+  re-selects set A inside B every `forward_interval` steps;
 - `save_checkpoint` / `load_checkpoint` also carry the dense store and the sets.
 The public methods hold the guards; `TopKASTRuntime` (runtime.py) does the work.
 
@@ -30,7 +29,6 @@ from torch import nn
 from ds_topkast.checkpoint import CheckpointError, load_file
 from ds_topkast.collectives import ProcessGroupCollectives
 from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, topkast_section
-from ds_topkast.layers import exploration_loss
 from ds_topkast.optimizer_state import adapter_for, per_entry_state_keys, refuse_unknown_config_optimizer
 from ds_topkast.runtime import TopKASTRuntime
 from ds_topkast.sparsify import TopKASTState, sparsify, topkast_state
@@ -45,16 +43,14 @@ def _runtime(engine, model: nn.Module, ds_config: dict[str, Any]) -> TopKASTRunt
             f"ds_topkast shards its dense store over data-parallel ranks only, but this job has "
             f"{comm.world} ranks and a data-parallel size of {engine.dp_world_size} (model, pipeline or "
             "sequence parallelism); run pure data parallelism (with any ZeRO stage).")
-    return TopKASTRuntime(model, adapter_for(engine), comm, ds_config.get("aio"), getattr(engine, "monitor", None))
+    return TopKASTRuntime(model, adapter_for(engine), comm, engine.gradient_accumulation_steps(), ds_config.get("aio"),
+                          getattr(engine, "monitor", None))
 
 
 class TopKASTEngineMixin:
     """Extends a DeepSpeed engine class; see the module docstring."""
 
     topkast: TopKASTRuntime
-
-    def backward(self, loss, *args, **kwargs):
-        return super().backward(loss + exploration_loss(self.module), *args, **kwargs)
 
     def step(self, *args, **kwargs):
         steps_before = self.global_steps

@@ -7,8 +7,11 @@ of B\\A receive the straight-through gradient while contributing nothing to the 
 Here B is held as one fixed-size parameter `values` (k_B entries, trained by DeepSpeed)
 with a buffer of flat indices into the (out, in) weight, and a boolean mask over it
 telling which entries are in A. The dense α of this one layer is scattered for the
-matmul and rebuilt in backward; it is never saved for backward. The layer knows nothing
-about the dense store or the optimizer: refresh.py rewrites its sets from outside.
+matmul and rebuilt in backward; it is never saved for backward. The exploration
+regulariser's gradient is added in the same backward, so every way of calling backward
+(`loss.backward()`, `engine.backward`, activation-checkpoint recompute, the HF Trainer)
+applies it exactly once. The layer knows nothing about the dense store or the optimizer:
+refresh.py rewrites its sets from outside, between steps.
 """
 from __future__ import annotations
 
@@ -16,42 +19,70 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ds_topkast.select import NonFiniteScoresError, topk_mask
-
-
-class NonFiniteWeightsError(FloatingPointError):
-    """A layer's trained values hold NaN or infinity, so no mask may be selected from them."""
+from ds_topkast.select import topk_mask_without_sync
 
 
 def dense_alpha(values: Tensor, indices: Tensor, forward_mask: Tensor, shape: tuple[int, int]) -> Tensor:
     """The dense forward weight α: values of A scattered at their flat indices, zero elsewhere."""
     weight = values.new_zeros(shape[0] * shape[1])
-    weight[indices.long()] = torch.where(forward_mask, values, torch.zeros_like(values))
+    weight[indices] = torch.where(forward_mask, values, torch.zeros_like(values))
     return weight.view(shape)
 
 
+def exploration_weights(forward_mask: Tensor, forward_density: float) -> Tensor:
+    """Per-entry weight of the exploration regulariser: 1 on A, 1/D on B\\A (paper, Section 2.2)."""
+    return torch.where(forward_mask, 1.0, 1.0 / forward_density)
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a linear layer in on x's device, or None when autocast is off there."""
+    device_type = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 class SparseLinearFunction(torch.autograd.Function):
-    """y = x α^T, with dL/dvalues = (dL/dα) gathered at B (straight through for B\\A)."""
+    """y = x α^T; dL/dvalues = (dL/dα) gathered at B (straight through for B\\A) plus the regulariser's gradient.
+
+    Under autocast the matmuls run in autocast's dtype, as `F.linear` would (the backward
+    runs outside autocast, so it casts explicitly); the value gradient comes back in the
+    values' own dtype. `l2_grad_scale` is 2λ divided by the backward passes per optimizer
+    step, so that λ·(Σ_A v² + Σ_{B\\A} v²/D) is applied exactly once per step;
+    `forward_density` is D, this layer's own.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, values: Tensor, indices: Tensor, forward_mask: Tensor,
-                out_features: int, in_features: int) -> Tensor:
+    def forward(ctx, x: Tensor, values: Tensor, indices: Tensor, forward_mask: Tensor, out_features: int,
+                in_features: int, l2_grad_scale: float = 0.0, forward_density: float = 1.0) -> Tensor:
         shape = (out_features, in_features)
+        autocast_dtype = _autocast_dtype(x)
+        compute_dtype = autocast_dtype or values.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(autocast_dtype) if autocast_dtype else x
+            y = F.linear(x, dense_alpha(values.to(compute_dtype), indices, forward_mask, shape))
         ctx.save_for_backward(x, values, indices, forward_mask)
-        ctx.shape = shape
-        return F.linear(x, dense_alpha(values, indices, forward_mask, shape))
+        ctx.shape, ctx.compute_dtype = shape, compute_dtype
+        ctx.l2_grad_scale, ctx.forward_density = l2_grad_scale, forward_density
+        return y
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, values, indices, forward_mask = ctx.saved_tensors
+        grad_out = grad_out.to(ctx.compute_dtype)
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dense_alpha(values, indices, forward_mask, ctx.shape)
+            alpha = dense_alpha(values.to(ctx.compute_dtype), indices, forward_mask, ctx.shape)
+            grad_x = grad_out @ alpha
         if ctx.needs_input_grad[1]:
             # (out, in) = (out, tokens) @ (tokens, in); dense-then-gather (DESIGN.md, Section 2).
             grad_weight = grad_out.reshape(-1, ctx.shape[0]).t() @ x.reshape(-1, ctx.shape[1])
-            grad_values = grad_weight.reshape(-1)[indices.long()].to(values.dtype)
-        return grad_x, grad_values, None, None, None, None
+            grad_values = grad_weight.reshape(-1).index_select(0, indices)
+            if ctx.l2_grad_scale:
+                grad_values = grad_values.float() + ctx.l2_grad_scale * values.float() * exploration_weights(
+                    forward_mask, ctx.forward_density)
+            grad_values = grad_values.to(values.dtype)
+        return grad_x, grad_values, None, None, None, None, None, None
 
 
 class TopKASTLinear(nn.Module):
@@ -60,24 +91,27 @@ class TopKASTLinear(nn.Module):
     `values[i]` is the weight at flat index `indices[i]` of the (out, in) matrix;
     `forward_mask[i]` says whether that entry is in A. Indices are kept ascending, so a
     position in `values` orders ties the same way as the flat index does.
+    `forward_density` is this layer's own D = k_forward / (out * in) (it differs per layer
+    under ERK); `accumulation_steps` is how many backward passes make one optimizer step
+    (the runtime sets it), so the regulariser's gradient is applied once per step.
     """
 
     def __init__(self, in_features: int, out_features: int, values: Tensor, indices: Tensor,
-                 forward_mask: Tensor, bias: nn.Parameter | None, *, k_forward: int, forward_density: float,
+                 forward_mask: Tensor, bias: nn.Parameter | None, *, k_forward: int,
                  exploration_l2: float = 0.0, source_type: str = "Linear"):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.k_forward = k_forward
-        self.forward_density = forward_density
+        self.forward_density = k_forward / (in_features * out_features)
         self.exploration_l2 = exploration_l2
+        self.accumulation_steps = 1
         self.source_type = source_type
         self.values = nn.Parameter(values.detach().clone())
         self.bias = bias  # the replaced layer's own Parameter: param groups naming it stay valid
         index_dtype = torch.int32 if in_features * out_features < 2**31 else torch.int64
         self.register_buffer("indices", indices.to(index_dtype))
         self.register_buffer("forward_mask", forward_mask.clone())
-        self.forward_set_stale = False
         self.last_exploration_penalty: Tensor | None = None
         self.layer_name = ""  # its name in the model, for error messages (set by sparsify)
 
@@ -89,40 +123,35 @@ class TopKASTLinear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
-    def reselect_forward_set(self) -> None:
-        """A := the top k_forward of |values| inside B (DESIGN.md, Section 3, step 5); never from non-finite values."""
+    def select_forward_set(self, master: Tensor) -> None:
+        """A := the top k_forward of |master| inside B (DESIGN.md, Section 3, step 5), with no host sync.
+
+        `master` is the full fp32 master copy of `values` (the same on every rank), so bf16
+        rounding of the values never decides which entries are in A.
+        """
         with torch.no_grad():
-            try:  # the selection's own pass over the scores finds non-finite values; no second pass here
-                self.forward_mask.copy_(topk_mask(self.values.detach().float().abs(), self.k_forward))
-            except NonFiniteScoresError:
-                raise NonFiniteWeightsError(
-                    f"Top-KAST layer {self.layer_name or self.extra_repr()!r} holds non-finite weights, so set A "
-                    "cannot be re-selected: an optimizer step applied NaN or infinite gradients. Lower the learning "
-                    "rate or enable gradient clipping, and resume from the last checkpoint.") from None
-        self.forward_set_stale = False
+            mask = topk_mask_without_sync(master.reshape(-1).abs(), self.k_forward)
+            self.forward_mask.copy_(mask.to(self.forward_mask.device))
 
     def assign_sets(self, indices: Tensor, forward_mask: Tensor) -> None:
         """Take new sets from a refresh; the caller rewrites `values` to match."""
         self.indices.copy_(indices.to(self.indices.dtype))
         self.forward_mask.copy_(forward_mask)
-        self.forward_set_stale = False
 
     def exploration_penalty(self) -> Tensor:
-        """λ·(Σ_A v² + Σ_{B\\A} v² / D): the paper's exploration regulariser for this layer."""
-        squares = self.values.float().square()
-        scale = torch.where(self.forward_mask, 1.0, 1.0 / self.forward_density)
-        return self.exploration_l2 * (squares * scale).sum()
+        """λ·(Σ_A v² + Σ_{B\\A} v² / D): the paper's exploration regulariser for this layer (a value, for logs)."""
+        with torch.no_grad():
+            squares = self.values.float().square()
+            return self.exploration_l2 * (squares * exploration_weights(self.forward_mask, self.forward_density)).sum()
 
     def forward(self, x: Tensor) -> Tensor:
-        # Parameters are gathered here under ZeRO-3, so set-A re-selection and the
-        # penalty are computed inside forward rather than between steps.
-        if self.forward_set_stale:
-            self.reselect_forward_set()
-        if self.exploration_l2 > 0 and self.training and torch.is_grad_enabled():
+        exploring = self.exploration_l2 > 0 and self.training and torch.is_grad_enabled()
+        if exploring:  # for logs only: the gradient is added in backward (values are gathered here under ZeRO-3)
             self.last_exploration_penalty = self.exploration_penalty()
-        y = SparseLinearFunction.apply(x, self.values, self.indices, self.forward_mask,
-                                       self.out_features, self.in_features)
-        return y if self.bias is None else y + self.bias
+        l2_grad_scale = 2 * self.exploration_l2 / self.accumulation_steps if exploring else 0.0
+        y = SparseLinearFunction.apply(x, self.values, self.indices, self.forward_mask, self.out_features,
+                                       self.in_features, l2_grad_scale, self.forward_density)
+        return y if self.bias is None else y + self.bias.to(y.dtype)  # under autocast, as nn.Linear: y's dtype
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -134,15 +163,18 @@ def sparse_layers(model: nn.Module) -> dict[str, TopKASTLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TopKASTLinear)}
 
 
-def exploration_loss(model: nn.Module) -> Tensor | float:
-    """Sum of the exploration penalties from the model's latest training forward pass.
+def exploration_penalty(model: nn.Module) -> Tensor | float:
+    """The exploration regulariser's value at the model's latest training forward pass, for logging.
 
-    Add it to the loss in a custom loop (`loss = loss + exploration_loss(model)`);
-    ds_topkast's engine adds it inside `engine.backward`. Each penalty is used once.
+    Its gradient is already applied inside each sparse layer's backward: do not add this
+    to the loss (it is detached, so doing so changes the logged loss and nothing else).
     """
-    total: Tensor | float = 0.0
+    penalties = [layer.last_exploration_penalty for layer in sparse_layers(model).values()
+                 if layer.last_exploration_penalty is not None]
+    return torch.stack(penalties).sum() if penalties else 0.0
+
+
+def set_accumulation_steps(model: nn.Module, steps: int) -> None:
+    """Tell every sparse layer how many backward passes make one optimizer step (gradient accumulation)."""
     for layer in sparse_layers(model).values():
-        if layer.last_exploration_penalty is not None:
-            total = total + layer.last_exploration_penalty
-            layer.last_exploration_penalty = None
-    return total
+        layer.accumulation_steps = steps

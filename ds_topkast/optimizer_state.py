@@ -48,6 +48,11 @@ def per_entry_state_keys(basic_optimizer: torch.optim.Optimizer) -> tuple[str, .
             f"ds_topkast does not know which state of optimizer {name} is per weight, so it cannot move that "
             f"state at a refresh. Use one of {sorted(_PER_ENTRY_STATE)}.")
     keys = _PER_ENTRY_STATE[name]
+    if any(group.get("amsgrad", False) for group in basic_optimizer.param_groups):
+        raise UnsupportedOptimizerError(
+            f"{name} with amsgrad=True keeps a running maximum of each weight's second moment (max_exp_avg_sq), "
+            "which has no meaning for an entry new to set B and which ds_topkast does not remap at a refresh. "
+            "Set amsgrad to false (or leave it out).")
     if name == "SGD" and not any(group.get("momentum", 0) for group in basic_optimizer.param_groups):
         return ()
     return keys
@@ -56,8 +61,24 @@ def per_entry_state_keys(basic_optimizer: torch.optim.Optimizer) -> tuple[str, .
 class OptimizerStateAdapter:
     """Full (unpartitioned) views of a compact parameter's training state, for a refresh."""
 
-    def __init__(self, state_keys: tuple[str, ...]):
+    def __init__(self, state_keys: tuple[str, ...], basic_optimizer: torch.optim.Optimizer):
         self.state_keys = state_keys
+        self.basic_optimizer = basic_optimizer
+
+    def refuse_unknown_state(self) -> None:
+        """Stop before a refresh would leave per-weight state it does not know stale (checked at every refresh).
+
+        The optimizer's type and settings were checked at start; this catches state that
+        only appears once it steps (a subclass, or a setting that adds a buffer).
+        """
+        for state in self.basic_optimizer.state.values():
+            unknown = sorted(key for key, value in state.items() if torch.is_tensor(value) and value.numel() > 1
+                             and key not in self.state_keys)
+            if unknown:
+                raise UnsupportedOptimizerError(
+                    f"Optimizer {type(self.basic_optimizer).__name__} keeps per-weight state {unknown} that ds_topkast "
+                    f"does not know how to move at a refresh (it moves {list(self.state_keys)}). Use Adam, AdamW "
+                    "(amsgrad off) or SGD.")
 
     def get_master(self, param: nn.Parameter) -> Tensor:
         raise NotImplementedError
@@ -99,12 +120,35 @@ def zero3_partition(param: nn.Parameter, value: Tensor) -> Tensor:
     return torch.cat([piece, piece.new_zeros(size - piece.numel())])
 
 
+def _zero3_master_without_host_sync(param: nn.Parameter) -> Tensor | None:
+    """ZeRO-3's full fp32 master of `param`, as `safe_get_full_fp32_param` gives it, with no host sync.
+
+    DeepSpeed 0.19.8's getter first blocks the host on its reduce stream
+    (`reduce_and_partition_stream.synchronize()`); a device-side wait on that stream orders
+    the read the same way, and the all-gather is DeepSpeed's own. This runs every step
+    (A's re-selection), so it must not stall the kernel queue. None where the master is not
+    on the device (offloaded or swapped), where DeepSpeed's getter is the way.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    optimizer = param._z3_optimizer
+    group, offset, numel = optimizer.grad_position[optimizer.get_param_id(param)]
+    if optimizer.offload_optimizer or optimizer._swappable_optimizer_subgroup(group):
+        return None
+    if optimizer.reduce_and_partition_stream is not None:
+        get_accelerator().current_stream().wait_stream(optimizer.reduce_and_partition_stream)
+    partition = optimizer.fp32_partitioned_groups_flat[group].narrow(0, offset, numel)
+    return optimizer._fp32_state_allgather(param, partition)
+
+
 class DeepSpeedManagedState(OptimizerStateAdapter):
     """ZeRO stages 1-3 and BF16_Optimizer: DeepSpeed's safe_{get,set}_full_* API (collectives)."""
 
     def get_master(self, param):
         from deepspeed.utils import safe_get_full_fp32_param
-        return safe_get_full_fp32_param(param).reshape(-1)
+
+        master = _zero3_master_without_host_sync(param) if hasattr(param, "ds_id") else None
+        return (safe_get_full_fp32_param(param) if master is None else master).reshape(-1)
 
     def set_master(self, param, value):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
@@ -128,10 +172,6 @@ class DeepSpeedManagedState(OptimizerStateAdapter):
 class PlainOptimizerState(OptimizerStateAdapter):
     """No DeepSpeed wrapper (ZeRO stage 0, fp32): the parameter is its own master."""
 
-    def __init__(self, state_keys: tuple[str, ...], optimizer: torch.optim.Optimizer):
-        super().__init__(state_keys)
-        self.optimizer = optimizer
-
     def get_master(self, param):
         return param.detach().float().reshape(-1).clone()
 
@@ -139,10 +179,11 @@ class PlainOptimizerState(OptimizerStateAdapter):
         self.set_low_precision(param, value)
 
     def get_state(self, param, key):
-        return self.optimizer.state[param][key].reshape(-1)
+        return self.basic_optimizer.state[param][key].reshape(-1)
 
     def set_state(self, param, key, value):
-        self.optimizer.state[param][key].copy_(value.reshape(self.optimizer.state[param][key].shape))
+        state = self.basic_optimizer.state[param][key]
+        state.copy_(value.reshape(state.shape))
 
 
 def adapter_for(engine) -> OptimizerStateAdapter:
@@ -160,7 +201,7 @@ def adapter_for_optimizer(optimizer) -> OptimizerStateAdapter:
     while type(optimizer).__module__.startswith("accelerate."):
         optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer / DeepSpeedOptimizerWrapper
     if isinstance(optimizer, managed):
-        return DeepSpeedManagedState(per_entry_state_keys(optimizer.optimizer))
+        return DeepSpeedManagedState(per_entry_state_keys(optimizer.optimizer), optimizer.optimizer)
     if isinstance(optimizer, torch.optim.Optimizer):
         return PlainOptimizerState(per_entry_state_keys(optimizer), optimizer)
     raise UnsupportedOptimizerError(

@@ -11,8 +11,10 @@ DESIGN.md, Section 3. Every `refresh_interval` optimizer steps, on every rank:
 4. rebuild: new values, fp32 master and low-precision copy; each per-entry optimizer
    state moves with the entries that stay in B, new entries start at zero;
 5. guard again (every rank ends with the same sets) and record mask dynamics.
-Between refreshes, `mark_forward_sets_stale` makes each layer re-select A inside B at
-its next forward pass.
+Each shard is streamed through the accelerator: copied there (from pinned memory where
+the store pins), written back, selected and remapped there, and copied back, so the host
+only moves bytes and checks checksums. Between refreshes, `reselect_forward_sets` makes
+A the top k_A of B's fp32 master values, on the accelerator, with no host sync.
 """
 from __future__ import annotations
 
@@ -77,9 +79,14 @@ class Refresher:
         local = indices.cpu().long() - offset
         mask[local[(local >= 0) & (local < mask.numel())]] = True
 
-    def mark_forward_sets_stale(self) -> None:
+    def reselect_forward_sets(self) -> None:
+        """A := the top k_A of each layer's fp32 master values inside B, identically on every rank, no host sync.
+
+        The master, not the low-precision copy, decides: under bf16 many values tie and
+        rounding would pick members. Under ZeRO the master is gathered (a collective per layer).
+        """
         for layer in self.layers.values():
-            layer.forward_set_stale = True
+            layer.select_forward_set(self.adapter.get_master(layer.values))
 
     def refresh(self, step: int) -> MaskDynamics:
         """One full refresh of every layer at optimizer step `step` (a collective: all ranks call it).
@@ -87,6 +94,7 @@ class Refresher:
         The store is streamed layer by layer (a read-modify-write pass), so only the
         shard in hand, and whatever the store prefetches, is in host memory.
         """
+        self.adapter.refuse_unknown_state()
         self.check_sets_agree(step)
         totals = torch.zeros(3, dtype=torch.float64)
         for index, shard in enumerate(self.state.store.stream(self.layers)):
@@ -98,8 +106,10 @@ class Refresher:
             self._agree_or_fail(shard.name, not bool(torch.isfinite(master).all()), step,
                                 "its trained values hold NaN or infinity (nothing was written to the store); lower "
                                 "the learning rate or enable gradient clipping, and resume from the last checkpoint")
-            shard.write_back(layer.indices, master)
-            totals += self._refresh_layer(index, layer, shard, step)
+            on_device = shard.on(layer.indices.device)
+            on_device.write_back(layer.indices, master)
+            totals += self._refresh_layer(index, layer, on_device, step)
+            shard.theta.copy_(on_device.theta)  # no copy when the accelerator is the CPU
         self.check_sets_agree(step)
         k_forward = sum(layer.k_forward for layer in self.layers.values())
         k_backward = sum(layer.k_backward for layer in self.layers.values())
@@ -139,8 +149,6 @@ class Refresher:
             shard.theta, layer.k_forward, layer.k_backward, cfg.selection,
             selection_seed(cfg, step // cfg.refresh_interval, index),
             offset=shard.offset, numel=shard.numel, comm=self.comm)
-        device = layer.indices.device
-        new_indices, new_master, new_forward_mask = (t.to(device) for t in (new_indices, new_master, new_forward_mask))
         kept, pos = _positions_in(old_indices, new_indices)
         adapter.set_master(layer.values, new_master)
         for key in adapter.state_keys:
@@ -152,8 +160,8 @@ class Refresher:
         # An entry of the new A was in the old A if it was kept in B at a position the old
         # mask marked. Entries new to B are exactly those that came from the reservoir C.
         was_forward = kept & old_forward_mask[pos]
-        return torch.tensor([
+        return torch.stack([
             (new_forward_mask & ~was_forward).sum(),
             (~kept).sum(),
             (new_forward_mask & ~kept).sum(),
-        ], dtype=torch.float64)
+        ]).to("cpu", torch.float64)

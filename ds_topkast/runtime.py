@@ -17,7 +17,7 @@ from torch import nn
 
 from ds_topkast import checkpoint
 from ds_topkast.config import DenseStoreConfig, TopKASTConfig
-from ds_topkast.layers import sparse_layers
+from ds_topkast.layers import set_accumulation_steps, sparse_layers
 from ds_topkast.optimizer_state import OptimizerStateAdapter
 from ds_topkast.refresh import MaskDynamics, Refresher
 from ds_topkast.select import Collectives
@@ -36,7 +36,7 @@ def place_store(store: CPUDenseStore, cfg: DenseStoreConfig, deepspeed_aio: dict
                 world: int):
     """Keep this rank's shard of the full store `sparsify` built: in host memory, or in files on NVMe."""
     if cfg.device == "cpu":
-        store.keep_shard(rank, world)
+        store.keep_shard(rank, world, cfg.pin_memory)
         return store
     from ds_topkast.nvme_store import AioSettings, NVMeDenseStore
 
@@ -48,8 +48,9 @@ def place_store(store: CPUDenseStore, cfg: DenseStoreConfig, deepspeed_aio: dict
 class TopKASTRuntime:
     """Store, refresher and schedule of one sparsified model; `monitor` is DeepSpeed's, when there is one."""
 
-    def __init__(self, model: nn.Module, adapter: OptimizerStateAdapter, comm: Collectives,
+    def __init__(self, model: nn.Module, adapter: OptimizerStateAdapter, comm: Collectives, accumulation_steps: int = 1,
                  deepspeed_aio: dict[str, Any] | None = None, monitor: Any = None):
+        set_accumulation_steps(model, accumulation_steps)  # the regulariser's gradient: once per optimizer step
         self.state: TopKASTState = topkast_state(model)
         self.config: TopKASTConfig = self.state.config
         self.comm, self.monitor = comm, monitor
@@ -64,7 +65,7 @@ class TopKASTRuntime:
             self._report(dynamics)
             return dynamics
         if due(step, self.config.forward_interval):
-            self.refresher.mark_forward_sets_stale()
+            self.refresher.reselect_forward_sets()
         return None
 
     def save(self, tag_dir: str | os.PathLike) -> None:
@@ -76,10 +77,15 @@ class TopKASTRuntime:
         return checkpoint.read(self.refresher, tag_dir, self.comm.rank)
 
     def load(self, tag_dir: str | os.PathLike, step: int, verified: checkpoint.SavedState | None = None) -> None:
-        """Restore the store and sets saved at `step`, and the A re-selection that was then pending."""
+        """Restore the store and sets saved at `step` (the framework's own state, with the values, is loaded).
+
+        A is selected again from the restored master when step `step` re-selected it: that
+        is what the saved mask already holds (the selection is a function of the master),
+        and it also brings checkpoints that saved A before its re-selection up to date.
+        """
         checkpoint.restore(self.refresher, verified if verified is not None else self.verify(tag_dir))
         if step > 0 and not due(step, self.config.refresh_interval) and due(step, self.config.forward_interval):
-            self.refresher.mark_forward_sets_stale()
+            self.refresher.reselect_forward_sets()
 
     def _report(self, dynamics: MaskDynamics) -> None:
         if self.comm.rank != 0:

@@ -119,6 +119,26 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
     return mask.view(scores.shape)
 
 
+def topk_mask_without_sync(scores: Tensor, k: int) -> Tensor:
+    """`topk_mask` for the accelerator's hot path: exact, ties by lower flat index, no device-to-host sync.
+
+    Each score's float32 bits (which order like the value for scores >= +0.0) go into the
+    high 32 bits of an int64 key and the reversed flat index into the low 32, so every key
+    is distinct and `torch.topk` over the keys is exactly "largest first, lower index on
+    ties", with nothing read back to the host (the histogram selection above reads its
+    bins). Non-finite scores are not refused here (refusing needs a host read): NaN and
+    infinity rank above every finite score, and the refresh refuses them before they
+    reach the store. Scores must be non-negative (magnitudes) and `scores.numel()` < 2^32.
+    """
+    flat = scores.detach().reshape(-1).float()
+    n = flat.numel()
+    reversed_index = torch.arange(n - 1, -1, -1, device=flat.device, dtype=torch.int64)
+    keys = (flat.view(torch.int32).to(torch.int64) << 32) | reversed_index
+    mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    mask.index_fill_(0, torch.topk(keys, k, sorted=False).indices, True)  # `mask[i] = True` copies True to the GPU
+    return mask.view(scores.shape)
+
+
 def uniform_hash(indices: Tensor, seed: int) -> Tensor:
     """A deterministic pseudo-random value in [0, 1) per global index: the same on any world size."""
     x = ((indices & 0xFFFFFFFF) * 2654435761 + (seed & 0xFFFFFFFF) * 40503 + 12345) & 0xFFFFFFFF

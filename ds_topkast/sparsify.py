@@ -119,8 +119,7 @@ def _convert(module: nn.Module, cfg: TopKASTConfig, k_forward: int, k_backward: 
     indices, _, forward_mask = select_sets(weight.float(), k_forward, k_backward, cfg.selection, seed)
     values = weight.detach().reshape(-1)[indices]
     return TopKASTLinear(in_features, out_features, values, indices, forward_mask, module.bias,
-                         k_forward=k_forward, forward_density=cfg.forward_density,
-                         exploration_l2=cfg.exploration_l2, source_type=type(module).__name__)
+                         k_forward=k_forward, exploration_l2=cfg.exploration_l2, source_type=type(module).__name__)
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -172,7 +171,7 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
     shapes = [tuple(linear_weight(m).shape) for m in chosen.values()]
     forward = layer_densities(shapes, cfg.forward_density, cfg.distribution)
     backward = layer_densities(shapes, cfg.backward_density, cfg.distribution)
-    store = CPUDenseStore(pin_memory=cfg.dense_store.pin_memory)
+    store = CPUDenseStore()  # pinned, if asked, once placed: DeepSpeed has not set the device yet
     state = TopKASTState(config=cfg, store=store, layer_names=list(chosen))
     for index, ((name, module), (out_f, in_f), d_fwd, d_bwd) in enumerate(zip(chosen.items(), shapes, forward, backward)):
         k_forward = kept_count(out_f * in_f, d_fwd)

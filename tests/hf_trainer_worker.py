@@ -2,10 +2,14 @@
 
     deepspeed --num_gpus 2 tests/hf_trainer_worker.py --out DIR [--deepspeed]   # ZeRO-2 bf16
     accelerate launch --multi_gpu --num_processes 2 tests/hf_trainer_worker.py --out DIR [--deepspeed]  # DDP or ZeRO-2
+    accelerate launch --multi_gpu --num_processes 2 tests/hf_trainer_worker.py --out DIR --regulariser  # DDP
 
 Each rank trains 4 optimizer steps with gradient accumulation 2 (refresh every 2 steps,
 checkpoints every 2), then trains again from checkpoint-2 in a second folder, and writes
 its masks, values and store shard of both runs to DIR/rankN.pt for the test to compare.
+With --regulariser it instead writes the exploration regulariser's gradient of the first
+optimizer step (gradient with λ minus gradient without, same data) with the values it was
+taken at, to DIR/regulariser_rankN.pt.
 """
 from __future__ import annotations
 
@@ -48,29 +52,61 @@ def training_args(out: Path, *, steps: int, gas: int, micro: int, deepspeed: dic
                   lr: float = 1e-2, bf16: bool = True):
     from transformers import TrainingArguments
 
+    if deepspeed is None:  # TrainingArguments(deepspeed=...) of an earlier test in this process set it for good
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     return TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=micro, gradient_accumulation_steps=gas,
         learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch",
         train_sampling_strategy="sequential", save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500, logging_steps=1, report_to="none", seed=0, use_cpu=not torch.cuda.is_available(),
-        bf16=bf16 and deepspeed is not None, deepspeed=deepspeed, dataloader_num_workers=0, disable_tqdm=True)
+        bf16=bf16 and (deepspeed is not None or torch.cuda.is_available()), deepspeed=deepspeed, dataloader_num_workers=0, disable_tqdm=True)
 
 
 def train(out: Path, *, steps: int = 4, gas: int = 2, micro: int = 2, deepspeed: bool = False,
-          save_steps: int | None = 2, resume: str | None = None, stage: int = 2, bf16: bool = True):
+          save_steps: int | None = 2, resume: str | None = None, stage: int = 2, bf16: bool = True,
+          exploration_l2: float | None = None, callbacks: tuple = ()):
     """One Trainer run of the sparsified tiny GPT-2; returns (model, callback)."""
     from transformers import Trainer
 
     import ds_topkast
 
-    config = deepspeed_trainer_config(gas, stage) if deepspeed else {"topkast": TOPKAST}
+    config = deepspeed_trainer_config(gas, stage) if deepspeed else {"topkast": dict(TOPKAST)}
+    if exploration_l2 is not None:
+        config["topkast"]["exploration_l2"] = exploration_l2
     model = ds_topkast.sparsify(tiny_gpt2(), config)
     callback = ds_topkast.TopKASTCallback()
     args = training_args(out, steps=steps, gas=gas, micro=micro, deepspeed=config if deepspeed else None,
                          save_steps=save_steps, bf16=bf16)
-    trainer = Trainer(model=model, args=args, train_dataset=Windows(64), callbacks=[callback])
+    trainer = Trainer(model=model, args=args, train_dataset=Windows(64), callbacks=[callback, *callbacks])
     trainer.train(resume_from_checkpoint=resume)
     return model, callback
+
+
+def first_step_gradients(out: Path, exploration_l2: float) -> tuple[dict, dict]:
+    """Values and their (all-reduced) gradients just before the first optimizer step (DDP or one process)."""
+    from transformers import TrainerCallback
+
+    from ds_topkast.layers import sparse_layers
+
+    class Catch(TrainerCallback):
+        grads: dict = {}
+        values: dict = {}
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 0:
+                for name, layer in sparse_layers(model).items():
+                    Catch.grads[name] = layer.values.grad.detach().clone()
+                    Catch.values[name] = layer.values.detach().clone()
+
+    train(out, steps=1, gas=2, save_steps=None, exploration_l2=exploration_l2, bf16=False, callbacks=(Catch(),))
+    return dict(Catch.values), dict(Catch.grads)
+
+
+def regulariser_gradient(out: Path, exploration_l2: float) -> dict:
+    """The regulariser's gradient of one optimizer step: the same step's gradient with λ minus without λ."""
+    values, with_l2 = first_step_gradients(out / "with", exploration_l2)
+    _, without = first_step_gradients(out / "without", 0.0)
+    return {"values": values, "gradient": {name: with_l2[name] - without[name] for name in with_l2}}
 
 
 def snapshot(model, callback) -> dict:
@@ -89,10 +125,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--deepspeed", action="store_true")
+    parser.add_argument("--regulariser", type=float, metavar="LAMBDA", help="Write the regulariser's gradient.")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.out)
     rank = int(os.environ.get("RANK", 0))
+    if args.regulariser is not None:
+        torch.save(regulariser_gradient(out, args.regulariser), out / f"regulariser_rank{rank}.pt")
+        return
     whole = snapshot(*train(out / "whole", deepspeed=args.deepspeed))
     if rank == 0:
         (out / "resumed").mkdir(parents=True, exist_ok=True)

@@ -31,12 +31,12 @@ class ReferenceTopKAST:
 
     def __init__(self, model: nn.Module, layers: dict[str, tuple[int, int, bool]], *, lr: float,
                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, refresh_interval: int, forward_interval: int,
-                 exploration_l2: float = 0.0, forward_density: float = 1.0):
+                 exploration_l2: float = 0.0):
         self.model = model
         self.layers = layers
         self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
         self.refresh_interval, self.forward_interval = refresh_interval, forward_interval
-        self.l2, self.density = exploration_l2, forward_density
+        self.l2 = exploration_l2
         self.theta: dict[str, Tensor] = {}
         for name, (_, _, transposed) in layers.items():
             w = model.get_submodule(name).weight.detach().float()
@@ -79,8 +79,9 @@ class ReferenceTopKAST:
         grads = {n: others[n].grad for n in others}
         for name in self.layers:
             theta, A = self.theta[name], self.A[name]
-            # d/dθ of λ(Σ_A θ² + Σ_{B\A} θ²/D): the engine adds it to each micro-batch loss, scaled by 1/gas.
-            reg = 2 * self.l2 * theta * torch.where(A, 1.0, 1.0 / self.density) * self.B[name]
+            # d/dθ of λ(Σ_A θ² + Σ_{B\A} θ²/D) once per step, D the layer's own forward density k_A / n.
+            density = self.layers[name][0] / theta.numel()
+            reg = 2 * self.l2 * theta * torch.where(A, 1.0, 1.0 / density) * self.B[name]
             grads[name] = alphas[name].grad + reg
         return total, grads
 

@@ -125,14 +125,34 @@ def test_bf16_training_loss_falls(stage):
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
 
 
-def test_exploration_penalty_is_added_by_backward():
-    cfg = ds_config(exploration_l2=1.0, refresh_interval=100)
-    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=cfg)
+def values_gradients(engine, backward):
+    from deepspeed.utils import safe_get_full_grad
+
     batch = batches(1)[0]
-    loss = engine(input_ids=batch, labels=batch).loss
-    penalty = sum(l.last_exploration_penalty.item() for l in sparse_layers(engine.module).values())
-    returned = engine.backward(loss)
-    assert returned.item() == pytest.approx(loss.item() + penalty, rel=1e-6)
+    backward(engine, engine(input_ids=batch, labels=batch).loss)
+    return {name: safe_get_full_grad(layer.values).clone() for name, layer in sparse_layers(engine.module).items()}
+
+
+def test_loss_backward_and_engine_backward_give_the_same_regularised_gradient():
+    """The regulariser's gradient is added in the layer's backward, so a plain loss.backward() gets it too.
+
+    (DeepSpeed allows `loss.backward()` from ZeRO stage 1 on.)
+    """
+    cfg = ds_config(stage=2, exploration_l2=1.0, refresh_interval=100)
+    by_engine = values_gradients(ds_topkast.initialize(model=tiny_gpt2(), config=cfg)[0],
+                                 lambda engine, loss: engine.backward(loss))
+    by_loss = values_gradients(ds_topkast.initialize(model=tiny_gpt2(), config=cfg)[0],
+                               lambda engine, loss: loss.backward())
+    without = values_gradients(ds_topkast.initialize(model=tiny_gpt2(), config=ds_config(stage=2,
+                                                                                         refresh_interval=100))[0],
+                               lambda engine, loss: engine.backward(loss))
+    engine = ds_topkast.initialize(model=tiny_gpt2(), config=cfg)[0]
+    for name, layer in sparse_layers(engine.module).items():
+        torch.testing.assert_close(by_loss[name], by_engine[name])
+        v = layer.values.detach()
+        density = layer.k_forward / (layer.in_features * layer.out_features)
+        torch.testing.assert_close(by_engine[name] - without[name],
+                                   2 * v * torch.where(layer.forward_mask, 1.0, 1 / density))
 
 
 def test_config_path_in_args_as_deepspeed_reads_it(tmp_path):
@@ -145,3 +165,18 @@ def test_config_path_in_args_as_deepspeed_reads_it(tmp_path):
     engine, *_ = ds_topkast.initialize(args=args, model=MLP())
     assert set(sparse_layers(engine.module)) == {"fc1", "fc2"}
     assert engine.topkast.config.refresh_interval == 3
+
+
+def test_deepspeed_torch_autocast_runs_the_sparse_layers_in_bf16():
+    """DeepSpeed's "torch_autocast" keeps fp32 weights and runs matmuls under torch.autocast; both passes work."""
+    cfg = ds_config(stage=2, lr=1e-2, refresh_interval=5)
+    cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=cfg)
+    layer = next(iter(sparse_layers(engine.module).values()))
+    outputs = []
+    handle = layer.register_forward_hook(lambda module, args, output: outputs.append(output.dtype))
+    losses = train(engine, 12, batches(2) * 6)
+    handle.remove()
+    assert layer.values.dtype == torch.float32 and set(outputs) == {torch.bfloat16}
+    assert len(engine.topkast.refresher.history) == 2
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3

@@ -26,7 +26,7 @@ def assert_same_run(got: dict, expected: dict, exact: bool = False) -> None:
 
 
 def test_trainer_without_deepspeed_equals_ds_topkast_initialize(tmp_path):
-    """Same seed, data and fp32 AdamW: the Trainer path (forward hook, callback) = the engine path."""
+    """Same seed, data and fp32 AdamW: the Trainer path (callback) = the engine path, regulariser included."""
     model, callback = train(tmp_path, steps=STEPS, gas=1, micro=4, deepspeed=False, save_steps=None)
     trainer_run = snapshot(model, callback)
     assert trainer_run["refresh_steps"] == [2, 4, 6]
@@ -82,6 +82,12 @@ def test_trainer_with_deepspeed_zero2_bf16_on_two_ranks_refreshes_on_optimizer_s
 
 @pytest.mark.parametrize("deepspeed", [False, True], ids=["ddp", "deepspeed_zero2_bf16"])
 def test_trainer_on_two_ranks_through_accelerate_launch(tmp_path, deepspeed):
+    accelerate_launch(tmp_path, *["--deepspeed"] * deepspeed)
+    check_two_rank_results(tmp_path)
+
+
+def accelerate_launch(out, *worker_args: str) -> None:
+    """`accelerate launch --multi_gpu` of the Trainer worker on 2 ranks (gloo CPU ranks without GPUs)."""
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -91,12 +97,36 @@ def test_trainer_on_two_ranks_through_accelerate_launch(tmp_path, deepspeed):
     try:
         result = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
-                                 "tests/hf_trainer_worker.py", "--out", str(tmp_path)] + ["--deepspeed"] * deepspeed,
+                                 "tests/hf_trainer_worker.py", "--out", str(out), *worker_args],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     finally:
         remove_shm_buffers(port)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    check_two_rank_results(tmp_path)
+
+
+def expected_regulariser_gradient(values: dict, l2: float) -> dict:
+    """2λ·v on A and 2λ·v/D on B\\A, once per optimizer step, D each layer's own forward density."""
+    from ds_topkast.layers import sparse_layers
+
+    layers = sparse_layers(ds_topkast.sparsify(tiny_gpt2(), {"topkast": TOPKAST}))
+    return {name: 2 * l2 * values[name] * torch.where(layer.forward_mask, 1.0, 1 / layer.forward_density)
+            for name, layer in layers.items()}
+
+
+def test_trainer_regulariser_gradient_is_exactly_lambda_on_one_and_two_ranks(tmp_path):
+    """The regulariser is applied in the layers' backward: the same λ per optimizer step on any number of ranks
+    (added to the loss, DDP's mean made it N times too large), with gradient accumulation 2."""
+    from hf_trainer_worker import regulariser_gradient
+
+    l2 = 0.05
+    one_rank = regulariser_gradient(tmp_path / "one", l2)
+    accelerate_launch(tmp_path / "two", "--regulariser", str(l2))
+    two_ranks = [torch.load(tmp_path / "two" / f"regulariser_rank{r}.pt", weights_only=True) for r in range(2)]
+    for run in (one_rank, *two_ranks):
+        expected = expected_regulariser_gradient(run["values"], l2)
+        for name, gradient in run["gradient"].items():
+            torch.testing.assert_close(gradient, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(gradient, one_rank["gradient"][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_a_model_sparsified_with_another_section_is_refused(tmp_path):

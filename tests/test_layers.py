@@ -1,7 +1,10 @@
-"""The sparse layer's autograd: float64 gradient checks, straight-through for B\\A, the penalty."""
+"""The sparse layer's autograd: float64 gradient checks, straight-through for B\\A, the regulariser, autocast."""
 import torch
 
-from ds_topkast.layers import SparseLinearFunction, TopKASTLinear, dense_alpha, exploration_loss
+import pytest
+
+from ds_topkast.layers import SparseLinearFunction, TopKASTLinear, dense_alpha, exploration_penalty
+from ds_topkast.select import topk_mask_without_sync
 
 
 def layer_inputs(dtype=torch.float64):
@@ -47,16 +50,69 @@ def test_forward_ignores_b_minus_a():
     torch.testing.assert_close(y1, y2)
 
 
-def test_layer_reselects_a_inside_b_and_adds_penalty():
-    _, values, indices, mask, out_f, in_f = layer_inputs(torch.float32)
-    layer = TopKASTLinear(in_f, out_f, values.detach(), indices, mask, None, k_forward=3, forward_density=0.25,
-                          exploration_l2=0.1)
-    layer.forward_set_stale = True
-    layer(torch.randn(1, in_f))
-    expected = torch.zeros(len(indices), dtype=torch.bool)
-    expected[values.detach().abs().topk(3).indices] = True
+def make_layer(l2: float = 0.1, dtype=torch.float32) -> TopKASTLinear:
+    _, values, indices, mask, out_f, in_f = layer_inputs(dtype)
+    return TopKASTLinear(in_f, out_f, values.detach(), indices, mask, None, k_forward=3, exploration_l2=l2)
+
+
+def test_layer_selects_a_from_the_master_it_is_given():
+    layer = make_layer()
+    master = torch.randn(layer.values.numel())
+    layer.select_forward_set(master)
+    expected = torch.zeros(master.numel(), dtype=torch.bool)
+    expected[master.abs().topk(3).indices] = True
     assert torch.equal(layer.forward_mask, expected)
-    v = layer.values.detach()
-    penalty = exploration_loss(layer)
-    torch.testing.assert_close(penalty, 0.1 * (v[expected].square().sum() + v[~expected].square().sum() / 0.25))
-    assert exploration_loss(layer) == 0.0, "each penalty is used once"
+
+
+def test_sync_free_topk_is_exact_with_ties_by_lower_index():
+    scores = torch.tensor([0.5, 2.0, 0.5, 0.0, 2.0, 0.5, 1.0])
+    assert torch.equal(topk_mask_without_sync(scores, 4),
+                       torch.tensor([True, True, False, False, True, False, True]))
+    gen = torch.Generator().manual_seed(3)
+    for n, k in [(1000, 1), (1000, 999), (5000, 1234)]:
+        scores = torch.randint(0, 20, (n,), generator=gen).float() / 4  # many ties
+        order = torch.sort(-scores, stable=True).indices[:k]
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[order] = True
+        assert torch.equal(topk_mask_without_sync(scores, k), expected), (n, k)
+
+
+def test_regulariser_gradient_is_added_in_backward_with_the_layers_own_density():
+    layer = make_layer(l2=0.1)
+    assert layer.forward_density == pytest.approx(3 / 35)
+    x = torch.randn(2, layer.in_features)
+    layer(x).sum().backward()
+    data_grad = layer.values.grad.clone()
+    layer.values.grad = None
+    layer.exploration_l2 = 0.0
+    layer(x).sum().backward()
+    v, mask = layer.values.detach(), layer.forward_mask
+    torch.testing.assert_close(data_grad - layer.values.grad, 2 * 0.1 * v * torch.where(mask, 1.0, 35 / 3))
+    layer.exploration_l2, layer.accumulation_steps = 0.1, 4  # applied once per optimizer step of 4 backward passes
+    layer.values.grad = None
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.values.grad - (data_grad - 2 * 0.1 * v * torch.where(mask, 1.0, 35 / 3)),
+                               2 * 0.1 * v * torch.where(mask, 1.0, 35 / 3) / 4)
+    penalty = exploration_penalty(layer)
+    torch.testing.assert_close(penalty, 0.1 * (v[mask].square().sum() + v[~mask].square().sum() * 35 / 3))
+    assert not penalty.requires_grad, "the penalty is reported, not added to the loss"
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_bf16_forward_and_backward_match_nn_linear(model_dtype):
+    layer = make_layer(l2=0.0, dtype=model_dtype)
+    dense = torch.nn.Linear(layer.in_features, layer.out_features, bias=False, dtype=model_dtype)
+    with torch.no_grad():
+        dense.weight.copy_(dense_alpha(layer.values, layer.indices, layer.forward_mask, layer.shape))
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = layer(x), dense(x_ref)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert x.grad.dtype == torch.float32 and layer.values.grad.dtype == model_dtype
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.values.grad, dense.weight.grad.reshape(-1)[layer.indices.long()])

@@ -66,8 +66,7 @@ def test_compact_engine_matches_dense_reference(stage, gas):
     assert len(layers) == 8  # c_attn, c_proj, c_fc, mlp.c_proj in 2 blocks
     ref = ReferenceTopKAST(reference_model,
                            {n: (l.k_forward, l.k_backward, l.source_type == "Conv1D") for n, l in layers.items()},
-                           lr=LR, eps=EPS, weight_decay=WD, refresh_interval=3, forward_interval=1, exploration_l2=L2,
-                           forward_density=0.2)
+                           lr=LR, eps=EPS, weight_decay=WD, refresh_interval=3, forward_interval=1, exploration_l2=L2)
     data = batches(7 * gas)
     for step in range(7):
         micro = data[step * gas:(step + 1) * gas]

@@ -12,8 +12,9 @@ without DeepSpeed) gives the optimizer-state adapter, and the process group give
 collectives. Then, through one `TopKASTRuntime`:
 - after every optimizer step (`on_step_end`; the Trainer counts gradient accumulation)
   the refresh or the re-selection of A inside B runs on schedule;
-- the exploration penalty is added to the model output's loss by a forward hook, divided
-  by the accumulation steps when the Trainer does not divide the loss itself;
+- the exploration regulariser needs nothing from the Trainer: each sparse layer adds its
+  gradient in backward, once per optimizer step (the callback tells the layers the
+  accumulation steps), so it is exact on any number of ranks and with any loss;
 - when the Trainer is about to save a checkpoint (`control.should_save`), each rank's
   store shard and sets go into `checkpoint-N/` first, so a checkpoint folder never lacks
   them; resuming (`global_step > 0` at `on_train_begin`) loads them back.
@@ -21,7 +22,7 @@ collectives. Then, through one `TopKASTRuntime`:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,6 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ds_topkast.config import SECTION, TopKASTConfigError, load_deepspeed_config, topkast_section
-from ds_topkast.layers import exploration_loss
 from ds_topkast.optimizer_state import adapter_for_optimizer
 from ds_topkast.runtime import TopKASTRuntime
 from ds_topkast.select import Collectives
@@ -66,8 +66,6 @@ class TopKASTCallback(TrainerCallback):
     def __init__(self, resume_from: str | None = None):
         self.resume_from = resume_from
         self.runtime: TopKASTRuntime | None = None
-        self.accumulation = 1
-        self._hook = None
 
     def on_train_begin(self, args, state, control, model: nn.Module = None, optimizer=None, **kwargs):
         ds_config = _deepspeed_config(args)
@@ -75,10 +73,9 @@ class TopKASTCallback(TrainerCallback):
         if SECTION in ds_config and topkast_section(ds_config) != cfg:
             raise TopKASTConfigError('The model was sparsified with a different "topkast" section than the '
                                      "Trainer's DeepSpeed config holds; sparsify with the same config file.")
-        self.accumulation = args.gradient_accumulation_steps
         if self.runtime is None:
-            self.runtime = TopKASTRuntime(model, adapter_for_optimizer(optimizer), _collectives(), ds_config.get("aio"))
-            self._hook = model.register_forward_hook(self._add_penalty, with_kwargs=True)
+            self.runtime = TopKASTRuntime(model, adapter_for_optimizer(optimizer), _collectives(),
+                                          args.gradient_accumulation_steps, ds_config.get("aio"))
         else:  # a later trainer.train() call builds a new optimizer
             self.runtime.refresher.adapter = adapter_for_optimizer(optimizer)
         if state.global_step > 0:
@@ -91,20 +88,6 @@ class TopKASTCallback(TrainerCallback):
                 f"Resuming at step {step}, but {folder} does not exist, so the dense store cannot be restored. "
                 "When resuming from a checkpoint outside output_dir, pass TopKASTCallback(resume_from=<that folder>).")
         return folder
-
-    def _add_penalty(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not module.training:
-            return None
-        penalty = exploration_loss(module)
-        if not isinstance(penalty, torch.Tensor):
-            return None
-        if kwargs.get("num_items_in_batch") is not None:  # the Trainer will not divide this loss by accumulation
-            penalty = penalty / self.accumulation
-        if isinstance(output, Mapping) and output.get("loss") is not None:
-            output["loss"] = output["loss"] + penalty
-        elif isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
-            return (output[0] + penalty, *output[1:])
-        return None
 
     def on_step_end(self, args, state, control, **kwargs):
         self.runtime.after_optimizer_step(state.global_step)
