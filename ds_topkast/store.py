@@ -3,8 +3,9 @@
 Top-KAST selects A and B from the magnitudes of *all* of a layer's weights, including
 the reservoir C that is frozen between refreshes, so the dense θ must be kept
 somewhere; here it is host memory. Under data parallelism each rank keeps one
-contiguous flat range of every layer (about n / world entries), pinned when an
-accelerator is present so host-to-device copies can overlap. Between refreshes the
+contiguous flat range of every layer (about n / world entries), pinned (when asked and
+an accelerator is present) once placed, because each refresh streams every shard to the
+accelerator and back. Between refreshes the
 store's copy of B is stale: the engine's fp32 master is the truth, written back at each
 refresh. Nothing writes the store between refreshes, so each shard carries a checksum
 taken after the last write; a shard that changed anyway is caught before it is used.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 import torch
@@ -62,17 +63,21 @@ class LayerShard:
         return checksum(self.theta) == self.checksum
 
     def write_back(self, indices: Tensor, values: Tensor) -> None:
-        """θ[i] = v for the global indices i that fall in this shard (a refresh's write-back)."""
-        indices = indices.to("cpu", torch.long)
+        """θ[i] = v for the global indices i that fall in this shard (a refresh's write-back), on θ's device."""
+        indices = indices.to(self.theta.device, torch.long)
         mine = (indices >= self.offset) & (indices < self.offset + self.theta.numel())
-        self.theta[indices[mine] - self.offset] = values.detach().to("cpu", torch.float32)[mine]
+        self.theta[indices[mine] - self.offset] = values.detach().to(self.theta.device, torch.float32)[mine]
+
+    def on(self, device: torch.device) -> "LayerShard":
+        """The same shard with θ copied to `device` (θ itself when it is already there)."""
+        return replace(self, theta=self.theta.to(device, non_blocking=True))
 
 
 class CPUDenseStore:
     """fp32 θ per layer, flat, in host memory; each rank keeps its shard. Keyed by module name."""
 
-    def __init__(self, pin_memory: bool = True):
-        self._pin = pin_memory and torch.accelerator.is_available()
+    def __init__(self):
+        self._pin = False
         self._layers: dict[str, LayerShard] = {}
         self.rank, self.world = 0, 1
         self.streamed_bytes = 0  # read + written by refresh passes: the store's only traffic with the engine
@@ -86,16 +91,20 @@ class CPUDenseStore:
         self._layers[name] = LayerShard(name, self._host(theta), 0, theta.numel())
         self.seal(name)
 
-    def keep_shard(self, rank: int, world: int) -> None:
-        """Drop everything but this rank's contiguous range of every layer."""
-        if world == self.world and rank == self.rank:
-            return
-        if self.world != 1:
+    def keep_shard(self, rank: int, world: int, pin_memory: bool = False) -> None:
+        """Drop everything but this rank's contiguous range of every layer; pin it if asked and an accelerator exists.
+
+        Call once the accelerator's device is set (pinning opens its context).
+        """
+        if self.world != 1 and (world, rank) != (self.world, self.rank):
             raise DenseStoreError("The store is already sharded; shard a full store only.")
+        self._pin = pin_memory and torch.accelerator.is_available()
         for name, layer in self._layers.items():
             start, end = shard_range(layer.numel, rank, world)
-            self._layers[name] = LayerShard(name, self._host(layer.theta[start:end]), start, layer.numel)
-            self.seal(name)
+            if (start, end) != (layer.offset, layer.offset + layer.theta.numel()) or self._pin:
+                self._layers[name] = LayerShard(name, self._host(layer.theta[start - layer.offset:end - layer.offset]),
+                                                start, layer.numel)
+                self.seal(name)
         self.rank, self.world = rank, world
 
     def layout(self, name: str) -> tuple[int, int]:
