@@ -23,6 +23,16 @@ from ds_topkast.data import Corpus, StreamBatches, WindowBatches
 TRANSFORMER_XL = "transformer_xl"
 
 
+def device_of(engine) -> torch.device:
+    """The engine's device (its accelerator, or the CPU on DeepSpeed's CPU accelerator), or a plain model's."""
+    return engine.device if hasattr(engine, "device") else next(engine.parameters()).device
+
+
+def to_device(batch: Tensor, engine) -> Tensor:
+    """A host batch where the engine runs."""
+    return batch.to(device_of(engine), non_blocking=True)
+
+
 class CausalLMFamily:
     """transformers causal LMs on random windows of `seq_len` tokens."""
 
@@ -67,22 +77,24 @@ class CausalLMFamily:
         return model
 
     def train_loss(self, engine, step: int, micro: int, rank: int, world: int) -> Tensor:
-        batch = self.batches.train_batch(step, micro, self.rows, rank, world)
+        batch = to_device(self.batches.train_batch(step, micro, self.rows, rank, world), engine)
         return engine(input_ids=batch, labels=batch).loss
 
     @torch.no_grad()
     def eval_sums(self, engine, count: int | None, rank: int, world: int) -> Tensor:
-        """[summed NLL in nats, predicted tokens] over this rank's share of the eval windows."""
-        sums = torch.zeros(2, dtype=torch.float64)
+        """[summed NLL in nats, predicted tokens] over this rank's share of the eval windows (on the device)."""
+        sums = torch.zeros(2, dtype=torch.float64, device=device_of(engine))
         for batch in self.batches.eval_batches(self.rows, count or 8, rank, world):
+            batch = to_device(batch, engine)
             predicted = batch.shape[0] * (batch.shape[1] - 1)
-            sums += torch.tensor([engine(input_ids=batch, labels=batch).loss.item() * predicted, predicted])
+            sums[0] += engine(input_ids=batch, labels=batch).loss.double() * predicted
+            sums[1] += predicted
         return sums
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str = "cpu") -> None:
         pass
 
 
@@ -118,7 +130,7 @@ class TransformerXLFamily:
         return TransformerXL(self.config)
 
     def train_loss(self, engine, step: int, micro: int, rank: int, world: int) -> Tensor:
-        batch = self.batches.train_batch(step * self.accumulation + micro, rank, self.rows)
+        batch = to_device(self.batches.train_batch(step * self.accumulation + micro, rank, self.rows), engine)
         out = engine(input_ids=batch[:, :-1], targets=batch[:, 1:], mems=self.mems)
         self.mems = out.mems
         return out.loss
@@ -126,18 +138,22 @@ class TransformerXLFamily:
     @torch.no_grad()
     def eval_sums(self, engine, count: int | None, rank: int, world: int) -> Tensor:
         """[summed NLL, tokens] over this rank's eval streams, segment by segment with the evaluation memory."""
-        sums, mems = torch.zeros(2, dtype=torch.float64), None
+        sums, mems = torch.zeros(2, dtype=torch.float64, device=device_of(engine)), None
         for batch in self.batches.eval_batches(rank, self.rows, count):
+            batch = to_device(batch, engine)
             out = engine(input_ids=batch[:, :-1], targets=batch[:, 1:], mems=mems)
             mems = out.mems
-            sums += torch.tensor([out.token_nll.double().sum().item(), out.token_nll.numel()])
+            sums[0] += out.token_nll.double().sum()
+            sums[1] += out.token_nll.numel()
         return sums
 
     def state_dict(self) -> dict[str, Any]:
         return {"mems": self.mems}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.mems = state.get("mems")
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str = "cpu") -> None:
+        """Take saved per-rank state; the memory goes back to `device`, where the model runs."""
+        mems = state.get("mems")
+        self.mems = None if mems is None else [m.to(device) for m in mems]
 
 
 def make_family(spec: dict[str, Any], corpus: Corpus, seq_len: int | None, rows: int, seed: int, world: int,

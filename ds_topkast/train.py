@@ -126,16 +126,24 @@ class Trainer:
         if self.rank == 0:
             bar.write(message)
 
-    def train_step(self, step: int) -> float:
-        """One optimizer step; returns the loss averaged over micro-batches and ranks (one host sync per step)."""
+    def train_step(self, step: int) -> tuple[float, float]:
+        """One optimizer step; returns the loss averaged over micro-batches and ranks, and the exploration penalty.
+
+        The penalty (its gradient is applied inside the sparse layers' backward) is the
+        value at the last micro-batch, the same on every rank; one host sync per step.
+        """
+        from ds_topkast.layers import exploration_penalty
+
         losses = []
         for micro in range(self.accumulation):
             loss = self.family.train_loss(self.engine, step, micro, self.rank, self.world)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())
-        total = self.comm.all_reduce_sum(torch.stack(losses).double().sum().reshape(1))
-        return float(total) / (self.world * self.accumulation)
+        total = torch.stack(losses).double().sum() / (self.world * self.accumulation)
+        penalty = torch.as_tensor(exploration_penalty(self.engine.module), device=total.device).double() / self.world
+        total, penalty = self.comm.all_reduce_sum(torch.stack([total, penalty])).tolist()
+        return total, penalty
 
     def evaluate(self) -> dict[str, float]:
         """Eval loss over every rank's share, as bits per byte (byte corpora) or perplexity (tokens)."""
@@ -173,7 +181,7 @@ class Trainer:
             raise SystemExit(f"--resume: {path} is missing, so rank {self.rank}'s random generators (and "
                              "Transformer-XL memory) cannot be restored; resume from a complete checkpoint.")
         state = load_file(path)
-        self.family.load_state_dict(state["family"])
+        self.family.load_state_dict(state["family"], self.engine.device)
         torch.set_rng_state(state["cpu_rng"])
         get_accelerator().set_rng_state(state["accelerator_rng"])
         self.forget_metrics_after(self.engine.global_steps)
@@ -210,14 +218,15 @@ class Trainer:
         seen = len(self.refresher.history) if self.refresher else 0
         tick, ticked = time.perf_counter(), start
         for step in range(start, self.cfg.steps):
-            loss = self.train_step(step)
+            loss, penalty = self.train_step(step)
             done = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.engine.get_lr()[0]:.2e}")
             seen = self.report_refreshes(seen, bar)
             if done % self.cfg.log_interval == 0 or done == self.cfg.steps:
                 seconds, tick = time.perf_counter() - tick, time.perf_counter()
-                self.log({"kind": "train", "step": done, "loss": loss, "lr": self.engine.get_lr()[0],
+                self.log({"kind": "train", "step": done, "loss": loss, "exploration_penalty": penalty,
+                          "lr": self.engine.get_lr()[0],
                           "tokens_per_s": self.tokens_per_step * (done - ticked) / seconds})
                 ticked = done
             if done % self.cfg.eval_interval == 0 or done == self.cfg.steps:
