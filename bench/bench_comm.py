@@ -68,7 +68,7 @@ def train_steps(engine, steps: int) -> None:
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         batch = torch.randint(0, 256, (GLOBAL_BATCH, SEQ), generator=gen)
-        mine = batch[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
+        mine = batch[dist.get_rank() * rows:(dist.get_rank() + 1) * rows].to(engine.device)
         engine.backward(engine(input_ids=mine, labels=mine).loss)
         engine.step()
 

@@ -102,7 +102,7 @@ def trained_engine(config: dict, args):
     import ds_topkast
 
     engine, *_ = ds_topkast.initialize(model=Stack(args.layers, args.width), config=config)
-    engine.backward(engine(torch.randn(4, args.width)))
+    engine.backward(engine(torch.randn(4, args.width, device=engine.device)))
     engine.step()
     return engine
 

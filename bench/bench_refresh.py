@@ -29,7 +29,7 @@ def measure(width: int, layers: int) -> dict:
            "topkast": {"forward_sparsity": 0.9, "backward_sparsity": 0.8, "refresh_interval": 10**6,
                        "dense_store": {"device": "cpu"}}}
     engine, *_ = ds_topkast.initialize(model=Stack(layers, width), config=cfg)
-    engine.backward(engine(torch.randn(4, width, dtype=torch.bfloat16)))
+    engine.backward(engine(torch.randn(4, width, dtype=torch.bfloat16, device=engine.device)))
     engine.step()
     store = engine.topkast.state.store
     refresh = median_seconds(lambda: engine.topkast.refresher.refresh(engine.global_steps), 3)

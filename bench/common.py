@@ -1,4 +1,4 @@
-"""What several benchmarks share: a median timer, a stack of square layers, a one-rank environment."""
+"""What several benchmarks share: a median timer that waits for the GPU, a stack of square layers, a one-rank environment."""
 from __future__ import annotations
 
 import os
@@ -9,14 +9,22 @@ import torch
 from torch import nn
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work (a no-op on the CPU), so a timer measures the work and not its launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_seconds(fn, repeats: int, warm_up: bool = False) -> float:
-    """Median wall time of `repeats` calls of fn (after one untimed call when warm_up)."""
+    """Median wall time of `repeats` calls of fn (after one untimed call when warm_up), GPU work included."""
     if warm_up:
         fn()
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
