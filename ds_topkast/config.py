@@ -90,7 +90,7 @@ class TopKASTConfig(_Strict):
     exclude: list[str] = Field(default_factory=lambda: ["*embed*", "*lm_head*"],
                                description="fnmatch patterns over module names never to sparsify.")
     distribution: Distribution = Field(Distribution.uniform, description="Per-layer density: uniform or erk.")
-    exploration_l2: float = Field(0.0, ge=0.0, description="λ: λ·Σ_A v² + (λ/D)·Σ_{B\\A} v² is added to the loss.")
+    exploration_l2: float = Field(0.0, ge=0.0, description="λ in λ·(Σ_A v² + Σ_{B\\A} v²/D); its gradient is applied in the layers' backward.")
     new_entries: Literal["zero_moments"] = Field("zero_moments",
                                                  description="Optimizer state of entries new to B at a refresh.")
     dense_store: DenseStoreConfig = Field(default_factory=DenseStoreConfig)

@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ds_topkast.select import topk_mask_without_sync
-
 
 def dense_alpha(values: Tensor, indices: Tensor, forward_mask: Tensor, shape: tuple[int, int]) -> Tensor:
     """The dense forward weight α: values of A scattered at their flat indices, zero elsewhere."""
@@ -122,16 +120,6 @@ class TopKASTLinear(nn.Module):
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
-
-    def select_forward_set(self, master: Tensor) -> None:
-        """A := the top k_forward of |master| inside B (DESIGN.md, Section 3, step 5), with no host sync.
-
-        `master` is the full fp32 master copy of `values` (the same on every rank), so bf16
-        rounding of the values never decides which entries are in A.
-        """
-        with torch.no_grad():
-            mask = topk_mask_without_sync(master.reshape(-1).abs(), self.k_forward)
-            self.forward_mask.copy_(mask.to(self.forward_mask.device))
 
     def assign_sets(self, indices: Tensor, forward_mask: Tensor) -> None:
         """Take new sets from a refresh; the caller rewrites `values` to match."""

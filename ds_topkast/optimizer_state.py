@@ -83,6 +83,10 @@ class OptimizerStateAdapter:
     def get_master(self, param: nn.Parameter) -> Tensor:
         raise NotImplementedError
 
+    def get_masters(self, params: list[nn.Parameter]) -> Tensor:
+        """The full fp32 masters of several parameters, flat and concatenated in order (the same on every rank)."""
+        return torch.cat([self.get_master(param) for param in params])
+
     def set_master(self, param: nn.Parameter, value: Tensor) -> None:
         raise NotImplementedError
 
@@ -149,6 +153,29 @@ class DeepSpeedManagedState(OptimizerStateAdapter):
 
         master = _zero3_master_without_host_sync(param) if hasattr(param, "ds_id") else None
         return (safe_get_full_fp32_param(param) if master is None else master).reshape(-1)
+
+    @torch.no_grad()
+    def get_masters(self, params):
+        """ZeRO-1/2 and BF16_Optimizer: DeepSpeed's `get_full_hp_param` for all of them with one all-reduce.
+
+        Each rank writes the fp32 fragments it owns into one zeroed buffer and the sum
+        over ranks is every master in full: what `safe_get_full_fp32_param` does per
+        parameter, in one collective instead of one per layer (A's re-selection runs
+        every step). ZeRO-3 and mixed process groups take the per-parameter path.
+        """
+        import deepspeed.comm as dist
+
+        groups = {id(getattr(param, "_dp_group", None)) for param in params}
+        if any(hasattr(param, "ds_id") or not hasattr(param, "_hp_mapping") for param in params) or len(groups) != 1:
+            return super().get_masters(params)
+        sizes = [param.numel() for param in params]
+        buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=params[0].device)
+        for param, slot in zip(params, buffer.split(sizes)):
+            if param._hp_mapping is not None:
+                address = param._hp_mapping.lp_fragment_address
+                slot.narrow(0, address.start, address.numel).copy_(param._hp_mapping.get_hp_fragment())
+        dist.all_reduce(buffer, group=params[0]._dp_group)
+        return buffer
 
     def set_master(self, param, value):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param

@@ -26,9 +26,13 @@ from torch import Tensor
 from ds_topkast.collectives import ProcessGroupCollectives
 from ds_topkast.layers import TopKASTLinear
 from ds_topkast.optimizer_state import OptimizerStateAdapter
-from ds_topkast.select import select_sets
+from ds_topkast.select import segment_topk_masks, select_sets
 from ds_topkast.sparsify import TopKASTState, selection_seed
 from ds_topkast.store import LayerShard, checksum
+
+
+# Entries of B re-selected together (one sort of int64 keys: about 50 bytes of transient memory per entry).
+SELECTION_GROUP = 1 << 23
 
 
 class RefreshError(RuntimeError):
@@ -67,6 +71,7 @@ class Refresher:
         self.comm = comm
         self.ever_in_backward = {name: self._local_mask(name, layer.indices) for name, layer in layers.items()}
         self.history: list[MaskDynamics] = []
+        self._selection_groups: list[tuple[list[str], Tensor, Tensor]] | None = None
 
     def _local_mask(self, name: str, indices: Tensor) -> Tensor:
         offset, length = self.state.store.layout(name)
@@ -83,10 +88,33 @@ class Refresher:
         """A := the top k_A of each layer's fp32 master values inside B, identically on every rank, no host sync.
 
         The master, not the low-precision copy, decides: under bf16 many values tie and
-        rounding would pick members. Under ZeRO the master is gathered (a collective per layer).
+        rounding would pick members. Layers go in groups of at most `SELECTION_GROUP`
+        entries (bounding the transient memory of the sort): per group, one gather of the
+        masters (one all-reduce under ZeRO-1/2) and one segmented selection.
         """
-        for layer in self.layers.values():
-            layer.select_forward_set(self.adapter.get_master(layer.values))
+        if self._selection_groups is None:
+            self._selection_groups = self._group_layers()
+        for names, sizes, ks in self._selection_groups:
+            layers = [self.layers[name] for name in names]
+            masters = self.adapter.get_masters([layer.values for layer in layers])
+            masks = segment_topk_masks(masters.abs(), sizes, ks)
+            with torch.no_grad():
+                for layer, mask in zip(layers, masks.split([layer.k_backward for layer in layers])):
+                    layer.forward_mask.copy_(mask)
+
+    def _group_layers(self) -> list[tuple[list[str], Tensor, Tensor]]:
+        """Consecutive layers in groups of at most SELECTION_GROUP entries of B (a larger layer alone)."""
+        groups: list[list[str]] = []
+        total = 0
+        for name, layer in self.layers.items():
+            if not groups or total + layer.k_backward > SELECTION_GROUP:
+                groups.append([])
+                total = 0
+            groups[-1].append(name)
+            total += layer.k_backward
+        device = next(iter(self.layers.values())).indices.device
+        return [(names, torch.tensor([self.layers[n].k_backward for n in names], device=device),
+                 torch.tensor([self.layers[n].k_forward for n in names], device=device)) for names in groups]
 
     def refresh(self, step: int) -> MaskDynamics:
         """One full refresh of every layer at optimizer step `step` (a collective: all ranks call it).

@@ -119,24 +119,46 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
     return mask.view(scores.shape)
 
 
-def topk_mask_without_sync(scores: Tensor, k: int) -> Tensor:
-    """`topk_mask` for the accelerator's hot path: exact, ties by lower flat index, no device-to-host sync.
+def segment_topk_masks(scores: Tensor, sizes: Tensor, ks: Tensor) -> Tensor:
+    """For consecutive segments of a flat tensor of scores >= 0, a mask of each segment's top k; no host sync.
 
-    Each score's float32 bits (which order like the value for scores >= +0.0) go into the
-    high 32 bits of an int64 key and the reversed flat index into the low 32, so every key
-    is distinct and `torch.topk` over the keys is exactly "largest first, lower index on
-    ties", with nothing read back to the host (the histogram selection above reads its
-    bins). Non-finite scores are not refused here (refusing needs a host read): NaN and
-    infinity rank above every finite score, and the refresh refuses them before they
-    reach the store. Scores must be non-negative (magnitudes) and `scores.numel()` < 2^32.
+    `sizes` and `ks` (int64, on the scores' device, one entry per segment) give each
+    segment's length and k. Exact, ties by lower position, and nothing is read back to the
+    host (the histogram selection above reads its bins). On an accelerator one stable sort
+    serves every segment (`segment_topk_masks_by_sort`), so a step pays a few launches
+    instead of a `torch.topk` per layer; on the CPU, where nothing syncs, `torch.topk` per
+    segment's int64 keys is faster than a full sort. Non-finite scores are not refused here
+    (that needs a host read): NaN and infinity rank above every finite score.
+    """
+    if scores.device.type != "cpu":
+        return segment_topk_masks_by_sort(scores, sizes, ks)
+    bits = scores.detach().reshape(-1).float().view(torch.int32).to(torch.int64)
+    masks = []
+    for part, k in zip(bits.split(sizes.tolist()), ks.tolist()):
+        keys = (part << 32) | torch.arange(part.numel() - 1, -1, -1)  # reversed position: lower index wins ties
+        chosen = torch.topk(keys, k, sorted=False).indices
+        masks.append(torch.zeros(part.numel(), dtype=torch.bool).index_fill_(0, chosen, True))
+    return torch.cat(masks)
+
+
+def segment_topk_masks_by_sort(scores: Tensor, sizes: Tensor, ks: Tensor) -> Tensor:
+    """`segment_topk_masks` by one stable sort of int64 keys (segment << 31) | (0x7FFFFFFF - float bits).
+
+    The sort puts every segment's entries in order of falling score (the float bits of
+    scores >= +0.0 order like the values) with ties in position order; an entry is chosen
+    if its rank in its segment is below the segment's k.
     """
     flat = scores.detach().reshape(-1).float()
-    n = flat.numel()
-    reversed_index = torch.arange(n - 1, -1, -1, device=flat.device, dtype=torch.int64)
-    keys = (flat.view(torch.int32).to(torch.int64) << 32) | reversed_index
-    mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
-    mask.index_fill_(0, torch.topk(keys, k, sorted=False).indices, True)  # `mask[i] = True` copies True to the GPU
-    return mask.view(scores.shape)
+    bits = flat.view(torch.int32).to(torch.int64)
+    segment = torch.repeat_interleave(torch.arange(sizes.numel(), device=flat.device), sizes,
+                                      output_size=flat.numel())
+    order = torch.sort((segment << 31) | (0x7FFFFFFF - bits), stable=True).indices
+    del bits
+    starts = torch.cumsum(sizes, 0) - sizes
+    # sorted by segment first, position p of the sorted order lies in segment[p] (segments are contiguous)
+    rank = torch.arange(flat.numel(), device=flat.device) - starts[segment]
+    chosen = rank < ks[segment]
+    return torch.empty_like(chosen).scatter_(0, order, chosen)
 
 
 def uniform_hash(indices: Tensor, seed: int) -> Tensor:

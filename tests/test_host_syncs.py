@@ -21,16 +21,18 @@ aten = torch.ops.aten
 
 # Ops whose CUDA kernels copy a result to the host before returning.
 SYNCING = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
-           aten.bincount.default, aten.equal.default, aten.is_nonzero.default, aten.repeat_interleave.Tensor,
+           aten.bincount.default, aten.equal.default, aten.is_nonzero.default,
            aten._unique.default, aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
            aten.masked_scatter.default, aten.argwhere.default, aten.histc.default}
 # Indexing ops that synchronise when an index is a boolean mask (it is turned into positions first).
 INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 
 
-def synchronises(func, args) -> bool:
+def synchronises(func, args, kwargs) -> bool:
     if func in SYNCING:
         return True
+    if func is aten.repeat_interleave.Tensor:  # reads the output's size from the device unless told it
+        return (args[1] if len(args) > 1 else kwargs.get("output_size")) is None
     if func in INDEXING:
         indices = args[1] if len(args) > 1 else ()
         return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
@@ -45,7 +47,7 @@ class SyncCounter(TorchDispatchMode):
         self.counts: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if synchronises(func, args):
+        if synchronises(func, args, kwargs or {}):
             self.counts[str(func)] += 1
         return func(*args, **(kwargs or {}))
 

@@ -4,7 +4,7 @@ import torch
 import pytest
 
 from ds_topkast.layers import SparseLinearFunction, TopKASTLinear, dense_alpha, exploration_penalty
-from ds_topkast.select import topk_mask_without_sync
+from ds_topkast.select import segment_topk_masks, segment_topk_masks_by_sort
 
 
 def layer_inputs(dtype=torch.float64):
@@ -55,26 +55,19 @@ def make_layer(l2: float = 0.1, dtype=torch.float32) -> TopKASTLinear:
     return TopKASTLinear(in_f, out_f, values.detach(), indices, mask, None, k_forward=3, exploration_l2=l2)
 
 
-def test_layer_selects_a_from_the_master_it_is_given():
-    layer = make_layer()
-    master = torch.randn(layer.values.numel())
-    layer.select_forward_set(master)
-    expected = torch.zeros(master.numel(), dtype=torch.bool)
-    expected[master.abs().topk(3).indices] = True
-    assert torch.equal(layer.forward_mask, expected)
-
-
-def test_sync_free_topk_is_exact_with_ties_by_lower_index():
-    scores = torch.tensor([0.5, 2.0, 0.5, 0.0, 2.0, 0.5, 1.0])
-    assert torch.equal(topk_mask_without_sync(scores, 4),
-                       torch.tensor([True, True, False, False, True, False, True]))
+@pytest.mark.parametrize("select", [segment_topk_masks, segment_topk_masks_by_sort], ids=["host", "accelerator"])
+def test_segment_topk_is_exact_per_segment_with_ties_by_lower_position(select):
+    scores = torch.tensor([0.5, 2.0, 0.5, 0.0, 2.0, 0.5, 1.0,   3.0, 0.0, 3.0])
+    masks = select(scores, torch.tensor([7, 3]), torch.tensor([4, 1]))
+    assert torch.equal(masks, torch.tensor([True, True, False, False, True, False, True, True, False, False]))
     gen = torch.Generator().manual_seed(3)
-    for n, k in [(1000, 1), (1000, 999), (5000, 1234)]:
-        scores = torch.randint(0, 20, (n,), generator=gen).float() / 4  # many ties
-        order = torch.sort(-scores, stable=True).indices[:k]
-        expected = torch.zeros(n, dtype=torch.bool)
-        expected[order] = True
-        assert torch.equal(topk_mask_without_sync(scores, k), expected), (n, k)
+    sizes, ks = [1000, 1, 5000, 37], [1, 1, 1234, 36]
+    scores = torch.randint(0, 20, (sum(sizes),), generator=gen).float() / 4  # many ties
+    masks = select(scores, torch.tensor(sizes), torch.tensor(ks))
+    for part, mask, k in zip(scores.split(sizes), masks.split(sizes), ks):
+        expected = torch.zeros(part.numel(), dtype=torch.bool)
+        expected[torch.sort(-part, stable=True).indices[:k]] = True
+        assert torch.equal(mask, expected), (part.numel(), k)
 
 
 def test_regulariser_gradient_is_added_in_backward_with_the_layers_own_density():
