@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU check, in one command, on a machine with one CUDA GPU and no network:
+#
+#     bash bench/gpu_check.sh [--out DIR]        # about 6 minutes on one H100
+#     bash bench/gpu_check.sh --smoke [--out DIR] # CPU accelerator, tiny sizes, about a minute (CI runs it)
+#
+# Before it, on a machine with network, `bash bench/gpu_wheels.sh` puts deepspeed (built
+# into a wheel, its CUDA ops JIT-built on the GPU machine), its missing requirements and
+# libaio into .whl/; this script installs them there (bench/gpu_env.sh) unless --smoke.
+# Then, each step with its own time limit and its whole output in DIR/gpu_check.txt:
+#   1. the machine: GPU, driver, torch, deepspeed, DeepSpeed's op report;
+#   2. the GPU tests, `pytest -m gpu` (tests/test_gpu.py): the compact engine against
+#      the independent fp32 reference in fp32 and bf16, host syncs against dense
+#      DeepSpeed, autocast, the training command (both model families, eval, resume), the
+#      NVMe store, the Hugging Face Trainer callback;
+#   3. bench_training.py at GPT-2-medium shape in bf16: step time of dense DeepSpeed
+#      (ZeRO-2), ZeRO-Offload and ds_topkast 90/80, and accelerator memory measured
+#      (memory_allocated between steps, max_memory_allocated) next to memory_report's.
+# DIR defaults to $OUT (the device tool's folder) or runs/gpu_check. The exit status is
+# non-zero if any step failed; every step runs regardless.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+smoke=0
+out=${OUT:-runs/gpu_check}
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --smoke) smoke=1 ;;
+    --out) out=$2; shift ;;
+    *) echo "usage: bash bench/gpu_check.sh [--smoke] [--out DIR]" >&2; exit 2 ;;
+  esac
+  shift
+done
+mkdir -p "$out"
+results=$out/gpu_check.txt
+: > "$results"
+
+if [[ $smoke == 1 ]]; then
+  export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+  size=tiny precision=fp32 variants=dense,90/80 steps=2
+else
+  # shellcheck source=bench/gpu_env.sh
+  source bench/gpu_env.sh || exit 1
+  size=gpt2-medium precision=bf16 variants=dense,offload,90/80 steps=10
+fi
+export PYTHONUNBUFFERED=1 MASTER_PORT=${MASTER_PORT:-29611}
+python=${GPU_PYTHON:-python3}
+[[ $smoke == 1 ]] && python=python
+
+failed=()
+run_step() {  # NAME SECONDS COMMAND...: run with a time limit, output into the results file
+  local name=$1 limit=$2 start status
+  shift 2
+  start=$(date +%s)
+  echo "===== $name: $*" | tee -a "$results"
+  timeout --kill-after=10 "$limit" "$@" >> "$results" 2>&1
+  status=$?
+  echo "===== $name: exit $status after $(( $(date +%s) - start )) s" | tee -a "$results"
+  [[ $status == 0 ]] || failed+=("$name")
+}
+
+run_step machine 45 bash -c "nvidia-smi -L 2>/dev/null || echo 'no nvidia-smi'; $python -c '
+import torch, deepspeed, transformers
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"deepspeed\", deepspeed.__version__,
+      \"transformers\", transformers.__version__)
+print(\"device:\", torch.cuda.get_device_name() if torch.cuda.is_available() else \"CPU accelerator\")
+'; $python -m deepspeed.env_report 2>&1 | tail -n 40"
+run_step gpu_tests 200 "$python" -m pytest -m gpu -q -p no:xdist -p no:randomly -rs --durations=12 tests/test_gpu.py
+run_step bench_training 320 "$python" bench/bench_training.py --size "$size" --precision "$precision" \
+  --steps "$steps" --variants "$variants" --out "$out"
+
+echo "results: $results" >&2
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "FAILED steps: ${failed[*]}" | tee -a "$results" >&2
+  exit 1
+fi
+echo "all steps passed" | tee -a "$results"
