@@ -15,7 +15,8 @@ is ~16x slower than fp32 on our CI cores), which would hide every other cost, so
   steps (activations and transients included), both above what was allocated before the
   variant was built (earlier variants leave some behind); host bytes of the store and
   of offloaded state;
-- median step time between refreshes, and amortised with one refresh every
+- median step time between refreshes (and, of it, A's re-selection in every layer),
+  and amortised with one refresh every
   `--interval` steps (step + refresh / interval), as ratios to dense and to ZeRO-Offload;
 - one refresh against one read+write pass over the same store (the floor), and the
   store's traffic: bytes streamed between refreshes (must be 0) and per refresh.
@@ -146,6 +147,7 @@ def measure(name: str, variant, shape: dict, steps: int, interval: int, bf16: bo
         report = ds_topkast.memory_report(engine)
         store = engine.topkast.state.store
         row["streamed_between_refreshes"] = store.streamed_bytes - streamed_before
+        row["reselect_s"] = median_seconds(engine.topkast.refresher.reselect_forward_sets, 5, warm_up=True)
         before = store.streamed_bytes
         row["refresh_s"] = median_seconds(lambda: engine.topkast.refresher.refresh(engine.global_steps), 3)
         row["streamed_per_refresh"] = (store.streamed_bytes - before) // 3
@@ -183,6 +185,9 @@ def print_table(rows: list[dict], interval: int) -> None:
               f"{r['refresh_s']:>10.3f}{floor:>8}{share:>10.2%}")
     print(f"sparsified: accelerator bytes of the sparsified layers / the same layers trained dense; "
           f"refresh %: share of training time at one refresh per {interval} steps")
+    for r in rows:
+        if "reselect_s" in r:
+            print(f"{r['variant']}: A re-selected in every layer (part of each step) in {r['reselect_s'] * 1e3:.2f} ms")
     if rows[0]["max_memory_allocated"] is not None:
         print(f"\n{'variant':<16}{'predicted MiB':>14}{'allocated MiB':>14}{'peak MiB':>10}{'peak/dense':>11}"
               f"{'transfer floor s':>17}")

@@ -180,3 +180,30 @@ def test_deepspeed_torch_autocast_runs_the_sparse_layers_in_bf16():
     assert layer.values.dtype == torch.float32 and set(outputs) == {torch.bfloat16}
     assert len(engine.topkast.refresher.history) == 2
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+
+
+def test_bf16_forward_set_is_the_top_of_the_fp32_master_not_of_the_rounded_values():
+    """A is re-selected from the fp32 master: bf16 rounding (many equal values) never decides membership."""
+    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=ds_config(stage=2, bf16=True, refresh_interval=100))
+    train(engine, 3)
+    adapter = engine.topkast.refresher.adapter
+    rounding_would_decide = False
+    for name, layer in sparse_layers(engine.module).items():
+        master = adapter.get_master(layer.values)
+        expected = torch.zeros(master.numel(), dtype=torch.bool)
+        expected[torch.sort(-master.abs(), stable=True).indices[:layer.k_forward]] = True
+        assert torch.equal(layer.forward_mask, expected), name
+        from_bf16 = torch.zeros_like(expected)
+        from_bf16[torch.sort(-layer.values.detach().float().abs(), stable=True).indices[:layer.k_forward]] = True
+        rounding_would_decide |= not torch.equal(from_bf16, expected)
+    assert rounding_would_decide, "the test must see layers where bf16 ties would pick other members"
+
+
+def test_amsgrad_is_refused_at_start():
+    from ds_topkast.optimizer_state import UnsupportedOptimizerError
+
+    cfg = ds_config(stage=1)
+    cfg["optimizer"]["params"]["amsgrad"] = True
+    with pytest.raises(UnsupportedOptimizerError, match="amsgrad=True keeps a running maximum"):
+        ds_topkast.initialize(model=tiny_gpt2(), config=cfg)
+

@@ -109,3 +109,17 @@ def test_autocast_bf16_forward_and_backward_match_nn_linear(model_dtype):
     assert x.grad.dtype == torch.float32 and layer.values.grad.dtype == model_dtype
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(layer.values.grad, dense.weight.grad.reshape(-1)[layer.indices.long()])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_applies_the_regulariser_once(reentrant):
+    """The recompute runs forward again; the regulariser lives in backward, so it is still added exactly once."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = make_layer(l2=0.1)
+    x = torch.randn(2, layer.in_features, requires_grad=True)
+    layer(x).square().sum().backward()
+    plain = layer.values.grad.clone()
+    layer.values.grad = None
+    checkpoint(layer, x, use_reentrant=reentrant).square().sum().backward()
+    torch.testing.assert_close(layer.values.grad, plain)
