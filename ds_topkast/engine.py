@@ -57,6 +57,7 @@ class TopKASTEngineMixin:
         result = super().step(*args, **kwargs)
         if self.global_steps > steps_before:
             self.topkast.after_optimizer_step(self.global_steps)
+            self.topkast.set_accumulation_steps(self.gradient_accumulation_steps())  # set_train_batch_size may change it
         return result
 
     def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, **kwargs):
@@ -149,11 +150,25 @@ def _with_topkast(engine, model: nn.Module, ds_config: dict[str, Any]):
     return engine
 
 
+def refuse_loss_scaling(ds_config: dict[str, Any], trainer_fp16: bool = False) -> None:
+    """Refuse fp16 in any form: its loss scale would not scale the regulariser's gradient (added in backward).
+
+    `trainer_fp16` is the HF Trainer's own `fp16=True` (a GradScaler without DeepSpeed).
+    """
+    autocast = ds_config.get("torch_autocast", {})
+    autocast_fp16 = autocast.get("enabled", False) is True and str(autocast.get("dtype", "")).removeprefix(
+        "torch.") in ("float16", "fp16", "half")
+    if ds_config.get("fp16", {}).get("enabled", False) is True or trainer_fp16 or autocast_fp16:
+        raise TopKASTConfigError(
+            "fp16 (DeepSpeed's fp16 section, torch_autocast with float16, or the Trainer's fp16=True) is not "
+            "supported by ds_topkast: the regulariser's gradient is added in the sparse layers' backward, where a "
+            "loss scale would not reach it, and loss-scale skipped steps are untested here. Use bf16 "
+            '("bf16": {"enabled": true}, torch_autocast with "bfloat16", or the Trainer\'s bf16=True) or fp32.')
+
+
 def _refuse_unsupported_precision(ds_config: dict[str, Any]) -> None:
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    if ds_config.get("fp16", {}).get("enabled", False) is True:
-        raise TopKASTConfigError("fp16 is not supported by ds_topkast (its loss-scale skipped steps are untested "
-                                 'here); use "bf16": {"enabled": true} or fp32.')
+    refuse_loss_scaling(ds_config)
     if ds_config.get("bf16", {}).get("enabled", False) is True and zero_stage == 0:
         raise TopKASTConfigError(
             "ZeRO stage 0 with bf16 uses DeepSpeed's FP16_Optimizer, whose flat master weights ds_topkast cannot "

@@ -50,13 +50,18 @@ class TopKASTRuntime:
 
     def __init__(self, model: nn.Module, adapter: OptimizerStateAdapter, comm: Collectives, accumulation_steps: int = 1,
                  deepspeed_aio: dict[str, Any] | None = None, monitor: Any = None):
-        set_accumulation_steps(model, accumulation_steps)  # the regulariser's gradient: once per optimizer step
+        self.model = model
+        self.set_accumulation_steps(accumulation_steps)
         self.state: TopKASTState = topkast_state(model)
         self.config: TopKASTConfig = self.state.config
         self.comm, self.monitor = comm, monitor
         self.state.store = place_store(self.state.store, self.config.dense_store, deepspeed_aio or {},
                                        comm.rank, comm.world)
         self.refresher = Refresher(sparse_layers(model), self.state, adapter, comm)
+
+    def set_accumulation_steps(self, steps: int) -> None:
+        """Backward passes per optimizer step, so that the layers apply the regulariser's gradient once per step."""
+        set_accumulation_steps(self.model, steps)
 
     def after_optimizer_step(self, step: int) -> MaskDynamics | None:
         """Refresh at multiples of refresh_interval; otherwise maybe re-select A inside B (0: never)."""

@@ -141,7 +141,8 @@ class Trainer:
             self.engine.step()
             losses.append(loss.detach())
         total = torch.stack(losses).double().sum() / (self.world * self.accumulation)
-        penalty = torch.as_tensor(exploration_penalty(self.engine.module), device=total.device).double() / self.world
+        penalty = exploration_penalty(self.engine.module)
+        penalty = penalty.double() / self.world if torch.is_tensor(penalty) else total.new_zeros(())
         total, penalty = self.comm.all_reduce_sum(torch.stack([total, penalty])).tolist()
         return total, penalty
 

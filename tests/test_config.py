@@ -78,10 +78,12 @@ def test_unsupported_engine_setups_fail_at_start(kwargs, message):
     assert message in str(err.value)
 
 
-def test_fp16_is_refused():
-    cfg = ds_config()
-    cfg["fp16"] = {"enabled": True}
-    with pytest.raises(TopKASTConfigError, match="fp16 is not supported"):
+@pytest.mark.parametrize("section", [{"fp16": {"enabled": True}},
+                                     {"torch_autocast": {"enabled": True, "dtype": "float16"}}])
+def test_fp16_is_refused_in_any_form(section):
+    """A loss scale would not reach the regulariser's gradient, which the layers add in backward."""
+    cfg = {**ds_config(), **section}
+    with pytest.raises(TopKASTConfigError, match=r"fp16 \(.*is not supported by ds_topkast: the regulariser"):
         ds_topkast.initialize(model=MLP(), config=cfg)
 
 

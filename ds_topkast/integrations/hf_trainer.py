@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ds_topkast.config import SECTION, TopKASTConfigError, load_deepspeed_config, topkast_section
+from ds_topkast.engine import refuse_loss_scaling
 from ds_topkast.optimizer_state import adapter_for_optimizer
 from ds_topkast.runtime import TopKASTRuntime
 from ds_topkast.select import Collectives
@@ -69,6 +70,7 @@ class TopKASTCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model: nn.Module = None, optimizer=None, **kwargs):
         ds_config = _deepspeed_config(args)
+        refuse_loss_scaling(ds_config, trainer_fp16=bool(getattr(args, "fp16", False)))
         cfg = topkast_state(model).config
         if SECTION in ds_config and topkast_section(ds_config) != cfg:
             raise TopKASTConfigError('The model was sparsified with a different "topkast" section than the '
@@ -76,8 +78,9 @@ class TopKASTCallback(TrainerCallback):
         if self.runtime is None:
             self.runtime = TopKASTRuntime(model, adapter_for_optimizer(optimizer), _collectives(),
                                           args.gradient_accumulation_steps, ds_config.get("aio"))
-        else:  # a later trainer.train() call builds a new optimizer
+        else:  # a later trainer.train() call builds a new optimizer, maybe under other arguments
             self.runtime.refresher.adapter = adapter_for_optimizer(optimizer)
+            self.runtime.set_accumulation_steps(args.gradient_accumulation_steps)
         if state.global_step > 0:
             self.runtime.load(self._resume_folder(args, state.global_step), state.global_step)
 
