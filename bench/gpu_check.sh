@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in one command, on a machine with one CUDA GPU and no network:
 #
-#     bash bench/gpu_check.sh [--out DIR]        # about 6 minutes on one H100
+#     bash bench/gpu_check.sh [--out DIR]        # 4.6 minutes on one H200 (sized for an H100: < 8)
 #     bash bench/gpu_check.sh --smoke [--out DIR] # CPU accelerator, tiny sizes, about a minute (CI runs it)
 #
 # Before it, on a machine with network, `bash bench/gpu_wheels.sh` puts deepspeed (built
