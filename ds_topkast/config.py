@@ -168,6 +168,22 @@ def load_deepspeed_config(config: str | Path | Mapping[str, Any]) -> dict[str, A
         raise TopKASTConfigError(f"DeepSpeed config file {path} is not valid JSON: {err}.") from None
 
 
+def refuse_loss_scaling(ds_config: dict[str, Any], trainer_fp16: bool = False) -> None:
+    """Refuse fp16 in any form: its loss scale would not scale the regulariser's gradient (added in backward).
+
+    `trainer_fp16` is the HF Trainer's own `fp16=True` (a GradScaler without DeepSpeed).
+    """
+    autocast = ds_config.get("torch_autocast", {})
+    autocast_fp16 = autocast.get("enabled", False) is True and str(autocast.get("dtype", "")).removeprefix(
+        "torch.") in ("float16", "fp16", "half")
+    if ds_config.get("fp16", {}).get("enabled", False) is True or trainer_fp16 or autocast_fp16:
+        raise TopKASTConfigError(
+            "fp16 (DeepSpeed's fp16 section, torch_autocast with float16, or the Trainer's fp16=True) is not "
+            "supported by ds_topkast: the regulariser's gradient is added in the sparse layers' backward, where a "
+            "loss scale would not reach it, and loss-scale skipped steps are untested here. Use bf16 "
+            '("bf16": {"enabled": true}, torch_autocast with "bfloat16", or the Trainer\'s bf16=True) or fp32.')
+
+
 def topkast_section(ds_config: Mapping[str, Any]) -> TopKASTConfig:
     """The validated "topkast" section of a DeepSpeed config; its absence is an error."""
     if SECTION not in ds_config:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ds_topkast.checkpoint import CheckpointError, load_file
 from ds_topkast.collectives import ProcessGroupCollectives
-from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, topkast_section
+from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, refuse_loss_scaling, topkast_section
 from ds_topkast.optimizer_state import adapter_for, per_entry_state_keys, refuse_unknown_config_optimizer
 from ds_topkast.runtime import TopKASTRuntime
 from ds_topkast.sparsify import TopKASTState, sparsify, topkast_state
@@ -148,22 +148,6 @@ def _with_topkast(engine, model: nn.Module, ds_config: dict[str, Any]):
     engine.topkast = _runtime(engine, model, ds_config)
     _read_checkpoints_weights_only(engine)
     return engine
-
-
-def refuse_loss_scaling(ds_config: dict[str, Any], trainer_fp16: bool = False) -> None:
-    """Refuse fp16 in any form: its loss scale would not scale the regulariser's gradient (added in backward).
-
-    `trainer_fp16` is the HF Trainer's own `fp16=True` (a GradScaler without DeepSpeed).
-    """
-    autocast = ds_config.get("torch_autocast", {})
-    autocast_fp16 = autocast.get("enabled", False) is True and str(autocast.get("dtype", "")).removeprefix(
-        "torch.") in ("float16", "fp16", "half")
-    if ds_config.get("fp16", {}).get("enabled", False) is True or trainer_fp16 or autocast_fp16:
-        raise TopKASTConfigError(
-            "fp16 (DeepSpeed's fp16 section, torch_autocast with float16, or the Trainer's fp16=True) is not "
-            "supported by ds_topkast: the regulariser's gradient is added in the sparse layers' backward, where a "
-            "loss scale would not reach it, and loss-scale skipped steps are untested here. Use bf16 "
-            '("bf16": {"enabled": true}, torch_autocast with "bfloat16", or the Trainer\'s bf16=True) or fp32.')
 
 
 def _refuse_unsupported_precision(ds_config: dict[str, Any]) -> None:

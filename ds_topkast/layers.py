@@ -161,8 +161,3 @@ def exploration_penalty(model: nn.Module) -> Tensor | float:
                  if layer.last_exploration_penalty is not None]
     return torch.stack(penalties).sum() if penalties else 0.0
 
-
-def set_accumulation_steps(model: nn.Module, steps: int) -> None:
-    """Tell every sparse layer how many backward passes make one optimizer step (gradient accumulation)."""
-    for layer in sparse_layers(model).values():
-        layer.accumulation_steps = steps

@@ -17,7 +17,7 @@ from torch import nn
 
 from ds_topkast import checkpoint
 from ds_topkast.config import DenseStoreConfig, TopKASTConfig
-from ds_topkast.layers import set_accumulation_steps, sparse_layers
+from ds_topkast.layers import sparse_layers
 from ds_topkast.optimizer_state import OptimizerStateAdapter
 from ds_topkast.refresh import MaskDynamics, Refresher
 from ds_topkast.select import Collectives
@@ -50,18 +50,24 @@ class TopKASTRuntime:
 
     def __init__(self, model: nn.Module, adapter: OptimizerStateAdapter, comm: Collectives, accumulation_steps: int = 1,
                  deepspeed_aio: dict[str, Any] | None = None, monitor: Any = None):
-        self.model = model
-        self.set_accumulation_steps(accumulation_steps)
         self.state: TopKASTState = topkast_state(model)
         self.config: TopKASTConfig = self.state.config
         self.comm, self.monitor = comm, monitor
         self.state.store = place_store(self.state.store, self.config.dense_store, deepspeed_aio or {},
                                        comm.rank, comm.world)
         self.refresher = Refresher(sparse_layers(model), self.state, adapter, comm)
+        self.accumulation_steps = 0
+        self.set_accumulation_steps(accumulation_steps)
 
     def set_accumulation_steps(self, steps: int) -> None:
-        """Backward passes per optimizer step, so that the layers apply the regulariser's gradient once per step."""
-        set_accumulation_steps(self.model, steps)
+        """Backward passes per optimizer step, so that the layers apply the regulariser's gradient once per step.
+
+        Cheap to call every step: the layers are told only when the count changes.
+        """
+        if steps != self.accumulation_steps:
+            for layer in self.refresher.layers.values():
+                layer.accumulation_steps = steps
+            self.accumulation_steps = steps
 
     def after_optimizer_step(self, step: int) -> MaskDynamics | None:
         """Refresh at multiples of refresh_interval; otherwise maybe re-select A inside B (0: never)."""

@@ -29,8 +29,8 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ds_topkast.config import SECTION, TopKASTConfigError, load_deepspeed_config, topkast_section
-from ds_topkast.engine import refuse_loss_scaling
+from ds_topkast.config import (SECTION, TopKASTConfigError, load_deepspeed_config, refuse_loss_scaling,
+                               topkast_section)
 from ds_topkast.optimizer_state import adapter_for_optimizer
 from ds_topkast.runtime import TopKASTRuntime
 from ds_topkast.select import Collectives
