@@ -20,6 +20,7 @@ setup(
         "datasets",
         "accelerate",
         "pydantic>=2",
+        "safetensors",
         "tqdm",
         "matplotlib",
     ],

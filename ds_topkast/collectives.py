@@ -14,6 +14,18 @@ from torch import Tensor
 from ds_topkast.select import Collectives
 
 
+def job_collectives() -> Collectives:
+    """DeepSpeed's collectives over the job's process group (reused when accelerate or the launcher made it), or
+    a world of one when no process group of several ranks has been initialised."""
+    if (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        import deepspeed
+
+        deepspeed.init_distributed()
+        return ProcessGroupCollectives()
+    return Collectives()
+
+
 class ProcessGroupCollectives(Collectives):
     """`Collectives` over the default (data-parallel) process group."""
 

@@ -199,6 +199,17 @@ def _config_source(args: Any, config: Any, config_params: Any) -> Any:
     return source
 
 
+def _init_distributed(kwargs: dict[str, Any]) -> None:
+    """The process group, as `deepspeed.initialize` would create it (it then reuses it)."""
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
+
+    dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                          distributed_port=kwargs.get("distributed_port", TORCH_DISTRIBUTED_DEFAULT_PORT),
+                          dist_init_required=kwargs.get("dist_init_required"))
+
+
 def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_parameters=None,
                training_data=None, lr_scheduler=None, config=None, config_params=None, **kwargs):
     """Like `deepspeed.initialize`, for a model trained with Top-KAST; returns the same 4-tuple.
@@ -217,6 +228,7 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     _refuse_unsupported_precision(ds_config)
     refuse_unknown_config_optimizer(ds_config)
     if getattr(model, "topkast_state", None) is None:
+        _init_distributed(kwargs)  # first: sparsify keeps only this rank's shard of each layer
         sparsify(model, cfg)
     elif topkast_state(model).config != cfg:
         raise TopKASTConfigError("The model was sparsified with a different topkast config than the DeepSpeed "

@@ -90,7 +90,10 @@ class NVMeDenseStore:
     @classmethod
     def from_store(cls, source: CPUDenseStore, nvme_path: str, rank: int, world: int,
                    settings: AioSettings = AioSettings(), buffers: int = 2) -> "NVMeDenseStore":
-        """Write this rank's shard of every layer of a full in-memory store to files."""
+        """Write this rank's shard of every layer of an in-memory store (full, or already this rank's) to files."""
+        if source.world != 1 and (source.rank, source.world) != (rank, world):
+            raise NVMeStoreError(f"The in-memory store was built as rank {source.rank} of {source.world}, not rank "
+                                 f"{rank} of {world}; sparsify the model in the job that trains it.")
         store = cls(nvme_path, rank, world, settings, buffers)
         ranges = {name: shard_range(source.numel(name), rank, world) for name in source.names()}
         store._require_space(sum(2 * 4 * _padded(end - start) for start, end in ranges.values()))
@@ -98,7 +101,8 @@ class NVMeDenseStore:
             store._meta[name] = LayerShard(name, torch.empty(0), start, source.numel(name))
             store._files[name] = store.root / f"{index:05d}.bin"
         for name, (start, end) in ranges.items():
-            store.load_shard(name, source.read(name)[start:end])
+            offset = source.layout(name)[0]
+            store.load_shard(name, source.read(name)[start - offset:end - offset])
         return store
 
     def _require_space(self, needed: int) -> None:

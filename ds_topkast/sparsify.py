@@ -1,26 +1,35 @@
 """Convert a model for Top-KAST after it is built: the model never knows it is sparse.
 
 `sparsify(model, cfg)` picks modules by include/exclude name patterns, computes each
-layer's k_A and k_B (uniform or ERK), moves its full weight into the dense store and
-replaces it with a `TopKASTLinear` holding only the top-k_B values. Supported layer
-types are torch's nn.Linear and transformers' Conv1D (GPT-2), one converter each.
+layer's k_A and k_B (uniform or ERK), and one layer at a time moves this rank's shard of
+its full weight into the dense store and replaces it with a `TopKASTLinear` holding only
+the top-k_B values. The weights may come from the model in memory, from a model built on
+the meta device (initialised here, module by module), from one built under
+`deepspeed.zero.Init` (gathered one layer at a time) or from safetensors files, so a
+model larger than one rank's memory is never held whole. Supported layer types are
+torch's nn.Linear and transformers' Conv1D (GPT-2).
 """
 from __future__ import annotations
 
 import fnmatch
 import os
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from ds_topkast.collectives import job_collectives
 from ds_topkast.config import SECTION, TopKASTConfig, TopKASTConfigError, load_deepspeed_config, topkast_section
 from ds_topkast.distributions import kept_count, layer_densities
 from ds_topkast.layers import TopKASTLinear, sparse_layers
-from ds_topkast.select import select_sets
-from ds_topkast.store import CPUDenseStore
+from ds_topkast.meta_init import MetaMaterializer, is_meta, meta_tensor_names
+from ds_topkast.pretrained import SafetensorsCheckpoint
+from ds_topkast.select import Collectives, select_sets
+from ds_topkast.store import CPUDenseStore, shard_range
+from ds_topkast.zero_init import gathered, is_partitioned, partition_like
 
 
 @dataclass
@@ -105,21 +114,77 @@ def _refuse_shared_weights(model: nn.Module, chosen: Mapping[str, nn.Module]) ->
                 f"(tied weights); a sparse copy would untie them. Add {name!r} to topkast.exclude.")
 
 
-def _refuse_non_finite(chosen: Mapping[str, nn.Module]) -> None:
-    """Selection by magnitude is meaningless on NaN or infinite weights: refuse them by layer name."""
-    bad = [name for name, module in chosen.items() if not bool(torch.isfinite(linear_weight(module)).all())]
-    if bad:
-        raise TopKASTConfigError(f"Layers {bad} hold NaN or infinite weights, so their top-k cannot be selected; "
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a Linear or Conv1D, also when its weight is partitioned by ZeRO-3 or on the meta device."""
+    shape = tuple(getattr(module.weight, "ds_shape", module.weight.shape))
+    return shape if isinstance(module, nn.Linear) else shape[::-1]
+
+
+class _LayerWeights:
+    """Where each layer's full weight comes from while it is sparsified, one layer at a time.
+
+    Pretrained safetensors files (when given), the model's own initialiser for a model on
+    the meta device, DeepSpeed's gather for a model built under zero.Init, else the
+    module itself. `finish_rest` gives the modules that stay dense their weights.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TopKASTConfig, pretrained: str | os.PathLike | None):
+        self.model = model
+        self.checkpoint = SafetensorsCheckpoint(pretrained) if pretrained is not None else None
+        self.materializer = MetaMaterializer(model, cfg.seed)
+        if self.checkpoint is not None and any(is_partitioned(p) for p in model.parameters()):
+            raise TopKASTConfigError(
+                "pretrained= loads weights into a model built in memory or on the meta device, but this model was "
+                "built under deepspeed.zero.Init; load its weights there (from_pretrained does) and sparsify it "
+                "without pretrained=.")
+
+    @contextmanager
+    def full(self, name: str, module: nn.Module) -> Iterator[Tensor]:
+        """The layer's (out, in) weight in full for the block; only one layer's is ever held."""
+        if self.checkpoint is not None:
+            if module.bias is not None:
+                self.checkpoint.load_into(self.model, [f"{name}.bias"])
+            yield in_module_layout(module, self.checkpoint.tensor(f"{name}.weight", module.weight.shape))
+        elif is_meta(module.weight):
+            self.materializer.materialize(name, module)
+            yield linear_weight(module)
+            module._parameters["weight"] = _meta_placeholder(module.weight)  # frees the layer's full weight
+        elif is_partitioned(module.weight):
+            with gathered(module):
+                yield linear_weight(module)
+        else:
+            yield linear_weight(module)
+
+    def finish_layer(self, replaced: nn.Parameter, layer: TopKASTLinear) -> None:
+        """Under zero.Init, partition the new compact values as the weight they replace was."""
+        if is_partitioned(replaced):
+            partition_like(replaced, [layer.values])
+
+    def finish_rest(self, chosen: Mapping[str, nn.Module]) -> None:
+        """Load or initialise whatever the sparsified layers did not cover; nothing may stay on the meta device."""
+        if self.checkpoint is not None:
+            skip = {f"{name}.{key}" for name in chosen for key in ("weight", "bias")}
+            self.checkpoint.load_into(self.model, [k for k in self.model.state_dict(keep_vars=True) if k not in skip])
+        else:
+            self.materializer.materialize_rest(skip=chosen)
+        left = [n for n in meta_tensor_names(self.model) if n.rpartition(".")[0] not in chosen]
+        if left:
+            raise TopKASTConfigError(f"{left} are still on the meta device after sparsify; give them values (load or "
+                                     "initialise the model) before training.")
+
+
+def _meta_placeholder(param: nn.Parameter) -> nn.Parameter:
+    placeholder = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False)
+    placeholder._is_hf_initialized = True
+    return placeholder
+
+
+def _refuse_non_finite(name: str, shard: Tensor, comm: Collectives) -> None:
+    """Selection by magnitude is meaningless on NaN or infinite weights: every rank refuses the layer together."""
+    bad = comm.all_reduce_sum(torch.tensor([0 if bool(torch.isfinite(shard).all()) else 1]))
+    if int(bad):
+        raise TopKASTConfigError(f"Layer {name!r} holds NaN or infinite weights, so its top-k cannot be selected; "
                                  "initialise or load the model correctly before sparsifying it.")
-
-
-def _convert(module: nn.Module, cfg: TopKASTConfig, k_forward: int, k_backward: int, seed: int) -> TopKASTLinear:
-    weight = linear_weight(module)
-    out_features, in_features = weight.shape
-    indices, _, forward_mask = select_sets(weight.float(), k_forward, k_backward, cfg.selection, seed)
-    values = weight.detach().reshape(-1)[indices]
-    return TopKASTLinear(in_features, out_features, values, indices, forward_mask, module.bias,
-                         k_forward=k_forward, exploration_l2=cfg.exploration_l2, source_type=type(module).__name__)
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -144,42 +209,62 @@ def as_topkast_config(config: TopKASTConfig | Mapping[str, Any] | str | os.PathL
     return TopKASTConfig.from_section(config)
 
 
-def _refuse_partitioned(chosen: Mapping[str, nn.Module]) -> None:
-    for name, module in chosen.items():
-        if hasattr(module.weight, "ds_numel"):
-            raise TopKASTConfigError(
-                f"{name}.weight is already partitioned by DeepSpeed ZeRO-3 (the model was built inside "
-                "zero.Init, which TrainingArguments(deepspeed=<ZeRO-3 config>) turns on for from_pretrained / "
-                "from_config). Build and sparsify the model before creating the TrainingArguments.")
-
-
-def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str | os.PathLike) -> nn.Module:
+def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str | os.PathLike, *,
+             pretrained: str | os.PathLike | None = None, comm: Collectives | None = None) -> nn.Module:
     """Replace the selected layers of `model` with Top-KAST layers, in place; returns `model`.
 
     `config` is a TopKASTConfig, a "topkast" section, or a DeepSpeed config (dict or
-    JSON path) that holds one. The full weights go into a dense store attached as
-    `model.topkast_state`; A and B start as the top-K of the model's own initial
-    weights (paper, Section 2).
+    JSON path) that holds one. The model may be built in memory, on the meta device
+    (its modules are then initialised one at a time by the model's own initialiser, see
+    meta_init.py) or under `deepspeed.zero.Init`; `pretrained` (a safetensors file or
+    folder) loads its weights, layer by layer. Layers are converted one at a time: each
+    rank keeps only its shard of each layer's full weight in the dense store
+    (`model.topkast_state`) and A and B start as the top-K of the initial weights
+    (paper, Section 2), selected over the shards. `comm` defaults to the job's process
+    group when one is initialised (call `deepspeed.init_distributed()` first for a model
+    too large for one rank's memory; `ds_topkast.initialize` and `TrainingArguments` do),
+    else a world of one whose store is sharded when the engine is built.
     """
+    if config is None:
+        raise TopKASTConfigError("sparsify(model, config) needs a config: a DeepSpeed config (path or dict) with a "
+                                 "\"topkast\" section, the section itself, or a TopKASTConfig.")
     cfg = as_topkast_config(config)
     if sparse_layers(model):
         raise TopKASTConfigError("This model is already sparsified; call ds_topkast.sparsify once per model.")
+    if meta_tensor_names(model) and hasattr(model, "tie_weights"):
+        model.tie_weights()  # accelerate's init_empty_weights unties a Hugging Face model's tied weights
     chosen = _choose_modules(model, cfg)
-    _refuse_partitioned(chosen)
     _refuse_shared_weights(model, chosen)
-    _refuse_non_finite(chosen)
-    shapes = [tuple(linear_weight(m).shape) for m in chosen.values()]
+    comm = job_collectives() if comm is None else comm
+    weights = _LayerWeights(model, cfg, pretrained)
+    shapes = [linear_shape(m) for m in chosen.values()]
     forward = layer_densities(shapes, cfg.forward_density, cfg.distribution)
     backward = layer_densities(shapes, cfg.backward_density, cfg.distribution)
-    store = CPUDenseStore()  # pinned, if asked, once placed: DeepSpeed has not set the device yet
+    store = CPUDenseStore(comm.rank, comm.world)  # pinned, if asked, once placed: DeepSpeed has not set the device yet
     state = TopKASTState(config=cfg, store=store, layer_names=list(chosen))
+    layers = {}
     for index, ((name, module), (out_f, in_f), d_fwd, d_bwd) in enumerate(zip(chosen.items(), shapes, forward, backward)):
-        k_forward = kept_count(out_f * in_f, d_fwd)
-        k_backward = max(k_forward, kept_count(out_f * in_f, d_bwd))
-        layer = _convert(module, cfg, k_forward, k_backward, selection_seed(cfg, 0, index))
+        numel = out_f * in_f
+        k_forward = kept_count(numel, d_fwd)
+        k_backward = max(k_forward, kept_count(numel, d_bwd))
+        start, end = shard_range(numel, comm.rank, comm.world)
+        replaced = module.weight
+        with weights.full(name, module) as weight:
+            shard = weight.reshape(-1)[start:end].to(torch.float32, copy=True)
+            dtype = weight.dtype
+        _refuse_non_finite(name, shard, comm)
+        indices, values, forward_mask = select_sets(shard, k_forward, k_backward, cfg.selection,
+                                                    selection_seed(cfg, 0, index), offset=start, numel=numel, comm=comm)
+        store.add_shard(name, shard, numel)
+        del shard
+        layer = TopKASTLinear(in_f, out_f, values.to(dtype), indices, forward_mask, module.bias, k_forward=k_forward,
+                              exploration_l2=cfg.exploration_l2, source_type=type(module).__name__)
         layer.layer_name = name
-        store.add(name, linear_weight(module))
-        state._replaced[id(module.weight)] = (weakref.ref(module.weight), layer.values)
+        weights.finish_layer(replaced, layer)
+        state._replaced[id(replaced)] = (weakref.ref(replaced), layer.values)
+        layers[name] = layer
+    weights.finish_rest(chosen)
+    for name, layer in layers.items():  # only now: an ancestor's initialiser may still look for the old module
         set_submodule(model, name, layer)
     model.topkast_state = state
     return model

@@ -76,10 +76,10 @@ class LayerShard:
 class CPUDenseStore:
     """fp32 θ per layer, flat, in host memory; each rank keeps its shard. Keyed by module name."""
 
-    def __init__(self):
+    def __init__(self, rank: int = 0, world: int = 1):
         self._pin = False
         self._layers: dict[str, LayerShard] = {}
-        self.rank, self.world = 0, 1
+        self.rank, self.world = rank, world
         self.streamed_bytes = 0  # read + written by refresh passes: the store's only traffic with the engine
 
     def _host(self, tensor: Tensor) -> Tensor:
@@ -87,8 +87,17 @@ class CPUDenseStore:
         return flat.pin_memory() if self._pin else flat
 
     def add(self, name: str, theta: Tensor) -> None:
-        """Take a copy of a layer's full weight (any shape and dtype) as flat fp32."""
-        self._layers[name] = LayerShard(name, self._host(theta), 0, theta.numel())
+        """Take a copy of this rank's range of a layer's full weight (any shape and dtype) as flat fp32."""
+        start, end = shard_range(theta.numel(), self.rank, self.world)
+        self.add_shard(name, theta.reshape(-1)[start:end], theta.numel())
+
+    def add_shard(self, name: str, shard: Tensor, numel: int) -> None:
+        """Take a copy of this rank's range `shard_range(numel, rank, world)` of a layer of `numel` entries."""
+        start, end = shard_range(numel, self.rank, self.world)
+        if shard.numel() != end - start:
+            raise DenseStoreError(f"Layer {name!r}: rank {self.rank} of {self.world} holds entries [{start}, {end}) "
+                                  f"of {numel}, but was given {shard.numel()}.")
+        self._layers[name] = LayerShard(name, self._host(shard), start, numel)
         self.seal(name)
 
     def keep_shard(self, rank: int, world: int, pin_memory: bool = False) -> None:
@@ -97,7 +106,8 @@ class CPUDenseStore:
         Call once the accelerator's device is set (pinning opens its context).
         """
         if self.world != 1 and (world, rank) != (self.world, self.rank):
-            raise DenseStoreError("The store is already sharded; shard a full store only.")
+            raise DenseStoreError(f"The store was built as rank {self.rank} of {self.world} and cannot become rank "
+                                  f"{rank} of {world}; sparsify the model in the job that trains it.")
         self._pin = pin_memory and torch.accelerator.is_available()
         for name, layer in self._layers.items():
             start, end = shard_range(layer.numel, rank, world)

@@ -24,29 +24,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ds_topkast.collectives import job_collectives
 from ds_topkast.config import (SECTION, TopKASTConfigError, load_deepspeed_config, refuse_loss_scaling,
                                topkast_section)
 from ds_topkast.optimizer_state import adapter_for_optimizer
 from ds_topkast.runtime import TopKASTRuntime
-from ds_topkast.select import Collectives
 from ds_topkast.sparsify import topkast_state
-
-
-def _collectives() -> Collectives:
-    """DeepSpeed's collectives over the job's process group (reused when accelerate made it), or a world of one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        import deepspeed
-
-        from ds_topkast.collectives import ProcessGroupCollectives
-
-        deepspeed.init_distributed()
-        return ProcessGroupCollectives()
-    return Collectives()
 
 
 def _deepspeed_config(args) -> dict[str, Any]:
@@ -76,7 +63,7 @@ class TopKASTCallback(TrainerCallback):
             raise TopKASTConfigError('The model was sparsified with a different "topkast" section than the '
                                      "Trainer's DeepSpeed config holds; sparsify with the same config file.")
         if self.runtime is None:
-            self.runtime = TopKASTRuntime(model, adapter_for_optimizer(optimizer), _collectives(),
+            self.runtime = TopKASTRuntime(model, adapter_for_optimizer(optimizer), job_collectives(),
                                           args.gradient_accumulation_steps, ds_config.get("aio"))
         else:  # a later trainer.train() call builds a new optimizer, maybe under other arguments
             self.runtime.refresher.adapter = adapter_for_optimizer(optimizer)
