@@ -43,7 +43,6 @@ class MetaMaterializer:
         self.model = model
         self.seed = seed
         self._modules = dict(model.named_modules(remove_duplicate=False))
-        self._done: dict[int, nn.Parameter] = {}  # id of a meta parameter -> its materialised replacement
 
     def materialize(self, name: str, module: nn.Module) -> None:
         """Real host storage and initial values for `module`'s own meta parameters (and float buffers)."""
@@ -72,12 +71,9 @@ class MetaMaterializer:
     def _allocate(self, name: str, module: nn.Module) -> list[tuple[str, Tensor]]:
         fresh = []
         for key, param in list(module._parameters.items()):
-            if not is_meta(param):
-                continue
-            if id(param) not in self._done:
+            if is_meta(param):  # replaced in every module holding it, so a tied tensor is materialised once
                 real = nn.Parameter(torch.full(param.shape, float("nan"), dtype=param.dtype),
                                     requires_grad=param.requires_grad)
-                self._done[id(param)] = real
                 fresh.append((key, real))
                 self._replace_everywhere(param, real)
         for key, buffer in list(module._buffers.items()):

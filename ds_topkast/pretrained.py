@@ -66,7 +66,12 @@ class SafetensorsCheckpoint:
         path = self.files[key]
         try:
             with safe_open(path, framework="pt") as reader:
+                if key not in reader.keys():
+                    raise PretrainedWeightsError(f"{path} does not hold tensor {key!r}, though the index names it "
+                                                 "there: the file was replaced. Copy the whole checkpoint again.")
                 value = reader.get_tensor(key)
+        except PretrainedWeightsError:
+            raise
         except Exception as err:  # safetensors reports damage with several exception types
             raise PretrainedWeightsError(f"Tensor {key!r} cannot be read from {path} ({type(err).__name__}: {err}): "
                                          "the file is truncated or damaged. Copy it again.") from None

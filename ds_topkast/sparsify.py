@@ -11,6 +11,7 @@ torch's nn.Linear and transformers' Conv1D (GPT-2).
 """
 from __future__ import annotations
 
+import ctypes
 import fnmatch
 import os
 import weakref
@@ -173,6 +174,21 @@ class _LayerWeights:
                                      "initialise the model) before training.")
 
 
+def return_freed_host_memory() -> None:
+    """Give freed host memory back to the OS (glibc's `malloc_trim`) so that it no longer counts as resident.
+
+    After a large block is freed, glibc raises its mmap threshold and serves later
+    layer-sized blocks from the heap, where the freed ones between kept store shards stay
+    resident: building the store layer by layer then held about a second full copy of the
+    model (measured: 1.54 GiB resident for a 0.77 GiB store). Trimming after each layer
+    keeps the resident size at the store plus one layer. A no-op without glibc.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _meta_placeholder(param: nn.Parameter) -> nn.Parameter:
     placeholder = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False)
     placeholder._is_hf_initialized = True
@@ -250,19 +266,21 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
         start, end = shard_range(numel, comm.rank, comm.world)
         replaced = module.weight
         with weights.full(name, module) as weight:
-            shard = weight.reshape(-1)[start:end].to(torch.float32, copy=True)
+            shard = weight.detach().reshape(-1)[start:end]
+            _refuse_non_finite(name, shard, comm)
+            indices, values, forward_mask = select_sets(shard, k_forward, k_backward, cfg.selection,
+                                                        selection_seed(cfg, 0, index), offset=start, numel=numel,
+                                                        comm=comm)
+            store.add_shard(name, shard, numel)
             dtype = weight.dtype
-        _refuse_non_finite(name, shard, comm)
-        indices, values, forward_mask = select_sets(shard, k_forward, k_backward, cfg.selection,
-                                                    selection_seed(cfg, 0, index), offset=start, numel=numel, comm=comm)
-        store.add_shard(name, shard, numel)
-        del shard
+        del weight, shard
         layer = TopKASTLinear(in_f, out_f, values.to(dtype), indices, forward_mask, module.bias, k_forward=k_forward,
                               exploration_l2=cfg.exploration_l2, source_type=type(module).__name__)
         layer.layer_name = name
         weights.finish_layer(replaced, layer)
         state._replaced[id(replaced)] = (weakref.ref(replaced), layer.values)
         layers[name] = layer
+        return_freed_host_memory()
     weights.finish_rest(chosen)
     for name, layer in layers.items():  # only now: an ancestor's initialiser may still look for the old module
         set_submodule(model, name, layer)

@@ -64,8 +64,12 @@ def training_args(out: Path, *, steps: int, gas: int, micro: int, deepspeed: dic
 
 def train(out: Path, *, steps: int = 4, gas: int = 2, micro: int = 2, deepspeed: bool = False,
           save_steps: int | None = 2, resume: str | None = None, stage: int = 2, bf16: bool = True,
-          exploration_l2: float | None = None, callbacks: tuple = ()):
-    """One Trainer run of the sparsified tiny GPT-2; returns (model, callback)."""
+          exploration_l2: float | None = None, callbacks: tuple = (), arguments_first: bool = False):
+    """One Trainer run of the sparsified tiny GPT-2; returns (model, callback).
+
+    `arguments_first`: create the TrainingArguments before the model, as run_clm.py does
+    (under a ZeRO-3 config the model is then built inside deepspeed.zero.Init).
+    """
     from transformers import Trainer
 
     import ds_topkast
@@ -73,10 +77,17 @@ def train(out: Path, *, steps: int = 4, gas: int = 2, micro: int = 2, deepspeed:
     config = deepspeed_trainer_config(gas, stage) if deepspeed else {"topkast": dict(TOPKAST)}
     if exploration_l2 is not None:
         config["topkast"]["exploration_l2"] = exploration_l2
+
+    def arguments():
+        return training_args(out, steps=steps, gas=gas, micro=micro, deepspeed=config if deepspeed else None,
+                             save_steps=save_steps, bf16=bf16)
+
+    args = arguments() if arguments_first else None
     model = ds_topkast.sparsify(tiny_gpt2(), config)
+    if arguments_first and stage == 3:  # values included: sparsify partitioned them like the weights they replace
+        assert all(hasattr(p, "ds_id") for p in model.parameters()), "the model was not built under zero.Init"
     callback = ds_topkast.TopKASTCallback()
-    args = training_args(out, steps=steps, gas=gas, micro=micro, deepspeed=config if deepspeed else None,
-                         save_steps=save_steps, bf16=bf16)
+    args = args or arguments()
     trainer = Trainer(model=model, args=args, train_dataset=Windows(64), callbacks=[callback, *callbacks])
     trainer.train(resume_from_checkpoint=resume)
     return model, callback

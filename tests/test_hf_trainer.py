@@ -45,12 +45,15 @@ def test_trainer_without_deepspeed_equals_ds_topkast_initialize(tmp_path):
     assert_same_run(trainer_run, snapshot(engine.module, Engine))
 
 
-@pytest.mark.parametrize("stage,bf16", [(1, False), (1, True), (3, False), (3, True)])
-def test_trainer_with_deepspeed_zero_stages_refreshes_on_optimizer_steps(tmp_path, stage, bf16):
+@pytest.mark.parametrize("stage,bf16,arguments_first", [(1, False, False), (1, True, False), (3, False, False),
+                                                        (3, True, False), (3, True, True)])
+def test_trainer_with_deepspeed_zero_stages_refreshes_on_optimizer_steps(tmp_path, stage, bf16, arguments_first):
+    """arguments_first: TrainingArguments with a ZeRO-3 config exist before the model, so it is built in zero.Init."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     try:
-        model, callback = train(tmp_path, steps=4, gas=2, deepspeed=True, save_steps=None, stage=stage, bf16=bf16)
+        model, callback = train(tmp_path, steps=4, gas=2, deepspeed=True, save_steps=None, stage=stage, bf16=bf16,
+                                arguments_first=arguments_first)
     finally:
         unset_hf_deepspeed_config()  # ZeRO-3 TrainingArguments would partition later tests' models at construction
     history = callback.history

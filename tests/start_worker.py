@@ -1,0 +1,121 @@
+"""One rank's side of the large-model start tests (tests/test_large_start.py starts it with the deepspeed launcher).
+
+Modes:
+- zero_init: the pretrained tiny GPT-2 loaded by from_pretrained in memory, and under
+  deepspeed.zero.Init (as with a ZeRO-3 TrainingArguments), each trained a few steps at ZeRO-3 (fp32) through a
+  refresh; both records are saved.
+- meta: the tiny GPT-2 built on the meta device, and built empty with pretrained
+  safetensors weights, sparsified on this rank; this rank's store shards and sets saved.
+- peak: a stack of large Linear layers built on the meta device and sparsified; the
+  peak resident memory of the sparsify call and the accounting's bound are saved.
+"""
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import ds_topkast
+from ds_topkast.layers import sparse_layers
+from dist_worker import GLOBAL_BATCH, state_of, train
+from models import ds_config, tiny_gpt2
+
+PEAK_LAYERS, PEAK_WIDTH = 48, 2048
+PEAK_SPARSITY = {"forward_sparsity": 0.99, "backward_sparsity": 0.98}
+
+
+def zero_init_records(out: Path, rank: int, world: int, steps: int, pretrained: str) -> None:
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    cfg = ds_config(stage=3, micro_batch=GLOBAL_BATCH // world, lr=1e-2, refresh_interval=2, forward_interval=1,
+                    exploration_l2=1e-3)
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every parameter partitioned
+    for build in ("normal", "zero_init"):
+        # under zero_init, from_pretrained builds inside deepspeed.zero.Init, as with a ZeRO-3 TrainingArguments
+        hf_config = HfDeepSpeedConfig(cfg) if build == "zero_init" else None  # transformers holds it weakly
+        model = AutoModelForCausalLM.from_pretrained(pretrained)
+        if hf_config is not None:
+            assert all(hasattr(p, "ds_id") for p in model.parameters()), "zero.Init did not partition the model"
+        engine, *_ = ds_topkast.initialize(model=model, config=cfg)
+        values = [layer.values for layer in sparse_layers(engine.module).values()]
+        partitioned = all(v.ds_tensor.numel() < v.ds_numel for v in values)
+        record = state_of(engine, train(engine, 0, steps))
+        record["values_partitioned"] = partitioned
+        torch.save(record, out / f"{build}_rank{rank}.pt")
+
+
+def shards_of(model: nn.Module) -> dict:
+    store = model.topkast_state.store
+    return {"store": {n: (store.layout(n)[0], store.read(n).clone()) for n in store.names()},
+            "sets": {n: (l.indices.clone(), l.forward_mask.clone(), l.values.detach().clone())
+                     for n, l in sparse_layers(model).items()},
+            "dense": {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith(".values")}}
+
+
+def meta_records(out: Path, rank: int, pretrained: str) -> None:
+    from accelerate import init_empty_weights
+
+    section = ds_config()["topkast"]
+    with torch.device("meta"):
+        model = tiny_gpt2()
+    torch.save(shards_of(ds_topkast.sparsify(model, section)), out / f"meta_rank{rank}.pt")
+    with init_empty_weights():
+        model = tiny_gpt2()
+    torch.save(shards_of(ds_topkast.sparsify(model, section, pretrained=pretrained)),
+               out / f"pretrained_rank{rank}.pt")
+
+
+def peak_model() -> nn.Module:
+    return nn.Sequential(*[nn.Linear(PEAK_WIDTH, PEAK_WIDTH, bias=False) for _ in range(PEAK_LAYERS)])
+
+
+def _peak_kib() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def _resident_kib() -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def peak_record(out: Path, rank: int, world: int) -> None:
+    with torch.device("meta"):
+        model = peak_model()
+    before = _resident_kib()
+    Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current resident size
+    ds_topkast.sparsify(model, PEAK_SPARSITY)
+    peak = (_peak_kib() - before) * 1024
+    layers = sparse_layers(model)
+    store_bytes = model.topkast_state.store.nbytes()
+    compact = sum(l.values.numel() * 4 + l.indices.numel() * l.indices.element_size() + l.forward_mask.numel()
+                  for l in layers.values())
+    full_model = sum(l.in_features * l.out_features * 4 for l in layers.values())
+    torch.save({"peak": peak, "store": store_bytes, "compact": compact, "one_layer": PEAK_WIDTH ** 2 * 4,
+                "full_model": full_model, "world": world}, out / f"peak_rank{rank}.pt")
+
+
+def main() -> None:
+    import deepspeed
+    import deepspeed.comm as dist
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("modes", nargs="+", choices=["zero_init", "meta", "peak"])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--pretrained")
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    deepspeed.init_distributed()
+    out, rank, world = Path(args.out), dist.get_rank(), dist.get_world_size()
+    if "peak" in args.modes:  # first: the others leave memory behind that would blur the measurement
+        peak_record(out, rank, world)
+    if "meta" in args.modes:
+        meta_records(out, rank, args.pretrained)
+    if "zero_init" in args.modes:
+        zero_init_records(out, rank, world, args.steps, args.pretrained)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
