@@ -26,13 +26,14 @@ import torch
 from torch import Tensor
 
 from ds_topkast.config import TopKASTConfig
+from ds_topkast.layers import TopKASTLinear, pack_bits, unpack_bits
 from ds_topkast.refresh import MaskDynamics, Refresher
 from ds_topkast.store import checksum, fsync_path, shard_range
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Settings that fix each layer's k_A and k_B: a checkpoint is only valid under the same ones.
 _SHAPE_SETTINGS = ("forward_sparsity", "backward_sparsity", "distribution", "include", "exclude")
-_SET_KEYS = ("indices", "forward_mask")
+_SET_KEYS = ("backward_bits", "forward_bits")
 
 
 class CheckpointError(RuntimeError):
@@ -47,13 +48,30 @@ def checkpoint_file(tag_dir: str | os.PathLike, rank: int) -> Path:
     return Path(tag_dir) / f"topkast_rank{rank:05d}.pt"
 
 
+def own_sets(layer: TopKASTLinear, offset: int, length: int) -> dict[str, Tensor]:
+    """This rank's part of a layer's sets, as host bitmaps: B over its store range, A over those entries of B."""
+    indices, forward_mask = layer.indices, layer.forward_mask
+    mine = (indices >= offset) & (indices < offset + length)
+    in_range = torch.zeros(length, dtype=torch.bool, device=indices.device)
+    in_range[indices[mine] - offset] = True
+    return {"backward_bits": pack_bits(in_range).cpu(), "forward_bits": pack_bits(forward_mask[mine]).cpu()}
+
+
+def joined_sets(parts: list[dict[str, Tensor]], numel: int) -> tuple[Tensor, Tensor]:
+    """B's indices and A's mask from every saved rank's part (rank order), as `own_sets` wrote them."""
+    world = len(parts)
+    backward = [unpack_bits(part["backward_bits"], shard_range(numel, r, world)[1] - shard_range(numel, r, world)[0])
+                for r, part in enumerate(parts)]
+    forward = [unpack_bits(part["forward_bits"], int(mask.sum())) for part, mask in zip(parts, backward)]
+    return torch.cat(backward).nonzero().squeeze(1), torch.cat(forward)
+
+
 def save(refresher: Refresher, tag_dir: str | os.PathLike, rank: int) -> Path:
     """Write this rank's Top-KAST state into the checkpoint folder (atomically, by rename)."""
     path = checkpoint_file(tag_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     store = refresher.state.store
-    sets = {name: {"indices": layer.indices.cpu().clone(), "forward_mask": layer.forward_mask.cpu().clone()}
-            for name, layer in refresher.layers.items()}
+    sets = {name: own_sets(layer, *store.layout(name)) for name, layer in refresher.layers.items()}
     ever = {name: m.clone() for name, m in refresher.ever_in_backward.items()}
     payload = {
         "format": FORMAT_VERSION,
@@ -240,9 +258,19 @@ def restore(refresher: Refresher, saved: SavedState) -> None:
         store.load_shard(name, assemble(saved, "store", name, start, end))
         refresher.ever_in_backward[name] = assemble(saved, "ever_in_backward", name, start, end).clone()
     for name, layer in refresher.layers.items():
-        sets = saved.first["sets"][name]
-        layer.assign_sets(sets["indices"].to(layer.indices.device), sets["forward_mask"].to(layer.indices.device))
+        indices, forward_mask = joined_sets(_set_parts(refresher, saved, name), store.numel(name))
+        layer.assign_sets(indices, forward_mask)
     refresher.history = [MaskDynamics(**d) for d in saved.first["history"]]
+
+
+def _set_parts(refresher: Refresher, saved: SavedState, name: str) -> list[dict[str, Tensor]]:
+    """Every saved rank's part of a layer's sets: from the files read, or, when each rank read only its own file
+    (same world size), from the other ranks over the process group."""
+    if len(saved.payloads) > 1 or saved.first["world"] == 1:
+        return [payload["sets"][name] for payload in saved.payloads]
+    own = saved.first["sets"][name]
+    gathered = {key: refresher.comm.all_gather_parts(own[key]) for key in _SET_KEYS}
+    return [{key: gathered[key][r] for key in _SET_KEYS} for r in range(refresher.comm.world)]
 
 
 def load(refresher: Refresher, tag_dir: str | os.PathLike, rank: int) -> None:

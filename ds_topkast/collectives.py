@@ -52,12 +52,11 @@ class ProcessGroupCollectives(Collectives):
     def all_gather_ints(self, value: int) -> list[int]:
         return [int(v) for v in self._all_gather(torch.tensor([value], dtype=torch.long))]
 
-    def all_gather_varlen(self, tensor: Tensor) -> Tensor:
+    def all_gather_parts(self, tensor: Tensor) -> list[Tensor]:
         counts = self.all_gather_ints(tensor.numel())
         padded = tensor.new_zeros(max(counts))
         padded[:tensor.numel()] = tensor
-        parts = self._all_gather(padded)
-        return torch.cat([part[:count] for part, count in zip(parts, counts)]).to(tensor.device)
+        return [part[:count] for part, count in zip(self._all_gather(padded), counts)]
 
     def _all_gather(self, tensor: Tensor) -> list[Tensor]:
         moved = tensor.to(self._device)

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from ds_topkast.checkpoint import CheckpointError, assemble, checkpoint_file, every_rank, load_file, read_verified
+from ds_topkast.checkpoint import (CheckpointError, assemble, checkpoint_file, every_rank, joined_sets, load_file,
+                                   read_verified)
 from ds_topkast.sparsify import in_module_layout, linear_weight
 
 _MODEL_STATES = "mp_rank_00_model_states.pt"
-_SPARSE_KEYS = ("values", "indices", "forward_mask")
+_SPARSE_KEYS = ("values", "backward_bits", "forward_bits")
 
 
 def tag_folder(path: str | os.PathLike) -> Path:
@@ -44,7 +45,8 @@ def _dense_theta(tag_dir: Path, module_state: dict[str, Tensor]) -> dict[str, Te
     theta = {}
     for name, numel in first["numel"].items():
         flat = assemble(saved, "store", name, 0, numel).clone()
-        flat[first["sets"][name]["indices"].long()] = module_state[f"{name}.values"].float()
+        indices, _ = joined_sets([payload["sets"][name] for payload in saved.payloads], numel)
+        flat[indices] = module_state[f"{name}.values"].float()
         theta[name] = flat
     return theta
 

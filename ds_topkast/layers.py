@@ -4,10 +4,15 @@ Top-KAST (Jayakumar et al. 2020, Section 2): the forward pass uses α = θ on A 
 elsewhere); the gradient is taken at α and applied to every entry of B ⊇ A, so entries
 of B\\A receive the straight-through gradient while contributing nothing to the output.
 
-Here B is held as one fixed-size parameter `values` (k_B entries, trained by DeepSpeed)
-with a buffer of flat indices into the (out, in) weight, and a boolean mask over it
-telling which entries are in A. The dense α of this one layer is scattered for the
-matmul and rebuilt in backward; it is never saved for backward. The exploration
+Here B is held as one fixed-size parameter `values` (k_B entries, trained by DeepSpeed,
+in ascending flat-index order) and two bitmaps: which entries of the (out, in) weight are
+in B (one bit per weight) and which entries of B are in A (one bit per value). That is
+0.15 bytes per weight at 80% backward sparsity where int32 indices and a bool mask took
+1.0: replicated on every rank even under ZeRO-3, it stays below the values' own
+partitioned bytes up to about 16 ranks (docs/DESIGN.md). The flat indices are unpacked
+from the bitmap when needed (`torch.nonzero_static`, no host sync). The dense α of this
+one layer is scattered for the matmul and rebuilt in backward; it is never saved for
+backward. The exploration
 regulariser's gradient is added in the same backward, so every way of calling backward
 (`loss.backward()`, `engine.backward`, activation-checkpoint recompute, the HF Trainer)
 applies it exactly once. The layer knows nothing about the dense store or the optimizer:
@@ -18,6 +23,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """A flat bool mask as uint8 bits, eight to a byte (bit j of byte i is entry 8i + j): 1/8 of its bytes."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = F.pad(flat, (0, -flat.numel() % 8))
+    shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) << shifts).sum(1, dtype=torch.uint8)  # distinct powers of two: no carry
+
+
+def unpack_bits(bits: Tensor, count: int) -> Tensor:
+    """The first `count` entries of a mask packed by `pack_bits`, as bool."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits.unsqueeze(1) >> shifts) & 1).view(-1)[:count].bool()
+
+
+def indices_from_bits(bits: Tensor, numel: int, count: int) -> Tensor:
+    """Ascending int64 positions of the `count` set bits among the first `numel`; no host sync."""
+    return torch.nonzero_static(unpack_bits(bits, numel), size=count).squeeze(1)
+
+
+def index_bits(indices: Tensor, numel: int) -> Tensor:
+    """The bitmap of a set of flat indices into `numel` entries."""
+    mask = torch.zeros(numel, dtype=torch.bool, device=indices.device)
+    return pack_bits(mask.index_fill_(0, indices.long(), True))
 
 
 def dense_alpha(values: Tensor, indices: Tensor, forward_mask: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -51,22 +81,26 @@ class SparseLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, values: Tensor, indices: Tensor, forward_mask: Tensor, out_features: int,
+    def forward(ctx, x: Tensor, values: Tensor, backward_bits: Tensor, forward_bits: Tensor, out_features: int,
                 in_features: int, l2_grad_scale: float = 0.0, forward_density: float = 1.0) -> Tensor:
         shape = (out_features, in_features)
         autocast_dtype = _autocast_dtype(x)
         compute_dtype = autocast_dtype or values.dtype
+        indices = indices_from_bits(backward_bits, out_features * in_features, values.numel())
+        forward_mask = unpack_bits(forward_bits, values.numel())
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(autocast_dtype) if autocast_dtype else x
             y = F.linear(x, dense_alpha(values.to(compute_dtype), indices, forward_mask, shape))
-        ctx.save_for_backward(x, values, indices, forward_mask)
+        ctx.save_for_backward(x, values, backward_bits, forward_bits)  # the bitmaps, not the unpacked sets
         ctx.shape, ctx.compute_dtype = shape, compute_dtype
         ctx.l2_grad_scale, ctx.forward_density = l2_grad_scale, forward_density
         return y
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, values, indices, forward_mask = ctx.saved_tensors
+        x, values, backward_bits, forward_bits = ctx.saved_tensors
+        indices = indices_from_bits(backward_bits, ctx.shape[0] * ctx.shape[1], values.numel())
+        forward_mask = unpack_bits(forward_bits, values.numel())
         grad_out = grad_out.to(ctx.compute_dtype)
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
@@ -87,8 +121,10 @@ class TopKASTLinear(nn.Module):
     """A Linear (or GPT-2 Conv1D) layer trained with Top-KAST on its compact set B.
 
     `values[i]` is the weight at flat index `indices[i]` of the (out, in) matrix;
-    `forward_mask[i]` says whether that entry is in A. Indices are kept ascending, so a
-    position in `values` orders ties the same way as the flat index does.
+    `forward_mask[i]` says whether that entry is in A. Both are unpacked on reading from
+    the bitmaps `backward_bits` (n bits) and `forward_bits` (k_B bits), the buffers the
+    layer keeps; write them with `assign_sets` / `assign_forward_mask`. Indices are
+    ascending, so a position in `values` orders ties the same way as the flat index does.
     `forward_density` is this layer's own D = k_forward / (out * in) (it differs per layer
     under ERK); `accumulation_steps` is how many backward passes make one optimizer step
     (the runtime sets it), so the regulariser's gradient is applied once per step.
@@ -107,9 +143,8 @@ class TopKASTLinear(nn.Module):
         self.source_type = source_type
         self.values = nn.Parameter(values.detach().clone())
         self.bias = bias  # the replaced layer's own Parameter: param groups naming it stay valid
-        index_dtype = torch.int32 if in_features * out_features < 2**31 else torch.int64
-        self.register_buffer("indices", indices.to(index_dtype))
-        self.register_buffer("forward_mask", forward_mask.clone())
+        self.register_buffer("backward_bits", index_bits(indices, in_features * out_features))
+        self.register_buffer("forward_bits", pack_bits(forward_mask))
         self.last_exploration_penalty: Tensor | None = None
         self.layer_name = ""  # its name in the model, for error messages (set by sparsify)
 
@@ -121,10 +156,25 @@ class TopKASTLinear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
+    @property
+    def indices(self) -> Tensor:
+        """B's ascending flat indices into the (out, in) weight (int64, unpacked from `backward_bits`)."""
+        return indices_from_bits(self.backward_bits, self.in_features * self.out_features, self.k_backward)
+
+    @property
+    def forward_mask(self) -> Tensor:
+        """Which entries of B (in `values` order) are in A (bool, unpacked from `forward_bits`)."""
+        return unpack_bits(self.forward_bits, self.k_backward)
+
     def assign_sets(self, indices: Tensor, forward_mask: Tensor) -> None:
         """Take new sets from a refresh; the caller rewrites `values` to match."""
-        self.indices.copy_(indices.to(self.indices.dtype))
-        self.forward_mask.copy_(forward_mask)
+        device = self.backward_bits.device
+        self.backward_bits.copy_(index_bits(indices.to(device), self.in_features * self.out_features))
+        self.assign_forward_mask(forward_mask)
+
+    def assign_forward_mask(self, forward_mask: Tensor) -> None:
+        """Take a new A (a mask over B), as A's re-selection between refreshes does."""
+        self.forward_bits.copy_(pack_bits(forward_mask.to(self.forward_bits.device)))
 
     def exploration_penalty(self) -> Tensor:
         """λ·(Σ_A v² + Σ_{B\\A} v² / D): the paper's exploration regulariser for this layer (a value, for logs)."""
@@ -137,7 +187,7 @@ class TopKASTLinear(nn.Module):
         if exploring:  # for logs only: the gradient is added in backward (values are gathered here under ZeRO-3)
             self.last_exploration_penalty = self.exploration_penalty()
         l2_grad_scale = 2 * self.exploration_l2 / self.accumulation_steps if exploring else 0.0
-        y = SparseLinearFunction.apply(x, self.values, self.indices, self.forward_mask, self.out_features,
+        y = SparseLinearFunction.apply(x, self.values, self.backward_bits, self.forward_bits, self.out_features,
                                        self.in_features, l2_grad_scale, self.forward_density)
         return y if self.bias is None else y + self.bias.to(y.dtype)  # under autocast, as nn.Linear: y's dtype
 

@@ -4,7 +4,8 @@ Counts what DeepSpeed allocates on each rank for every trained tensor, following
 partitioning rules (ZeRO-1 partitions master and moments, ZeRO-2 also gradients,
 ZeRO-3 also parameters), from the engine's real shapes, dtypes and optimizer. The
 "dense" column is the same engine configuration holding the sparsified layers as
-ordinary dense weights. Index buffers and forward masks are never partitioned. The
+ordinary dense weights. The set bitmaps (one bit per weight for B, one per entry of B
+for A) are never partitioned. The
 benchmarks (bench/) measure peak device memory; this report explains where it goes.
 """
 from __future__ import annotations
@@ -113,9 +114,7 @@ def memory_report(engine) -> MemoryReport:
     compact = sum(layer.k_backward for layer in layers.values())
     dense_n = sum(layer.in_features * layer.out_features for layer in layers.values())
     report = MemoryReport(sparse=rules.trained(compact), dense=rules.trained(dense_n))
-    report.sparse["index_buffers"] = sum(l.indices.numel() * l.indices.element_size() for l in layers.values())
-    report.sparse["forward_masks"] = sum(l.forward_mask.numel() * l.forward_mask.element_size()
-                                         for l in layers.values())
+    report.sparse["set_bitmaps"] = sum(l.backward_bits.numel() + l.forward_bits.numel() for l in layers.values())
     values = {id(layer.values) for layer in layers.values()}
     other_n = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()
                   if p.requires_grad and id(p) not in values)

@@ -100,7 +100,7 @@ class Refresher:
             masks = segment_topk_masks(masters.abs(), sizes, ks)
             with torch.no_grad():
                 for layer, mask in zip(layers, masks.split([layer.k_backward for layer in layers])):
-                    layer.forward_mask.copy_(mask)
+                    layer.assign_forward_mask(mask)
 
     def _group_layers(self) -> list[tuple[list[str], Tensor, Tensor]]:
         """Consecutive layers in groups of at most SELECTION_GROUP entries of B (a larger layer alone)."""
@@ -112,7 +112,7 @@ class Refresher:
                 total = 0
             groups[-1].append(name)
             total += layer.k_backward
-        device = next(iter(self.layers.values())).indices.device
+        device = next(iter(self.layers.values())).backward_bits.device
         return [(names, torch.tensor([self.layers[n].k_backward for n in names], device=device),
                  torch.tensor([self.layers[n].k_forward for n in names], device=device)) for names in groups]
 
@@ -134,7 +134,7 @@ class Refresher:
             self._agree_or_fail(shard.name, not bool(torch.isfinite(master).all()), step,
                                 "its trained values hold NaN or infinity (nothing was written to the store); lower "
                                 "the learning rate or enable gradient clipping, and resume from the last checkpoint")
-            on_device = shard.on(layer.indices.device)
+            on_device = shard.on(layer.backward_bits.device)
             on_device.write_back(layer.indices, master)
             totals += self._refresh_layer(index, layer, on_device, step)
             shard.theta.copy_(on_device.theta)  # no copy when the accelerator is the CPU
@@ -161,7 +161,7 @@ class Refresher:
 
     def check_sets_agree(self, step: int) -> None:
         """Every rank must hold the same A and B of every layer; a mismatch is an error, never a divergence."""
-        sums = torch.tensor([[checksum(layer.indices.cpu().int()), checksum(layer.forward_mask.cpu().int())]
+        sums = torch.tensor([[checksum(layer.backward_bits.cpu()), checksum(layer.forward_bits.cpu())]
                              for layer in self.layers.values()], dtype=torch.long)
         low, high = self.comm.all_reduce_min_max(sums)
         diverged = [name for name, row in zip(self.layers, (low != high).any(dim=1).tolist()) if row]
@@ -171,8 +171,8 @@ class Refresher:
 
     def _refresh_layer(self, index: int, layer: TopKASTLinear, shard: LayerShard, step: int) -> Tensor:
         adapter, cfg = self.adapter, self.state.config
-        old_indices = layer.indices.long()
-        old_forward_mask = layer.forward_mask.clone()
+        old_indices = layer.indices
+        old_forward_mask = layer.forward_mask
         new_indices, new_master, new_forward_mask = select_sets(
             shard.theta, layer.k_forward, layer.k_backward, cfg.selection,
             selection_seed(cfg, step // cfg.refresh_interval, index),

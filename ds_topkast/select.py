@@ -41,9 +41,13 @@ class Collectives:
         """One integer from every rank, in rank order."""
         return [value]
 
+    def all_gather_parts(self, tensor: Tensor) -> list[Tensor]:
+        """1-D tensors of any length from every rank, in rank order."""
+        return [tensor]
+
     def all_gather_varlen(self, tensor: Tensor) -> Tensor:
         """1-D tensors of any length from every rank, concatenated in rank order."""
-        return tensor
+        return torch.cat(self.all_gather_parts(tensor))
 
 
 LOCAL = Collectives()

@@ -36,8 +36,10 @@ def perturb_sets(engine) -> None:
     """This rank's set B loses an entry and gains another: its masks no longer match the other ranks'."""
     layer = next(iter(sparse_layers(engine.module).values()))
     outside = torch.ones(layer.in_features * layer.out_features, dtype=torch.bool)
-    outside[layer.indices.long()] = False
-    layer.indices[-1] = int(outside.nonzero()[0])
+    indices = layer.indices
+    outside[indices] = False
+    indices[-1] = int(outside.nonzero()[0])
+    layer.assign_sets(indices.sort().values, layer.forward_mask)
 
 
 PERTURBATIONS = {"perturb": perturb_store, "diverge": perturb_sets}

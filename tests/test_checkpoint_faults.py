@@ -60,18 +60,18 @@ def flip_store_value(payload):
 
 def flip_forward_mask(payload):
     sets = next(iter(payload["sets"].values()))
-    sets["forward_mask"][0] = ~sets["forward_mask"][0]
+    sets["forward_bits"][0] ^= 1
 
 
 def flip_index(payload):
     sets = next(iter(payload["sets"].values()))
-    sets["indices"][0] += 1
+    sets["backward_bits"][0] ^= 1
 
 
 DAMAGES = {
     "store value": (flip_store_value, "is corrupted: layer .*'s store does not match the checksum"),
-    "set A mask": (flip_forward_mask, "is corrupted: layer .*'s forward_mask does not match the checksum"),
-    "set B index": (flip_index, "is corrupted: layer .*'s indices does not match the checksum"),
+    "set A mask": (flip_forward_mask, "is corrupted: layer .*'s forward_bits does not match the checksum"),
+    "set B index": (flip_index, "is corrupted: layer .*'s backward_bits does not match the checksum"),
 }
 
 

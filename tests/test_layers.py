@@ -3,7 +3,8 @@ import torch
 
 import pytest
 
-from ds_topkast.layers import SparseLinearFunction, TopKASTLinear, dense_alpha, exploration_penalty
+from ds_topkast.layers import (SparseLinearFunction, TopKASTLinear, dense_alpha, exploration_penalty, index_bits,
+                               pack_bits, unpack_bits)
 from ds_topkast.select import segment_topk_masks, segment_topk_masks_by_sort
 
 
@@ -17,20 +18,34 @@ def layer_inputs(dtype=torch.float64):
     return x, values, indices, forward_mask, out_f, in_f
 
 
+def sparse_linear(x, values, indices, mask, out_f, in_f, *args):
+    """The layer's function on B given as indices and A as a mask (it takes them as bitmaps)."""
+    return SparseLinearFunction.apply(x, values, index_bits(indices, out_f * in_f), pack_bits(mask), out_f, in_f,
+                                      *args)
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 64, 1001])
+def test_bitmaps_round_trip(count):
+    mask = torch.rand(count, generator=torch.Generator().manual_seed(count)) < 0.3
+    bits = pack_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-count // 8)
+    assert torch.equal(unpack_bits(bits, count), mask)
+
+
 def test_gradcheck_float64():
     x, values, indices, mask, out_f, in_f = layer_inputs()
     # Input gradients through α; value gradients straight through: B\A entries get dL/dα there.
-    assert torch.autograd.gradcheck(lambda x: SparseLinearFunction.apply(x, values, indices, mask, out_f, in_f),
+    assert torch.autograd.gradcheck(lambda x: sparse_linear(x, values, indices, mask, out_f, in_f),
                                     (x,))
     # Where A = B the straight-through gradient is the true one, so values can be checked too.
     everything = torch.ones_like(mask)
     assert torch.autograd.gradcheck(
-        lambda x, v: SparseLinearFunction.apply(x, v, indices, everything, out_f, in_f), (x, values))
+        lambda x, v: sparse_linear(x, v, indices, everything, out_f, in_f), (x, values))
 
 
 def test_value_gradient_is_weight_gradient_at_alpha_gathered_at_b():
     x, values, indices, mask, out_f, in_f = layer_inputs()
-    y = SparseLinearFunction.apply(x, values, indices, mask, out_f, in_f)
+    y = sparse_linear(x, values, indices, mask, out_f, in_f)
     grad_out = torch.randn_like(y)
     y.backward(grad_out)
     alpha = dense_alpha(values.detach(), indices, mask, (out_f, in_f)).requires_grad_()
@@ -45,8 +60,8 @@ def test_forward_ignores_b_minus_a():
     x, values, indices, mask, out_f, in_f = layer_inputs()
     changed = values.detach().clone()
     changed[~mask] += 100.0
-    y1 = SparseLinearFunction.apply(x, values, indices, mask, out_f, in_f)
-    y2 = SparseLinearFunction.apply(x, changed, indices, mask, out_f, in_f)
+    y1 = sparse_linear(x, values, indices, mask, out_f, in_f)
+    y2 = sparse_linear(x, changed, indices, mask, out_f, in_f)
     torch.testing.assert_close(y1, y2)
 
 

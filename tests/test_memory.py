@@ -17,7 +17,8 @@ def test_gpt2_small_shape_at_90_80(stage, bf16):
     dense_entries = sum(l.in_features * l.out_features for l in layers.values())
     assert dense_entries == 12 * (768 * 2304 + 768 * 768 + 2 * 768 * 3072)
     assert report.sparse["values"] == sum(l.values.numel() * l.values.element_size() for l in layers.values())
-    assert report.sparse["index_buffers"] == sum(l.k_backward * 4 for l in layers.values())  # int32 indices
+    assert report.sparse["set_bitmaps"] == sum(-(-l.in_features * l.out_features // 8) + -(-l.k_backward // 8)
+                                               for l in layers.values())  # a bit per weight (B), per value (A)
     assert report.dense_store_bytes == 4 * dense_entries
     assert report.dense_total == 16 * dense_entries  # 2+2+4+8 (bf16 + Adam) or 4+4+0+8 (fp32 + Adam)
     assert report.ratio <= 0.3

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ds_topkast.select import select_sets, topk_indices, topk_mask
+from ds_topkast.select import Collectives, select_sets, topk_indices, topk_mask
 from reference_topkast import topk_by_sort
 
 
@@ -74,7 +74,7 @@ def test_unknown_rule():
         select_sets(torch.ones(4), 1, 2, "best")
 
 
-class ThreadCollectives:
+class ThreadCollectives(Collectives):
     """Ranks as threads: enough to exercise sharded selection's collectives in one process."""
 
     def __init__(self, rank, world, board, barrier):
@@ -94,8 +94,8 @@ class ThreadCollectives:
     def all_gather_ints(self, value):
         return self._exchange(value)
 
-    def all_gather_varlen(self, tensor):
-        return torch.cat(self._exchange(tensor.clone()))
+    def all_gather_parts(self, tensor):
+        return self._exchange(tensor.clone())
 
 
 def sharded_select(theta, k_forward, k_backward, world, rule="topk"):
