@@ -28,7 +28,7 @@ from torch import Tensor
 from ds_topkast.config import TopKASTConfig
 from ds_topkast.layers import TopKASTLinear, pack_bits, unpack_bits
 from ds_topkast.refresh import MaskDynamics, Refresher
-from ds_topkast.store import checksum, fsync_path, shard_range
+from ds_topkast.store import checksum, fsync_path, matches, shard_range
 
 FORMAT_VERSION = 3
 # Settings that fix each layer's k_A and k_B: a checkpoint is only valid under the same ones.
@@ -193,7 +193,7 @@ def _verify(payload: dict, path: Path, tag_dir: Path) -> None:
     sums = payload["checksums"]
     for key in ("store", "ever_in_backward"):
         for name, expected in sums[key].items():
-            if checksum(_piece(payload, tag_dir, key, name)) != expected:
+            if not matches(_piece(payload, tag_dir, key, name), expected):
                 where = _store_file(payload, tag_dir, name) if isinstance(payload[key][name], str) else path
                 raise CheckpointError(f"{where} is corrupted: layer {name!r}'s {key} does not match the checksum "
                                       "written with it. Resume from an earlier checkpoint.")

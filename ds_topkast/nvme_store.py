@@ -187,7 +187,7 @@ class NVMeDenseStore:
                                    meta.checksum)
                 self.streamed_bytes += shard.theta.numel() * 4
                 yield shard
-                meta.checksum = checksum(shard.theta)
+                meta.checksum = shard.checksum  # recorded by the caller (store.CPUDenseStore.stream)
                 self._write(slot, name)
                 self.streamed_bytes += shard.theta.numel() * 4
         finally:

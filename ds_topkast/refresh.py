@@ -12,8 +12,8 @@ DESIGN.md, Section 3. Every `refresh_interval` optimizer steps, on every rank:
    state moves with the entries that stay in B, new entries start at zero;
 5. guard again (every rank ends with the same sets) and record mask dynamics.
 Each shard is streamed through the accelerator: copied there (from pinned memory where
-the store pins), written back, selected and remapped there, and copied back, so the host
-only moves bytes and checks checksums. Between refreshes, `reselect_forward_sets` makes
+the store pins), checked against its checksum, written back, selected and remapped,
+checksummed again and copied back, all there, so the host only moves bytes. Between refreshes, `reselect_forward_sets` makes
 A the top k_A of B's fp32 master values, on the accelerator, with no host sync.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ds_topkast.layers import TopKASTLinear
 from ds_topkast.optimizer_state import OptimizerStateAdapter
 from ds_topkast.select import segment_topk_masks, select_sets
 from ds_topkast.sparsify import TopKASTState, selection_seed
-from ds_topkast.store import LayerShard, checksum
+from ds_topkast.store import LayerShard, checksum, matches
 
 
 # Entries of B re-selected together (one sort of int64 keys: about 50 bytes of transient memory per entry).
@@ -127,16 +127,17 @@ class Refresher:
         totals = torch.zeros(3, dtype=torch.float64)
         for index, shard in enumerate(self.state.store.stream(self.layers)):
             layer = self.layers[shard.name]
-            self._agree_or_fail(shard.name, not shard.intact(), step,
+            on_device = shard.on(layer.backward_bits.device)
+            self._agree_or_fail(shard.name, not matches(on_device.theta, shard.checksum), step,
                                 "its dense-store shard changed since the last refresh (memory corruption or a stray "
                                 "write); resume from the last checkpoint")
             master = self.adapter.get_master(layer.values)
             self._agree_or_fail(shard.name, not bool(torch.isfinite(master).all()), step,
                                 "its trained values hold NaN or infinity (nothing was written to the store); lower "
                                 "the learning rate or enable gradient clipping, and resume from the last checkpoint")
-            on_device = shard.on(layer.backward_bits.device)
             on_device.write_back(layer.indices, master)
             totals += self._refresh_layer(index, layer, on_device, step)
+            shard.checksum = checksum(on_device.theta)  # on the device: the host only copies
             shard.theta.copy_(on_device.theta)  # no copy when the accelerator is the CPU
         self.check_sets_agree(step)
         k_forward = sum(layer.k_forward for layer in self.layers.values())

@@ -33,10 +33,48 @@ def shard_range(numel: int, rank: int, world: int) -> tuple[int, int]:
     return start, min(start + chunk, numel)
 
 
+# Checksums of the second kind live in [2^62, 2^63), CRC-32s below 2^32: a value says which kind it is.
+_SUM64_TAG = 1 << 62
+_SUM64_CHUNK = 1 << 22
+_SUM64_MULTIPLIER = 0x9E3779B97F4A7C15 - (1 << 64)  # as a signed int64; products wrap modulo 2^64
+
+
 def checksum(values: Tensor) -> int:
-    """CRC-32 of a host tensor's bytes: changes if any entry or their order changes; exact on every machine."""
-    flat = values.detach().reshape(-1).contiguous()
+    """A checksum of a tensor's bytes, computed where the tensor lives: changes if any entry or their order changes.
+
+    On the host it is CRC-32 (zlib, about 1.5 GB/s on one core); on an accelerator it is
+    `sum64`, computed there, so that a refresh checks the shard it has just copied to the
+    device instead of a host pass that took longer than the transfer (2.2-2.8 s per refresh
+    of GPT-2 medium on an H200 against a 0.05 s transfer floor). Use `matches` to check a
+    recorded value: it recomputes with the recorded kind, wherever the tensor is.
+    """
+    return _crc32(values) if values.device.type == "cpu" else sum64(values)
+
+
+def matches(values: Tensor, recorded: int) -> bool:
+    """Whether `values` still has the checksum `recorded` (of either kind)."""
+    return (sum64(values) if recorded >= _SUM64_TAG else _crc32(values)) == recorded
+
+
+def _crc32(values: Tensor) -> int:
+    flat = values.detach().reshape(-1).contiguous().cpu()
     return zlib.crc32(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def sum64(values: Tensor) -> int:
+    """Σ (w_i + 1)·m_i modulo 2^64 over the 32-bit words w_i of the bytes (single bytes when not a whole number of
+    words), m_i odd and distinct per position: exact integer arithmetic, so the same on every device; any changed
+    word changes the sum (an odd multiplier is invertible modulo 2^64), and so does moving one. Tagged into
+    [2^62, 2^63). One read of the tensor, in chunks of 2^22 words (about 100 MiB of transient memory).
+    """
+    flat = values.detach().reshape(-1).contiguous().view(torch.uint8)
+    words = flat.view(torch.int32) if flat.numel() % 4 == 0 else flat
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for start in range(0, words.numel(), _SUM64_CHUNK):
+        part = words[start:start + _SUM64_CHUNK].to(torch.int64).add_(1)
+        multipliers = torch.arange(start, start + part.numel(), dtype=torch.int64, device=flat.device)
+        total += part.mul_(multipliers.mul_(_SUM64_MULTIPLIER).bitwise_or_(1)).sum()
+    return (int(total) ^ words.numel()) % _SUM64_TAG + _SUM64_TAG
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -60,7 +98,7 @@ class LayerShard:
 
     def intact(self) -> bool:
         """Whether θ still matches the checksum taken at its last legitimate write."""
-        return checksum(self.theta) == self.checksum
+        return matches(self.theta, self.checksum)
 
     def write_back(self, indices: Tensor, values: Tensor) -> None:
         """θ[i] = v for the global indices i that fall in this shard (a refresh's write-back), on θ's device."""
@@ -133,16 +171,16 @@ class CPUDenseStore:
         return self.shard(name).theta
 
     def stream(self, names: Iterable[str]) -> Iterator[LayerShard]:
-        """The shards one after another for a read-modify-write pass; each is sealed once the caller moves on.
+        """The shards one after another for a read-modify-write pass.
 
-        Exhaust the iterator: the last shard is sealed when it ends. A pass that raises
-        leaves its shard unsealed, so the next refresh reports it until a checkpoint is loaded.
+        The caller writes θ and records its new `checksum` (computed where it worked on
+        it, see `checksum`) before moving on. A pass that raises leaves its shard with the
+        old checksum, so the next refresh reports it until a checkpoint is loaded.
         """
         for name in names:
             shard = self.shard(name)
             self.streamed_bytes += shard.theta.numel() * 4
             yield shard
-            self.seal(name)
             self.streamed_bytes += shard.theta.numel() * 4
 
     def seal(self, name: str) -> None:

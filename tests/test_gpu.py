@@ -130,6 +130,15 @@ def test_the_reselection_of_a_from_the_master_never_syncs(stage):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def test_the_device_checksum_equals_the_host_one():
+    """A refresh checks and seals shards on the GPU (sum64); checkpoints check them on the host."""
+    from ds_topkast.store import checksum, matches, sum64
+
+    values = torch.randn((1 << 23) + 3)
+    on_gpu = checksum(values.cuda())
+    assert on_gpu == sum64(values) and matches(values, on_gpu) and matches(values.cuda(), checksum(values))
+
+
 def test_autocast_through_the_sparse_layer_on_cuda():
     layer = ds_topkast.sparsify(tiny_gpt2(), {"forward_sparsity": 0.8, "backward_sparsity": 0.6}).cuda()
     batch = on_gpu(batches(1)[0])
