@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -88,21 +88,45 @@ class NVMeDenseStore:
         self.rank, self.world = rank, world
 
     @classmethod
-    def from_store(cls, source: CPUDenseStore, nvme_path: str, rank: int, world: int,
-                   settings: AioSettings = AioSettings(), buffers: int = 2) -> "NVMeDenseStore":
-        """Write this rank's shard of every layer of an in-memory store (full, or already this rank's) to files."""
-        if source.world != 1 and (source.rank, source.world) != (rank, world):
+    def configured(cls, cfg, deepspeed_aio: dict[str, Any], rank: int, world: int) -> "NVMeDenseStore":
+        """An empty store under `cfg.nvme_path` (a DenseStoreConfig) with its aio settings, else the DeepSpeed
+        config's "aio" section's."""
+        aio = cfg.aio.model_dump() if cfg.aio is not None else {
+            key: value for key, value in deepspeed_aio.items() if key in AioSettings.__dataclass_fields__}
+        return cls(cfg.nvme_path, rank, world, AioSettings(**aio), cfg.buffers)
+
+    def add_shard(self, name: str, shard: Tensor, numel: int) -> None:
+        """Write this rank's range `shard_range(numel, rank, world)` of a new layer to its file."""
+        start, end = shard_range(numel, self.rank, self.world)
+        if shard.numel() != end - start:
+            raise NVMeStoreError(f"Layer {name!r}: rank {self.rank} of {self.world} holds entries [{start}, {end}) "
+                                 f"of {numel}, but was given {shard.numel()}.")
+        if self._buffers and _padded(end - start) > self._buffers[0].numel():
+            self._free_buffers()  # re-made at the size of the largest shard on next use
+        self._meta[name] = LayerShard(name, torch.empty(0), start, numel)
+        self._files[name] = self.root / f"{len(self._files):05d}.bin"
+        self.load_shard(name, shard)
+
+    def require_room(self, nbytes: int) -> None:
+        """Refuse a store of `nbytes` (this rank's shards) that the device cannot hold while a refresh rewrites it."""
+        self._require_space(2 * nbytes)
+
+    def _free_buffers(self) -> None:
+        for handle, buffer in zip(self._handles, self._buffers):
+            handle.free_cpu_locked_tensor(buffer)
+        self._buffers = []
+
+    @staticmethod
+    def from_store(store: "NVMeDenseStore", source: CPUDenseStore) -> "NVMeDenseStore":
+        """Write this rank's shard of every layer of an in-memory store (full, or already this rank's) to `store`."""
+        if source.world != 1 and (source.rank, source.world) != (store.rank, store.world):
             raise NVMeStoreError(f"The in-memory store was built as rank {source.rank} of {source.world}, not rank "
-                                 f"{rank} of {world}; sparsify the model in the job that trains it.")
-        store = cls(nvme_path, rank, world, settings, buffers)
-        ranges = {name: shard_range(source.numel(name), rank, world) for name in source.names()}
-        store._require_space(sum(2 * 4 * _padded(end - start) for start, end in ranges.values()))
-        for index, (name, (start, _)) in enumerate(ranges.items()):
-            store._meta[name] = LayerShard(name, torch.empty(0), start, source.numel(name))
-            store._files[name] = store.root / f"{index:05d}.bin"
+                                 f"{store.rank} of {store.world}; sparsify the model in the job that trains it.")
+        ranges = {name: shard_range(source.numel(name), store.rank, store.world) for name in source.names()}
+        store.require_room(sum(4 * _padded(end - start) for start, end in ranges.values()))
         for name, (start, end) in ranges.items():
             offset = source.layout(name)[0]
-            store.load_shard(name, source.read(name)[start - offset:end - offset])
+            store.add_shard(name, source.read(name)[start - offset:end - offset], source.numel(name))
         return store
 
     def _require_space(self, needed: int) -> None:

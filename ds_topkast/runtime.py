@@ -22,7 +22,7 @@ from ds_topkast.optimizer_state import OptimizerStateAdapter
 from ds_topkast.refresh import MaskDynamics, Refresher
 from ds_topkast.select import Collectives
 from ds_topkast.sparsify import TopKASTState, topkast_state
-from ds_topkast.store import CPUDenseStore
+from ds_topkast.store import DenseStoreError
 
 logger = logging.getLogger("ds_topkast")
 
@@ -32,17 +32,19 @@ def due(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
-def place_store(store: CPUDenseStore, cfg: DenseStoreConfig, deepspeed_aio: dict[str, Any], rank: int,
-                world: int):
-    """Keep this rank's shard of the full store `sparsify` built: in host memory, or in files on NVMe."""
+def place_store(store, cfg: DenseStoreConfig, deepspeed_aio: dict[str, Any], rank: int, world: int):
+    """This rank's store as configured: the shard `sparsify` built (pinned if asked), or its files on NVMe."""
+    from ds_topkast.nvme_store import NVMeDenseStore
+
+    if isinstance(store, NVMeDenseStore):
+        if (store.rank, store.world) != (rank, world):
+            raise DenseStoreError(f"The NVMe store was written as rank {store.rank} of {store.world}, not rank {rank} "
+                                  f"of {world}; sparsify the model in the job that trains it.")
+        return store
     if cfg.device == "cpu":
         store.keep_shard(rank, world, cfg.pin_memory)
         return store
-    from ds_topkast.nvme_store import AioSettings, NVMeDenseStore
-
-    aio = cfg.aio.model_dump() if cfg.aio is not None else {
-        key: value for key, value in deepspeed_aio.items() if key in AioSettings.__dataclass_fields__}
-    return NVMeDenseStore.from_store(store, cfg.nvme_path, rank, world, AioSettings(**aio), cfg.buffers)
+    return NVMeDenseStore.from_store(NVMeDenseStore.configured(cfg, deepspeed_aio, rank, world), store)
 
 
 class TopKASTRuntime:

@@ -38,7 +38,7 @@ class TopKASTState:
     """What a sparsified model carries: its config, dense store and the replaced weights."""
 
     config: TopKASTConfig
-    store: CPUDenseStore
+    store: Any  # CPUDenseStore or NVMeDenseStore
     layer_names: list[str]
     _replaced: dict[int, tuple[weakref.ref, nn.Parameter]] = field(default_factory=dict, repr=False)
 
@@ -174,6 +174,23 @@ class _LayerWeights:
                                      "initialise the model) before training.")
 
 
+def _new_store(cfg: TopKASTConfig, config: Any, comm: Collectives):
+    """The store this rank fills: on NVMe when configured and the job's ranks are known, else in host memory.
+
+    A host-memory store is pinned, if asked, once placed (DeepSpeed has not set the device
+    yet). Before the process group exists a multi-rank job's store is built whole in host
+    memory and sharded at placement, so the NVMe files are written only for a known rank.
+    """
+    ranks_known = comm.world > 1 or int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if cfg.dense_store.device != "nvme" or not ranks_known:
+        return CPUDenseStore(comm.rank, comm.world)
+    from ds_topkast.nvme_store import NVMeDenseStore
+
+    deepspeed_aio = config.get("aio", {}) if isinstance(config, Mapping) else (
+        load_deepspeed_config(config).get("aio", {}) if isinstance(config, (str, os.PathLike)) else {})
+    return NVMeDenseStore.configured(cfg.dense_store, deepspeed_aio, comm.rank, comm.world)
+
+
 def return_freed_host_memory() -> None:
     """Give freed host memory back to the OS (glibc's `malloc_trim`) so that it no longer counts as resident.
 
@@ -256,7 +273,8 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
     shapes = [linear_shape(m) for m in chosen.values()]
     forward = layer_densities(shapes, cfg.forward_density, cfg.distribution)
     backward = layer_densities(shapes, cfg.backward_density, cfg.distribution)
-    store = CPUDenseStore(comm.rank, comm.world)  # pinned, if asked, once placed: DeepSpeed has not set the device yet
+    store = _new_store(cfg, config, comm)
+    store.require_room(sum(4 * (lambda r: r[1] - r[0])(shard_range(o * i, comm.rank, comm.world)) for o, i in shapes))
     state = TopKASTState(config=cfg, store=store, layer_names=list(chosen))
     layers = {}
     for index, ((name, module), (out_f, in_f), d_fwd, d_bwd) in enumerate(zip(chosen.items(), shapes, forward, backward)):

@@ -77,6 +77,17 @@ def sum64(values: Tensor) -> int:
     return (int(total) ^ words.numel()) % _SUM64_TAG + _SUM64_TAG
 
 
+def available_host_memory() -> int | None:
+    """Bytes of host memory the kernel can give without swapping (MemAvailable), or None where unknown."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """Make a written file (or a folder's entries) durable before anything points at it."""
     fd = os.open(path, os.O_RDONLY)
@@ -137,6 +148,17 @@ class CPUDenseStore:
                                   f"of {numel}, but was given {shard.numel()}.")
         self._layers[name] = LayerShard(name, self._host(shard), start, numel)
         self.seal(name)
+
+    def require_room(self, nbytes: int) -> None:
+        """Refuse a store of `nbytes` per rank that this node's free host memory cannot hold (all local ranks)."""
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+        available = available_host_memory()
+        if available is not None and nbytes * local_ranks > available:
+            raise DenseStoreError(
+                f"The dense store needs {nbytes / 2**30:.2f} GiB of host memory per rank ({local_ranks} rank(s) on "
+                f"this node: {nbytes * local_ranks / 2**30:.2f} GiB) and {available / 2**30:.2f} GiB are available. "
+                'Put it on NVMe ("dense_store": {"device": "nvme", "nvme_path": ...}), use more nodes, or sparsify '
+                "fewer layers.")
 
     def keep_shard(self, rank: int, world: int, pin_memory: bool = False) -> None:
         """Drop everything but this rank's contiguous range of every layer; pin it if asked and an accelerator exists.

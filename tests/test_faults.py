@@ -65,9 +65,7 @@ def check_soak(folder: Path) -> None:
         assert growth < 16 * 2**20, f"rank {rank} host memory grew {growth / 2**20:.1f} MiB over {len(rss)} refreshes"
     crcs = [(folder / f"params_rank{rank}.txt").read_text().splitlines() for rank in (0, 1)]
     assert len(crcs[0]) == STEPS // 4 and crcs[0] == crcs[1], "the ranks' parameters drifted apart"
-    sets = [final_topkast_state(folder / "run", rank)["sets"] for rank in (0, 1)]
-    for name, layer in sets[0].items():
-        assert all(torch.equal(layer[key], sets[1][name][key]) for key in layer), f"the ranks' masks of {name} differ"
+    # (the masks: every refresh checks that the ranks hold the same sets, and stops the run otherwise)
 
 
 def check_killed_runs_resume_exactly(config: Path, folder: Path, out: Path) -> None:
@@ -87,6 +85,6 @@ def check_killed_runs_resume_exactly(config: Path, folder: Path, out: Path) -> N
     for rank in (0, 1):
         want, have = final_topkast_state(folder / "run", rank), final_topkast_state(out, rank)
         for name in want["sets"]:
-            for key in ("indices", "forward_mask"):
+            for key in ("backward_bits", "forward_bits"):  # this rank's part of the sets
                 assert torch.equal(have["sets"][name][key], want["sets"][name][key]), f"{key} of {name}"
             assert torch.equal(have["store"][name], want["store"][name]), f"rank {rank}'s store of {name}"

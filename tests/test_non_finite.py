@@ -81,5 +81,5 @@ def test_sparsify_refuses_non_finite_weights():
     model = tiny_gpt2(seed=0)
     with torch.no_grad():
         model.transformer.h[1].mlp.c_fc.weight[3, 4] = math.inf
-    with pytest.raises(TopKASTConfigError, match=r"Layers \['transformer.h.1.mlp.c_fc'\] hold NaN or infinite"):
+    with pytest.raises(TopKASTConfigError, match=r"Layer 'transformer.h.1.mlp.c_fc' holds NaN or infinite"):
         ds_topkast.sparsify(model, {"forward_sparsity": 0.8, "backward_sparsity": 0.6})
