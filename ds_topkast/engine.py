@@ -229,7 +229,7 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     refuse_unknown_config_optimizer(ds_config)
     if getattr(model, "topkast_state", None) is None:
         _init_distributed(kwargs)  # first: sparsify keeps only this rank's shard of each layer
-        sparsify(model, cfg)
+        sparsify(model, ds_config)  # the whole config: an NVMe store takes its "aio" section
     elif topkast_state(model).config != cfg:
         raise TopKASTConfigError("The model was sparsified with a different topkast config than the DeepSpeed "
                                  "config's section; sparsify with the same section or let initialize do it.")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ds_topkast.checkpoint import (CheckpointError, assemble, checkpoint_file, every_rank, joined_sets, load_file,
                                    read_verified)
-from ds_topkast.sparsify import in_module_layout, linear_weight
+from ds_topkast.layer_weights import in_module_layout, linear_weight
 
 _MODEL_STATES = "mp_rank_00_model_states.pt"
 _SPARSE_KEYS = ("values", "backward_bits", "forward_bits")

@@ -65,11 +65,11 @@ class MemoryReport:
 class _Rules:
     """DeepSpeed's per-rank bytes for n trained entries under one engine configuration."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, world: int | None = None):
         from ds_topkast.optimizer_state import per_entry_state_keys
 
         stage = engine.zero_optimization_stage()
-        world = engine.dp_world_size
+        world = engine.dp_world_size if world is None else world
         model_dtype, grad_dtype = engine.get_data_types()
         self.param_bytes = torch.finfo(model_dtype).bits // 8
         self.grad_bytes = torch.finfo(grad_dtype).bits // 8
@@ -107,9 +107,14 @@ def trained_bytes(engine) -> dict[str, int]:
     return {**rules.trained(n), "host_optimizer_state": rules.optimizer_state(n) if rules.offloaded else 0}
 
 
-def memory_report(engine) -> MemoryReport:
-    """Accelerator and dense-store bytes of a ds_topkast engine (see the module docstring)."""
-    rules = _Rules(engine)
+def memory_report(engine, world: int | None = None) -> MemoryReport:
+    """Accelerator and dense-store bytes per rank of a ds_topkast engine (see the module docstring).
+
+    `world`: the same run projected onto another data-parallel size (partitioned bytes
+    scale as 1/world, the bitmaps and the unpartitioned state do not; the dense store
+    is this rank's as built).
+    """
+    rules = _Rules(engine, world)
     layers = sparse_layers(engine.module)
     compact = sum(layer.k_backward for layer in layers.values())
     dense_n = sum(layer.in_features * layer.out_features for layer in layers.values())

@@ -15,9 +15,8 @@ import ctypes
 import fnmatch
 import os
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -26,11 +25,10 @@ from ds_topkast.collectives import job_collectives
 from ds_topkast.config import SECTION, TopKASTConfig, TopKASTConfigError, load_deepspeed_config, topkast_section
 from ds_topkast.distributions import kept_count, layer_densities
 from ds_topkast.layers import TopKASTLinear, sparse_layers
-from ds_topkast.meta_init import MetaMaterializer, is_meta, meta_tensor_names
-from ds_topkast.pretrained import SafetensorsCheckpoint
+from ds_topkast.layer_weights import LayerWeights, linear_shape
+from ds_topkast.meta_init import meta_tensor_names
 from ds_topkast.select import Collectives, select_sets
 from ds_topkast.store import CPUDenseStore, shard_range
-from ds_topkast.zero_init import gathered, is_partitioned, partition_like
 
 
 @dataclass
@@ -56,18 +54,6 @@ def _conv1d_type() -> type | None:
     except ImportError:
         return None
     return Conv1D
-
-
-def linear_weight(module: nn.Module) -> Tensor:
-    """The weight as an (out, in) matrix: Conv1D stores it transposed (in, out)."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    return module.weight.t()
-
-
-def in_module_layout(module: nn.Module, matrix: Tensor) -> Tensor:
-    """An (out, in) matrix laid out as `module` stores its weight: the inverse of `linear_weight`."""
-    return matrix if isinstance(module, nn.Linear) else matrix.t()
 
 
 def _supported(module: nn.Module) -> bool:
@@ -115,65 +101,6 @@ def _refuse_shared_weights(model: nn.Module, chosen: Mapping[str, nn.Module]) ->
                 f"(tied weights); a sparse copy would untie them. Add {name!r} to topkast.exclude.")
 
 
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of a Linear or Conv1D, also when its weight is partitioned by ZeRO-3 or on the meta device."""
-    shape = tuple(getattr(module.weight, "ds_shape", module.weight.shape))
-    return shape if isinstance(module, nn.Linear) else shape[::-1]
-
-
-class _LayerWeights:
-    """Where each layer's full weight comes from while it is sparsified, one layer at a time.
-
-    Pretrained safetensors files (when given), the model's own initialiser for a model on
-    the meta device, DeepSpeed's gather for a model built under zero.Init, else the
-    module itself. `finish_rest` gives the modules that stay dense their weights.
-    """
-
-    def __init__(self, model: nn.Module, cfg: TopKASTConfig, pretrained: str | os.PathLike | None):
-        self.model = model
-        self.checkpoint = SafetensorsCheckpoint(pretrained) if pretrained is not None else None
-        self.materializer = MetaMaterializer(model, cfg.seed)
-        if self.checkpoint is not None and any(is_partitioned(p) for p in model.parameters()):
-            raise TopKASTConfigError(
-                "pretrained= loads weights into a model built in memory or on the meta device, but this model was "
-                "built under deepspeed.zero.Init; load its weights there (from_pretrained does) and sparsify it "
-                "without pretrained=.")
-
-    @contextmanager
-    def full(self, name: str, module: nn.Module) -> Iterator[Tensor]:
-        """The layer's (out, in) weight in full for the block; only one layer's is ever held."""
-        if self.checkpoint is not None:
-            if module.bias is not None:
-                self.checkpoint.load_into(self.model, [f"{name}.bias"])
-            yield in_module_layout(module, self.checkpoint.tensor(f"{name}.weight", module.weight.shape))
-        elif is_meta(module.weight):
-            self.materializer.materialize(name, module)
-            yield linear_weight(module)
-            module._parameters["weight"] = _meta_placeholder(module.weight)  # frees the layer's full weight
-        elif is_partitioned(module.weight):
-            with gathered(module):
-                yield linear_weight(module)
-        else:
-            yield linear_weight(module)
-
-    def finish_layer(self, replaced: nn.Parameter, layer: TopKASTLinear) -> None:
-        """Under zero.Init, partition the new compact values as the weight they replace was."""
-        if is_partitioned(replaced):
-            partition_like(replaced, [layer.values])
-
-    def finish_rest(self, chosen: Mapping[str, nn.Module]) -> None:
-        """Load or initialise whatever the sparsified layers did not cover; nothing may stay on the meta device."""
-        if self.checkpoint is not None:
-            skip = {f"{name}.{key}" for name in chosen for key in ("weight", "bias")}
-            self.checkpoint.load_into(self.model, [k for k in self.model.state_dict(keep_vars=True) if k not in skip])
-        else:
-            self.materializer.materialize_rest(skip=chosen)
-        left = [n for n in meta_tensor_names(self.model) if n.rpartition(".")[0] not in chosen]
-        if left:
-            raise TopKASTConfigError(f"{left} are still on the meta device after sparsify; give them values (load or "
-                                     "initialise the model) before training.")
-
-
 def _new_store(cfg: TopKASTConfig, config: Any, comm: Collectives):
     """The store this rank fills: on NVMe when configured and the job's ranks are known, else in host memory.
 
@@ -204,12 +131,6 @@ def return_freed_host_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _meta_placeholder(param: nn.Parameter) -> nn.Parameter:
-    placeholder = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False)
-    placeholder._is_hf_initialized = True
-    return placeholder
 
 
 def _refuse_non_finite(name: str, shard: Tensor, comm: Collectives) -> None:
@@ -269,7 +190,7 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
     chosen = _choose_modules(model, cfg)
     _refuse_shared_weights(model, chosen)
     comm = job_collectives() if comm is None else comm
-    weights = _LayerWeights(model, cfg, pretrained)
+    weights = LayerWeights(model, cfg, pretrained)
     shapes = [linear_shape(m) for m in chosen.values()]
     forward = layer_densities(shapes, cfg.forward_density, cfg.distribution)
     backward = layer_densities(shapes, cfg.backward_density, cfg.distribution)

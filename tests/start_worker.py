@@ -8,6 +8,8 @@ Modes:
   safetensors weights, sparsified on this rank; this rank's store shards and sets saved.
 - peak: a stack of large Linear layers built on the meta device and sparsified; the
   peak resident memory of the sparsify call and the accounting's bound are saved.
+- memory: ZeRO-3 bf16 at 90/80; memory_report (and its projection to 8 ranks) next to
+  the bytes this rank's partitions and bitmaps hold.
 """
 import argparse
 import re
@@ -96,12 +98,35 @@ def peak_record(out: Path, rank: int, world: int) -> None:
                 "full_model": full_model, "world": world}, out / f"peak_rank{rank}.pt")
 
 
+def memory_record(out: Path, rank: int, world: int) -> None:
+    """ZeRO-3 bf16 at 90/80: memory_report's bytes per rank and what this rank's tensors hold, after one step."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+    cfg = ds_config(stage=3, bf16=True, micro_batch=GLOBAL_BATCH // world, forward_sparsity=0.9,
+                    backward_sparsity=0.8)
+    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(n_embd=256, n_head=4), config=cfg)
+    batch = torch.randint(0, 64, (GLOBAL_BATCH // world, 16))
+    engine.backward(engine(input_ids=batch, labels=batch).loss)
+    engine.step()
+    held = {"values": 0, "fp32_master": 0, "moments": 0, "set_bitmaps": 0}
+    for layer in sparse_layers(engine.module).values():
+        values = layer.values
+        held["values"] += values.ds_tensor.numel() * values.ds_tensor.element_size()
+        held["fp32_master"] += safe_get_local_fp32_param(values).numel() * 4
+        held["moments"] += sum(safe_get_local_optimizer_state(values, key).numel() * 4
+                               for key in ("exp_avg", "exp_avg_sq"))
+        held["set_bitmaps"] += layer.backward_bits.numel() + layer.forward_bits.numel()
+    report, projected = ds_topkast.memory_report(engine), ds_topkast.memory_report(engine, world=8)
+    torch.save({"held": held, "report": report.sparse, "ratio": report.ratio, "ratio_at_8": projected.ratio,
+                "dense": report.dense_total, "dense_at_8": projected.dense_total}, out / f"memory_rank{rank}.pt")
+
+
 def main() -> None:
     import deepspeed
     import deepspeed.comm as dist
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("modes", nargs="+", choices=["zero_init", "meta", "peak"])
+    parser.add_argument("modes", nargs="+", choices=["zero_init", "meta", "peak", "memory"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--pretrained")
@@ -113,6 +138,8 @@ def main() -> None:
         peak_record(out, rank, world)
     if "meta" in args.modes:
         meta_records(out, rank, args.pretrained)
+    if "memory" in args.modes:
+        memory_record(out, rank, world)
     if "zero_init" in args.modes:
         zero_init_records(out, rank, world, args.steps, args.pretrained)
 

@@ -173,9 +173,9 @@ def test_sparsify_without_a_config_says_what_to_pass():
 
 @pytest.fixture(scope="module")
 def two_rank_starts(tmp_path_factory, pretrained):
-    """One launch of 2 ranks: zero.Init vs in-memory training, meta and pretrained starts, peak memory."""
+    """One launch of 2 ranks: zero.Init vs in-memory training, meta and pretrained starts, peak memory, ZeRO-3 bytes."""
     out = tmp_path_factory.mktemp("starts")
-    deepspeed_launch(2, "tests/start_worker.py", "zero_init", "meta", "peak", "--out", str(out),
+    deepspeed_launch(2, "tests/start_worker.py", "zero_init", "meta", "peak", "memory", "--out", str(out),
                      "--pretrained", str(pretrained))
     return out
 
@@ -216,3 +216,23 @@ def test_start_up_memory_per_rank_stays_within_the_accounting(two_rank_starts):
         assert bound < got["full_model"], "the test model must be large enough that a full copy breaks the bound"
         assert got["store"] == got["full_model"] // 2
         assert got["peak"] <= bound, f"rank {rank}: peak {got['peak'] / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+
+
+def test_zero3_state_per_rank_is_within_0_3_of_dense_at_two_and_eight_ranks(two_rank_starts):
+    """bf16 + Adam at 90/80: measured on 2 ranks, and memory_report's projection (checked here) onto 8."""
+    for rank in range(2):
+        got = torch.load(two_rank_starts / f"memory_rank{rank}.pt")
+        for key, held in got["held"].items():  # ZeRO-3 pads each partition to a multiple of the world size
+            assert got["report"][key] <= held <= got["report"][key] * 1.01 + 64, key
+        assert got["ratio"] <= 0.3 and got["ratio_at_8"] <= 0.3, (got["ratio"], got["ratio_at_8"])
+        assert got["dense_at_8"] * 4 == got["dense"]
+
+
+def test_a_store_larger_than_free_host_memory_is_refused_before_the_first_layer(monkeypatch):
+    import ds_topkast.store as store
+
+    monkeypatch.setattr(store, "available_host_memory", lambda: 10_000)
+    model = on_meta(tiny_gpt2)
+    with pytest.raises(store.DenseStoreError, match=r"needs 0.00 GiB of host memory per rank .* Put it on NVMe"):
+        ds_topkast.sparsify(model, SECTION)
+    assert all(p.is_meta for p in model.parameters()), "refused before any layer was built"
