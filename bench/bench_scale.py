@@ -1,6 +1,6 @@
 """The largest model each system trains in a per-rank memory budget: ds_topkast vs dense ZeRO-3 vs ZeRO-Infinity.
 
-    python bench/bench_scale.py [--budget-gib 3] [--sizes s1 s2 ...] [--out runs/bench_scale]
+    python bench/bench_scale.py [--budget-gib 3] [--sizes s1 s2 ...] [--systems ...] [--lean] [--out runs/bench_scale]
 
 Every run is a real 2-rank job (`deepspeed --num_gpus 2 bench/bench_scale.py --worker ...`)
 on DeepSpeed's CPU accelerator, ZeRO-3, fp32 + Adam, on Llama-style models of growing size
@@ -59,19 +59,20 @@ def parameter_count(size: str) -> int:
         return sum(p.numel() for p in AutoModelForCausalLM.from_config(llama_config(size)).parameters())
 
 
-def ds_config(system: str, size: str, nvme: str) -> dict:
+def ds_config(system: str, size: str, nvme: str, lean: bool = False) -> dict:
     """ZeRO-3 set for a small memory budget, the same for every system.
 
-    Buckets of hidden^2 entries (what the Hugging Face integration's "auto" gives), and at
-    most 4·hidden^2 parameters gathered at once, released as soon as a module is done.
-    DeepSpeed's defaults (reduce buckets of 5e8 entries, optimizer sub-groups of 1e9, up to
-    1e9 gathered parameters kept for reuse, so the whole model stays gathered from forward
-    to backward) are sized for large GPUs: on a small budget they alone would decide who fits.
+    Buckets of hidden^2 entries (what the Hugging Face integration's "auto" gives):
+    DeepSpeed's defaults (reduce buckets of 5e8 entries, optimizer sub-groups of 1e9) are
+    sized for large GPUs, and on a small budget they alone would decide who fits. `lean`
+    also keeps at most 4·hidden^2 parameters gathered, released as soon as a module is done
+    (by default up to 1e9 stay gathered for reuse: the whole model, from forward to backward).
     """
     hidden = SIZES[size][0]
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": hidden * hidden,
-            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden), "sub_group_size": 10**7,
-            "stage3_max_live_parameters": 4 * hidden * hidden, "stage3_max_reuse_distance": 4 * hidden * hidden}
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden), "sub_group_size": 10**7}
+    if lean:
+        zero.update(stage3_max_live_parameters=4 * hidden * hidden, stage3_max_reuse_distance=4 * hidden * hidden)
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
               "steps_per_print": 10**9, "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}},
               "zero_optimization": zero}
@@ -139,7 +140,7 @@ def worker(args) -> None:
     record = Path(args.out) / f"{args.worker}_{args.size}_rank{rank}.json"
     watchdog = Watchdog(int(args.budget_gib * 2**30), record)
     baseline = _status_kib("VmRSS") * 1024
-    config = ds_config(args.worker, args.size, args.nvme)
+    config = ds_config(args.worker, args.size, args.nvme, args.lean)
     watchdog.phase = "build"
     if args.worker == "ds_topkast":
         with torch.device("meta"):
@@ -196,7 +197,7 @@ def run(system: str, size: str, args, budget_gib: float | None = None) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(args.port),
                __file__, "--worker", system, "--size", size, "--out", args.out, "--nvme", str(nvme),
-               "--budget-gib", str(budget_gib or args.budget_gib)]
+               "--budget-gib", str(budget_gib or args.budget_gib)] + (["--lean"] if args.lean else [])
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -209,7 +210,7 @@ def run(system: str, size: str, args, budget_gib: float | None = None) -> dict:
     merged = over[0] if over else {key: max(r[key] for r in records) if key != "peak_by_phase" else records[0][key]
                                    for key in records[0]}
     return {"system": system, "size": size, "params": parameter_count(size), "wall_s": wall,
-            "budget_gib": budget_gib or args.budget_gib, **merged}
+            "budget_gib": budget_gib or args.budget_gib, "lean": args.lean, **merged}
 
 
 def main() -> None:
@@ -220,6 +221,7 @@ def main() -> None:
     parser.add_argument("--nvme", default="/tmp/ds_topkast_bench_scale", help="folder for the NVMe store and swap")
     parser.add_argument("--out", default="runs/bench_scale")
     parser.add_argument("--port", type=int, default=29771)
+    parser.add_argument("--lean", action="store_true", help="limit ZeRO-3's gathered parameters (see ds_config)")
     parser.add_argument("--unbudgeted-gib", type=float, default=9.0,
                         help="the per-rank limit of a ZeRO-Infinity rerun when it cannot start in the budget")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)

@@ -244,6 +244,8 @@ def assemble(saved: SavedState, key: str, name: str, start: int, end: int) -> Te
     for payload in saved.payloads:
         offset = payload["offsets"][name]
         piece = _piece(payload, saved.tag_dir, key, name)
+        if key == "ever_in_backward":  # saved as a bitmap
+            piece = unpack_bits(piece, payload["lengths"][name])
         lo, hi = max(start, offset), min(end, offset + piece.numel())
         if lo < hi:
             parts.append(piece[lo - offset:hi - offset])
@@ -256,7 +258,7 @@ def restore(refresher: Refresher, saved: SavedState) -> None:
     for name in refresher.layers:
         start, end = shard_range(store.numel(name), store.rank, store.world)
         store.load_shard(name, assemble(saved, "store", name, start, end))
-        refresher.ever_in_backward[name] = assemble(saved, "ever_in_backward", name, start, end).clone()
+        refresher.ever_in_backward[name] = pack_bits(assemble(saved, "ever_in_backward", name, start, end))
     for name, layer in refresher.layers.items():
         indices, forward_mask = joined_sets(_set_parts(refresher, saved, name), store.numel(name))
         layer.assign_sets(indices, forward_mask)

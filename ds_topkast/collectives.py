@@ -49,6 +49,11 @@ class ProcessGroupCollectives(Collectives):
         self._dist.all_reduce(high, op=self._dist.ReduceOp.MAX)
         return low.to(tensor.device), high.to(tensor.device)
 
+    def broadcast(self, tensor: Tensor, source: int) -> Tensor:
+        moved = tensor.to(self._device)
+        self._dist.broadcast(moved, src=source)
+        return moved.to(tensor.device)
+
     def all_gather_ints(self, value: int) -> list[int]:
         return [int(v) for v in self._all_gather(torch.tensor([value], dtype=torch.long))]
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ds_topkast.collectives import ProcessGroupCollectives
-from ds_topkast.layers import TopKASTLinear
+from ds_topkast.layers import TopKASTLinear, pack_bits, unpack_bits
 from ds_topkast.optimizer_state import OptimizerStateAdapter
 from ds_topkast.select import segment_topk_masks, select_sets
 from ds_topkast.sparsify import TopKASTState, selection_seed
@@ -69,20 +69,24 @@ class Refresher:
         self.state = state
         self.adapter = adapter
         self.comm = comm
-        self.ever_in_backward = {name: self._local_mask(name, layer.indices) for name, layer in layers.items()}
+        # Per layer, a bitmap over this rank's store range of the weights that have ever been in B (host).
+        self.ever_in_backward = {name: pack_bits(torch.zeros(state.store.layout(name)[1], dtype=torch.bool))
+                                 for name in layers}
+        for name, layer in layers.items():
+            self._mark(name, layer.indices)
         self.history: list[MaskDynamics] = []
         self._selection_groups: list[tuple[list[str], Tensor, Tensor]] | None = None
 
-    def _local_mask(self, name: str, indices: Tensor) -> Tensor:
-        offset, length = self.state.store.layout(name)
-        mask = torch.zeros(length, dtype=torch.bool)
-        self._mark(mask, offset, indices)
-        return mask
+    def ever_in_backward_mask(self, name: str) -> Tensor:
+        """The ever-in-B bitmap of a layer unpacked: one bool per entry of this rank's store range."""
+        return unpack_bits(self.ever_in_backward[name], self.state.store.layout(name)[1])
 
-    @staticmethod
-    def _mark(mask: Tensor, offset: int, indices: Tensor) -> None:
+    def _mark(self, name: str, indices: Tensor) -> None:
+        offset, length = self.state.store.layout(name)
+        mask = self.ever_in_backward_mask(name)
         local = indices.cpu().long() - offset
-        mask[local[(local >= 0) & (local < mask.numel())]] = True
+        mask[local[(local >= 0) & (local < length)]] = True
+        self.ever_in_backward[name] = pack_bits(mask)
 
     def reselect_forward_sets(self) -> None:
         """A := the top k_A of each layer's fp32 master values inside B, identically on every rank, no host sync.
@@ -90,17 +94,28 @@ class Refresher:
         The master, not the low-precision copy, decides: under bf16 many values tie and
         rounding would pick members. Layers go in groups of at most `SELECTION_GROUP`
         entries (bounding the transient memory of the sort): per group, one gather of the
-        masters (one all-reduce under ZeRO-1/2) and one segmented selection.
+        masters (one all-reduce under ZeRO-1/2, a collective every rank joins) and one
+        segmented selection, made by one rank (groups go round the ranks), which
+        broadcasts the packed masks (k_B / 8 bytes): every rank gets the same A and the
+        selection work is split W ways.
         """
         if self._selection_groups is None:
             self._selection_groups = self._group_layers()
-        for names, sizes, ks in self._selection_groups:
+        rank, world = self.comm.rank, self.comm.world
+        for index, (names, sizes, ks) in enumerate(self._selection_groups):
             layers = [self.layers[name] for name in names]
             masters = self.adapter.get_masters([layer.values for layer in layers])
-            masks = segment_topk_masks(masters.abs(), sizes, ks)
+            owner = index % world
+            if owner == rank:
+                masks = segment_topk_masks(masters.abs(), sizes, ks).split([layer.k_backward for layer in layers])
+                bits = torch.cat([pack_bits(mask) for mask in masks])
+            else:
+                bits = torch.empty(sum(layer.forward_bits.numel() for layer in layers), dtype=torch.uint8,
+                                   device=layers[0].forward_bits.device)
+            bits = self.comm.broadcast(bits, owner)
             with torch.no_grad():
-                for layer, mask in zip(layers, masks.split([layer.k_backward for layer in layers])):
-                    layer.assign_forward_mask(mask)
+                for layer, part in zip(layers, bits.split([layer.forward_bits.numel() for layer in layers])):
+                    layer.forward_bits.copy_(part)
 
     def _group_layers(self) -> list[tuple[list[str], Tensor, Tensor]]:
         """Consecutive layers in groups of at most SELECTION_GROUP entries of B (a larger layer alone)."""
@@ -142,7 +157,8 @@ class Refresher:
         self.check_sets_agree(step)
         k_forward = sum(layer.k_forward for layer in self.layers.values())
         k_backward = sum(layer.k_backward for layer in self.layers.values())
-        ever = self.comm.all_reduce_sum(torch.tensor([sum(int(m.sum()) for m in self.ever_in_backward.values())]))
+        ever = self.comm.all_reduce_sum(torch.tensor([sum(int(self.ever_in_backward_mask(name).sum())
+                                                          for name in self.layers)]))
         total = sum(self.state.store.numel(name) for name in self.layers)
         dynamics = MaskDynamics(step=step, forward_changed=float(totals[0]) / k_forward,
                                 backward_changed=float(totals[1]) / k_backward,
@@ -185,7 +201,7 @@ class Refresher:
             adapter.set_state(layer.values, key, torch.where(kept, old_state[pos], torch.zeros_like(old_state)))
         adapter.set_low_precision(layer.values, new_master.to(layer.values.dtype))
         layer.assign_sets(new_indices, new_forward_mask)
-        self._mark(self.ever_in_backward[shard.name], shard.offset, new_indices)
+        self._mark(shard.name, new_indices)
         # An entry of the new A was in the old A if it was kept in B at a position the old
         # mask marked. Entries new to B are exactly those that came from the reservoir C.
         was_forward = kept & old_forward_mask[pos]

@@ -41,6 +41,10 @@ class Collectives:
         """One integer from every rank, in rank order."""
         return [value]
 
+    def broadcast(self, tensor: Tensor, source: int) -> Tensor:
+        """Rank `source`'s tensor on every rank (the same shape and dtype everywhere); no host sync."""
+        return tensor
+
     def all_gather_parts(self, tensor: Tensor) -> list[Tensor]:
         """1-D tensors of any length from every rank, in rank order."""
         return [tensor]
