@@ -95,27 +95,39 @@ class Refresher:
         rounding would pick members. Layers go in groups of at most `SELECTION_GROUP`
         entries (bounding the transient memory of the sort): per group, one gather of the
         masters (one all-reduce under ZeRO-1/2, a collective every rank joins) and one
-        segmented selection, made by one rank (groups go round the ranks), which
-        broadcasts the packed masks (k_B / 8 bytes): every rank gets the same A and the
-        selection work is split W ways.
+        segmented selection, made by one rank: in rounds of W groups, rank r selects the
+        r-th group of the round while the others select theirs, then each owner broadcasts
+        its packed masks (k_B / 8 bytes). Every rank gets the same A; the selection work
+        is split W ways.
         """
         if self._selection_groups is None:
             self._selection_groups = self._group_layers()
         rank, world = self.comm.rank, self.comm.world
-        for index, (names, sizes, ks) in enumerate(self._selection_groups):
-            layers = [self.layers[name] for name in names]
-            masters = self.adapter.get_masters([layer.values for layer in layers])
-            owner = index % world
-            if owner == rank:
-                masks = segment_topk_masks(masters.abs(), sizes, ks).split([layer.k_backward for layer in layers])
-                bits = torch.cat([pack_bits(mask) for mask in masks])
-            else:
-                bits = torch.empty(sum(layer.forward_bits.numel() for layer in layers), dtype=torch.uint8,
-                                   device=layers[0].forward_bits.device)
-            bits = self.comm.broadcast(bits, owner)
-            with torch.no_grad():
-                for layer, part in zip(layers, bits.split([layer.forward_bits.numel() for layer in layers])):
-                    layer.forward_bits.copy_(part)
+        groups = self._selection_groups
+        for first in range(0, len(groups), world):  # a round: one group per rank, selected at the same time
+            round_ = groups[first:first + world]
+            mine = None
+            for owner, (names, sizes, ks) in enumerate(round_):
+                layers = [self.layers[name] for name in names]
+                masters = self.adapter.get_masters([layer.values for layer in layers])  # a collective: every rank
+                if owner == rank:
+                    mine = segment_topk_masks(masters.abs(), sizes, ks)
+                del masters
+            for owner, (names, _, _) in enumerate(round_):
+                self._broadcast_forward_masks([self.layers[name] for name in names], mine if owner == rank else None,
+                                              owner)
+
+    def _broadcast_forward_masks(self, layers: list[TopKASTLinear], masks: Tensor | None, owner: int) -> None:
+        """Rank `owner`'s masks of A (one flat mask over the layers' B, None elsewhere) into every rank's layers."""
+        sizes = [layer.forward_bits.numel() for layer in layers]
+        if masks is not None:
+            bits = torch.cat([pack_bits(mask) for mask in masks.split([layer.k_backward for layer in layers])])
+        else:
+            bits = torch.empty(sum(sizes), dtype=torch.uint8, device=layers[0].forward_bits.device)
+        bits = self.comm.broadcast(bits, owner)
+        with torch.no_grad():
+            for layer, part in zip(layers, bits.split(sizes)):
+                layer.forward_bits.copy_(part)
 
     def _group_layers(self) -> list[tuple[list[str], Tensor, Tensor]]:
         """Consecutive layers in groups of at most SELECTION_GROUP entries of B (a larger layer alone)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import ds_topkast
+from ds_topkast import refresh
 from ds_topkast.layers import sparse_layers
 from models import batches, ds_config, tiny_gpt2
 
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--nvme", help="keep the dense store in files under this folder")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
+    refresh.SELECTION_GROUP = 256  # every layer its own group of A's re-selection: both ranks select some
     out = Path(args.out)
     for stage in args.stages:
         store = {"dense_store": {"device": "nvme", "nvme_path": args.nvme}} if args.nvme else {}
