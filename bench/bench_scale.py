@@ -36,7 +36,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # name: (hidden, layers); intermediate = 8/3 hidden rounded to 256, heads of 128.
-SIZES = {"s0": (768, 6), "s1": (1024, 8), "s1a": (1152, 8), "s1b": (1280, 8), "s2": (1536, 12), "s2a": (1792, 12),
+SIZES = {"s0": (768, 6), "s1": (1024, 8), "s1a": (1152, 8), "s1b": (1280, 8), "s1c": (1408, 10), "s2": (1536, 12),
+         "s2a": (1792, 12),
          "s3": (2048, 12), "s4": (2048, 20), "s5": (2560, 20), "s6": (3072, 24)}
 VOCAB, SEQ, STEPS = 4096, 64, 3
 SYSTEMS = ("ds_topkast", "zero3", "zero_infinity")
