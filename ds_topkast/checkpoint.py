@@ -59,9 +59,8 @@ def own_sets(layer: TopKASTLinear, offset: int, length: int) -> dict[str, Tensor
 
 def joined_sets(parts: list[dict[str, Tensor]], numel: int) -> tuple[Tensor, Tensor]:
     """B's indices and A's mask from every saved rank's part (rank order), as `own_sets` wrote them."""
-    world = len(parts)
-    backward = [unpack_bits(part["backward_bits"], shard_range(numel, r, world)[1] - shard_range(numel, r, world)[0])
-                for r, part in enumerate(parts)]
+    ranges = [shard_range(numel, r, len(parts)) for r in range(len(parts))]
+    backward = [unpack_bits(part["backward_bits"], end - start) for part, (start, end) in zip(parts, ranges)]
     forward = [unpack_bits(part["forward_bits"], int(mask.sum())) for part, mask in zip(parts, backward)]
     return torch.cat(backward).nonzero().squeeze(1), torch.cat(forward)
 

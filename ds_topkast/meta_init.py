@@ -75,7 +75,7 @@ class MetaMaterializer:
                 real = nn.Parameter(torch.full(param.shape, float("nan"), dtype=param.dtype),
                                     requires_grad=param.requires_grad)
                 fresh.append((key, real))
-                self._replace_everywhere(param, real)
+                replace_everywhere(self._modules.values(), param, real)
         for key, buffer in list(module._buffers.items()):
             if not is_meta(buffer):
                 continue
@@ -87,12 +87,6 @@ class MetaMaterializer:
             module._buffers[key] = torch.full(buffer.shape, float("nan"), dtype=buffer.dtype)
             fresh.append((key, module._buffers[key]))
         return fresh
-
-    def _replace_everywhere(self, old: nn.Parameter, new: nn.Parameter) -> None:
-        for module in self._modules.values():
-            for key, param in module._parameters.items():
-                if param is old:
-                    module._parameters[key] = new
 
     def _initialise(self, name: str, module: nn.Module) -> None:
         """The model's own initialisation of `module`: HF `_init_weights` up the ancestry, or `reset_parameters`."""
@@ -108,6 +102,15 @@ class MetaMaterializer:
                 f"Module {name or '<model>'} ({type(module).__name__}) is on the meta device, has no "
                 "reset_parameters() and the model has no _init_weights, so ds_topkast cannot initialise it. "
                 "Build the model in memory, or load its weights: sparsify(model, config, pretrained=...).")
+
+
+def replace_everywhere(modules: Iterable[nn.Module], old: Tensor, new: Tensor) -> None:
+    """Put `new` wherever a module holds `old` as a parameter or buffer, so that tied tensors stay tied."""
+    for module in modules:
+        for slots in (module._parameters, module._buffers):
+            for key, held in slots.items():
+                if held is old:
+                    slots[key] = new
 
 
 def _ancestors(name: str) -> list[str]:

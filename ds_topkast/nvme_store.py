@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from ds_topkast.store import CPUDenseStore, LayerShard, checksum, fsync_path, shard_range
+from ds_topkast.store import CPUDenseStore, LayerShard, checksum, fsync_path, owned_range, shard_range
 
 ALIGN_BYTES = 4096
 _FLOATS_PER_ALIGN = ALIGN_BYTES // 4
@@ -97,10 +97,7 @@ class NVMeDenseStore:
 
     def add_shard(self, name: str, shard: Tensor, numel: int) -> None:
         """Write this rank's range `shard_range(numel, rank, world)` of a new layer to its file."""
-        start, end = shard_range(numel, self.rank, self.world)
-        if shard.numel() != end - start:
-            raise NVMeStoreError(f"Layer {name!r}: rank {self.rank} of {self.world} holds entries [{start}, {end}) "
-                                 f"of {numel}, but was given {shard.numel()}.")
+        start, end = owned_range(name, shard, numel, self.rank, self.world)
         if self._buffers and _padded(end - start) > self._buffers[0].numel():
             self._free_buffers()  # re-made at the size of the largest shard on next use
         self._meta[name] = LayerShard(name, torch.empty(0), start, numel)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ds_topkast.config import TopKASTConfigError
+from ds_topkast.meta_init import replace_everywhere
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -100,11 +101,7 @@ class SafetensorsCheckpoint:
                     tensor.copy_(value)
                 continue
             real = nn.Parameter(value, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value
-            for owner in modules:  # every module holding this meta tensor: ties stay ties
-                for slots in (owner._parameters, owner._buffers):
-                    for name, held in slots.items():
-                        if held is tensor:
-                            slots[name] = real
+            replace_everywhere(modules, tensor, real)
 
 
 def _keys(path: Path) -> list[str]:

@@ -195,7 +195,8 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
     forward = layer_densities(shapes, cfg.forward_density, cfg.distribution)
     backward = layer_densities(shapes, cfg.backward_density, cfg.distribution)
     store = _new_store(cfg, config, comm)
-    store.require_room(sum(4 * (lambda r: r[1] - r[0])(shard_range(o * i, comm.rank, comm.world)) for o, i in shapes))
+    store.require_room(sum(4 * (end - start) for start, end in (shard_range(o * i, comm.rank, comm.world)
+                                                                for o, i in shapes)))
     state = TopKASTState(config=cfg, store=store, layer_names=list(chosen))
     layers = {}
     for index, ((name, module), (out_f, in_f), d_fwd, d_bwd) in enumerate(zip(chosen.items(), shapes, forward, backward)):

@@ -39,6 +39,15 @@ _SUM64_CHUNK = 1 << 22
 _SUM64_MULTIPLIER = 0x9E3779B97F4A7C15 - (1 << 64)  # as a signed int64; products wrap modulo 2^64
 
 
+def owned_range(name: str, shard: Tensor, numel: int, rank: int, world: int) -> tuple[int, int]:
+    """This rank's [start, end) of a layer of `numel` entries, checked against the shard it was given."""
+    start, end = shard_range(numel, rank, world)
+    if shard.numel() != end - start:
+        raise DenseStoreError(f"Layer {name!r}: rank {rank} of {world} holds entries [{start}, {end}) of {numel}, "
+                              f"but was given {shard.numel()}.")
+    return start, end
+
+
 def checksum(values: Tensor) -> int:
     """A checksum of a tensor's bytes, computed where the tensor lives: changes if any entry or their order changes.
 
@@ -107,10 +116,6 @@ class LayerShard:
     numel: int
     checksum: int = 0
 
-    def intact(self) -> bool:
-        """Whether θ still matches the checksum taken at its last legitimate write."""
-        return matches(self.theta, self.checksum)
-
     def write_back(self, indices: Tensor, values: Tensor) -> None:
         """θ[i] = v for the global indices i that fall in this shard (a refresh's write-back), on θ's device."""
         indices = indices.to(self.theta.device, torch.long)
@@ -142,10 +147,7 @@ class CPUDenseStore:
 
     def add_shard(self, name: str, shard: Tensor, numel: int) -> None:
         """Take a copy of this rank's range `shard_range(numel, rank, world)` of a layer of `numel` entries."""
-        start, end = shard_range(numel, self.rank, self.world)
-        if shard.numel() != end - start:
-            raise DenseStoreError(f"Layer {name!r}: rank {self.rank} of {self.world} holds entries [{start}, {end}) "
-                                  f"of {numel}, but was given {shard.numel()}.")
+        start, _ = owned_range(name, shard, numel, self.rank, self.world)
         self._layers[name] = LayerShard(name, self._host(shard), start, numel)
         self.seal(name)
 
