@@ -162,9 +162,8 @@ class Refresher:
             self._agree_or_fail(shard.name, not bool(torch.isfinite(master).all()), step,
                                 "its trained values hold NaN or infinity (nothing was written to the store); lower "
                                 "the learning rate or enable gradient clipping, and resume from the last checkpoint")
-            old_indices = layer.indices
-            on_device.write_back(old_indices, master)
-            totals += self._refresh_layer(index, layer, old_indices, on_device, step)
+            on_device.write_back(layer.indices, master)
+            totals += self._refresh_layer(index, layer, on_device, step)
             shard.checksum = checksum(on_device.theta)  # on the device: the host only copies
             shard.theta.copy_(on_device.theta)  # no copy when the accelerator is the CPU
         self.check_sets_agree(step)
@@ -199,9 +198,9 @@ class Refresher:
             raise RefreshError(f"Top-KAST masks differ across ranks at step {step} in layers {diverged}: the ranks "
                                "no longer train the same model. Resume every rank from the last checkpoint.")
 
-    def _refresh_layer(self, index: int, layer: TopKASTLinear, old_indices: Tensor, shard: LayerShard,
-                       step: int) -> Tensor:
+    def _refresh_layer(self, index: int, layer: TopKASTLinear, shard: LayerShard, step: int) -> Tensor:
         adapter, cfg = self.adapter, self.state.config
+        old_indices = layer.indices
         old_forward_mask = layer.forward_mask
         new_indices, new_master, new_forward_mask = select_sets(
             shard.theta, layer.k_forward, layer.k_backward, cfg.selection,
