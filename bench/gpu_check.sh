@@ -15,7 +15,10 @@
 #      NVMe store, the Hugging Face Trainer callback;
 #   3. bench_training.py at GPT-2-medium shape in bf16: step time of dense DeepSpeed
 #      (ZeRO-2), ZeRO-Offload and ds_topkast 90/80, and accelerator memory measured
-#      (memory_allocated between steps, max_memory_allocated) next to memory_report's.
+#      (memory_allocated between steps, max_memory_allocated) next to memory_report's;
+#   4. bench_clm.py: examples/run_clm.py (the Hugging Face Trainer, ZeRO-2 bf16) at
+#      GPT-2-small shape, 300 steps with Top-KAST 80/60 and dense: tokens/s, the
+#      Trainer's peak accelerator memory, eval loss.
 # DIR defaults to $OUT (the device tool's folder) or runs/gpu_check. The exit status is
 # non-zero if any step failed; every step runs regardless.
 set -uo pipefail
@@ -37,11 +40,11 @@ results=$out/gpu_check.txt
 
 if [[ $smoke == 1 ]]; then
   export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
-  size=tiny precision=fp32 variants=dense,90/80 steps=2
+  size=tiny precision=fp32 variants=dense,90/80 steps=2 clm_flags=(--smoke)
 else
   # shellcheck source=bench/gpu_env.sh
   source bench/gpu_env.sh || exit 1
-  size=gpt2-medium precision=bf16 variants=dense,offload,90/80 steps=10
+  size=gpt2-medium precision=bf16 variants=dense,offload,90/80 steps=10 clm_flags=(--size gpt2-small --steps 300)
 fi
 export PYTHONUNBUFFERED=1 MASTER_PORT=${MASTER_PORT:-29611}
 python=${GPU_PYTHON:-python3}
@@ -68,6 +71,7 @@ print(\"device:\", torch.cuda.get_device_name() if torch.cuda.is_available() els
 run_step gpu_tests 200 "$python" -m pytest -m gpu -q -p no:xdist -p no:randomly -rs --durations=12 tests/test_gpu.py
 run_step bench_training 320 "$python" bench/bench_training.py --size "$size" --precision "$precision" \
   --steps "$steps" --variants "$variants" --out "$out"
+run_step run_clm 200 "$python" bench/bench_clm.py "${clm_flags[@]}" --out "$out/clm"
 
 echo "results: $results" >&2
 if [[ ${#failed[@]} -gt 0 ]]; then

@@ -1,0 +1,94 @@
+"""examples/run_clm.py with Top-KAST against the same script dense: tokens/s, accelerator memory, eval loss.
+
+    python bench/bench_clm.py [--size gpt2-small] [--steps 300] [--config configs/hf_trainer_zero2.json]
+    python bench/bench_clm.py --smoke     # CPU accelerator, a tiny model and a few steps
+
+Both runs are the same command under the deepspeed launcher on one rank (the config's
+ZeRO stage, bf16 on a GPU), on the embedded corpus with the byte-level tokenizer, one
+after the other; `--dense` is the only difference. Everything reported is the Trainer's
+own: train_samples_per_second times the block size (refreshes included), its memory
+metrics (peak accelerator memory during train(), model and optimizer included, as the
+engine is built inside train()), and eval_loss (nats per byte) on the held-out 5%. Writes
+a table and runs/bench/clm.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SIZES = {  # GPT-2 shapes (n_layer, n_embd, n_head); the vocabulary is the byte tokenizer's 257
+    "tiny": (2, 64, 2),
+    "gpt2-small": (12, 768, 12),
+    "gpt2-medium": (24, 1024, 16),
+}
+
+
+def run(variant: str, args, out: Path) -> dict:
+    layers, width, heads = SIZES[args.size]
+    folder = out / variant
+    cuda = not args.smoke
+    command = [
+        "deepspeed", "--num_gpus", "1", "--master_port", os.environ.get("MASTER_PORT", "29613"),
+        str(REPO / "examples" / "run_clm.py"), "--deepspeed", args.config, "--model_type", "gpt2",
+        "--config_overrides", f"n_layer={layers},n_embd={width},n_head={heads},n_positions={args.block_size}",
+        "--tokenizer_name", "bytes", "--max_bytes", str(args.max_bytes), "--block_size", str(args.block_size),
+        "--do_train", "--do_eval", "--output_dir", str(folder), "--max_steps", str(args.steps),
+        "--per_device_train_batch_size", str(args.batch), "--per_device_eval_batch_size", str(args.batch),
+        "--max_eval_samples", str(args.eval_samples), "--learning_rate", "6e-4", "--warmup_steps",
+        str(args.steps // 10), "--save_strategy", "no", "--logging_steps", "50", "--report_to", "none",
+        "--skip_memory_metrics", "False", "--seed", "0", "--disable_tqdm", "True",
+        *(["--bf16"] if cuda else ["--use_cpu"]), *(["--dense"] if variant == "dense" else []),
+    ]
+    env = dict(os.environ, **({} if cuda else {"DS_ACCELERATOR": "cpu"}))
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    (out / f"{variant}.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise SystemExit(f"{variant} failed (exit {result.returncode}); see {out / f'{variant}.log'}:\n"
+                         + result.stderr[-3000:])
+    train = json.loads((folder / "train_results.json").read_text())
+    evaluation = json.loads((folder / "eval_results.json").read_text())
+    peak = (train.get("train_mem_gpu_alloc_delta", 0) + train.get("train_mem_gpu_peaked_delta", 0)
+            + train.get("init_mem_gpu_alloc_delta", 0))
+    return {"variant": variant, "tokens_per_s": train["train_samples_per_second"] * args.block_size,
+            "train_runtime_s": train["train_runtime"], "peak_accelerator_bytes": peak,
+            "eval_loss": evaluation["eval_loss"], "eval_bits_per_byte": evaluation["eval_loss"] / math.log(2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=SIZES, default="gpt2-small")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--block_size", type=int, default=512)
+    parser.add_argument("--eval_samples", type=int, default=256)
+    parser.add_argument("--max_bytes", type=int, default=5_000_000)
+    parser.add_argument("--config", default="configs/hf_trainer_zero2.json")
+    parser.add_argument("--smoke", action="store_true", help="CPU accelerator, tiny sizes.")
+    parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "clm"))
+    args = parser.parse_args()
+    if args.smoke:
+        args.size, args.steps, args.batch, args.block_size, args.eval_samples, args.max_bytes = \
+            "tiny", 4, 2, 32, 8, 100_000
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [run(variant, args, out) for variant in ("dense", "topkast")]
+    dense = rows[0]
+    print(f"run_clm.py, {args.size}, {args.steps} steps of {args.batch}x{args.block_size} tokens, {args.config}")
+    print(f"{'variant':<10}{'tokens/s':>12}{'vs dense':>10}{'peak MiB':>12}{'vs dense':>10}{'eval bpb':>10}")
+    for row in rows:
+        print(f"{row['variant']:<10}{row['tokens_per_s']:>12.0f}{row['tokens_per_s'] / dense['tokens_per_s']:>10.3f}"
+              f"{row['peak_accelerator_bytes'] / 2**20:>12.0f}"
+              f"{row['peak_accelerator_bytes'] / max(dense['peak_accelerator_bytes'], 1):>10.3f}"
+              f"{row['eval_bits_per_byte']:>10.4f}")
+    (out / "clm.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
