@@ -65,8 +65,12 @@ def joined_sets(parts: list[dict[str, Tensor]], numel: int) -> tuple[Tensor, Ten
     return torch.cat(backward).nonzero().squeeze(1), torch.cat(forward)
 
 
-def save(refresher: Refresher, tag_dir: str | os.PathLike, rank: int) -> Path:
-    """Write this rank's Top-KAST state into the checkpoint folder (atomically, by rename)."""
+def save(refresher: Refresher, tag_dir: str | os.PathLike, rank: int, values: bool = False) -> Path:
+    """Write this rank's Top-KAST state into the checkpoint folder (atomically, by rename).
+
+    `values`: also B's values of every layer (whole, as this rank holds them), for a run
+    whose own checkpoint files hold only the plain model (the Trainer without DeepSpeed).
+    """
     path = checkpoint_file(tag_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     store = refresher.state.store
@@ -85,10 +89,14 @@ def save(refresher: Refresher, tag_dir: str | os.PathLike, rank: int) -> Path:
         "sets": sets,
         "ever_in_backward": ever,
         "history": [d.as_dict() for d in refresher.history],
+        **({"values": {name: layer.values.detach().cpu().clone() for name, layer in refresher.layers.items()}}
+           if values else {}),
         "checksums": {"store": store.checksums(),
                       "ever_in_backward": {name: checksum(m) for name, m in ever.items()},
                       **{key: {name: checksum(s[key]) for name, s in sets.items()} for key in _SET_KEYS}},
     }
+    if values:
+        payload["checksums"]["values"] = {name: checksum(v) for name, v in payload["values"].items()}
     partial = path.with_suffix(".pt.partial")
     torch.save(payload, partial)
     fsync_path(partial)
@@ -201,6 +209,10 @@ def _verify(payload: dict, path: Path, tag_dir: Path) -> None:
             if checksum(sets[key]) != sums[key][name]:
                 raise CheckpointError(f"{path} is corrupted: layer {name!r}'s {key} does not match the checksum "
                                       "written with it. Resume from an earlier checkpoint.")
+    for name, values in payload.get("values", {}).items():
+        if checksum(values) != sums["values"][name]:
+            raise CheckpointError(f"{path} is corrupted: layer {name!r}'s values do not match the checksum written "
+                                  "with them. Resume from an earlier checkpoint.")
 
 
 def read_verified(path: Path) -> dict:
@@ -261,6 +273,8 @@ def restore(refresher: Refresher, saved: SavedState) -> None:
     for name, layer in refresher.layers.items():
         indices, forward_mask = joined_sets(_set_parts(refresher, saved, name), store.numel(name))
         layer.assign_sets(indices, forward_mask)
+        if "values" in saved.first:
+            layer.values.data.copy_(saved.first["values"][name])
     refresher.history = [MaskDynamics(**d) for d in saved.first["history"]]
 
 

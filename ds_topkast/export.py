@@ -10,7 +10,8 @@ state is dropped, so the result saves and loads with its own library (e.g.
 converted in place: the engine is finished afterwards. With an engine, call it on every
 rank (it gathers the fp32 master and, for "theta", the store shards). Under ZeRO-3 the
 other parameters are partitioned too; export refuses there rather than return a model
-with empty weights.
+with empty weights, and says to save instead: a sparsified model's `save_pretrained`
+writes the plain α model from the state dict the Trainer gathers (ds_topkast.plain_save).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ds_topkast.layers import TopKASTLinear, dense_alpha, sparse_layers
+from ds_topkast.plain_save import stop_saving_plain
 from ds_topkast.sparsify import set_submodule, topkast_state
 
 WEIGHTS = ("forward", "theta")
@@ -52,9 +54,12 @@ def export(engine_or_model, weights: str = "forward") -> nn.Module:
         raise ValueError(f"export(weights={weights!r}): use one of {WEIGHTS}.")
     engine = engine_or_model if hasattr(engine_or_model, "topkast") else None
     model = engine.module if engine is not None else engine_or_model
-    if engine is not None and engine.zero_optimization_stage() == 3:
-        raise ValueError("export does not gather ZeRO-3 partitioned parameters; save a checkpoint and export from "
-                         "an engine with zero_optimization.stage 0-2 that loads it, with the same world size.")
+    if (engine is not None and engine.zero_optimization_stage() == 3) or any(
+            hasattr(p, "ds_id") for p in model.parameters()):
+        raise ValueError("export does not gather ZeRO-3 partitioned parameters. Save the model instead: "
+                         "trainer.save_model() (with zero_optimization.stage3_gather_16bit_weights_on_model_save) "
+                         "writes the plain model, as save_pretrained does for a sparsified model; or export from an "
+                         "engine with zero_optimization.stage 0-2 that loads the checkpoint, with the same world size.")
     for name, layer in sparse_layers(model).items():
         values = (engine.topkast.refresher.adapter.get_master(layer.values) if engine is not None
                   else layer.values.detach().float())
@@ -66,4 +71,5 @@ def export(engine_or_model, weights: str = "forward") -> nn.Module:
             weight = weight.view(layer.shape)
         set_submodule(model, name, _dense_module(layer, weight.to(layer.values.dtype)))
     del model.topkast_state
+    stop_saving_plain(model)
     return model

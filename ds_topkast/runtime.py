@@ -53,6 +53,7 @@ class TopKASTRuntime:
     def __init__(self, model: nn.Module, adapter: OptimizerStateAdapter, comm: Collectives, accumulation_steps: int = 1,
                  deepspeed_aio: dict[str, Any] | None = None, monitor: Any = None):
         self.state: TopKASTState = topkast_state(model)
+        self.state.driven = True
         self.config: TopKASTConfig = self.state.config
         self.comm, self.monitor = comm, monitor
         self.state.store = place_store(self.state.store, self.config.dense_store, deepspeed_aio or {},
@@ -81,9 +82,9 @@ class TopKASTRuntime:
             self.refresher.reselect_forward_sets()
         return None
 
-    def save(self, tag_dir: str | os.PathLike) -> None:
-        """This rank's store shard and sets into a checkpoint folder, before the framework's own files."""
-        checkpoint.save(self.refresher, tag_dir, self.comm.rank)
+    def save(self, tag_dir: str | os.PathLike, values: bool = False) -> None:
+        """This rank's store shard and sets (and with `values`, B's values) into a checkpoint folder."""
+        checkpoint.save(self.refresher, tag_dir, self.comm.rank, values)
 
     def verify(self, tag_dir: str | os.PathLike) -> checkpoint.SavedState:
         """Read and check this rank's checkpoint files (checksums, layers, settings) without changing anything."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import fnmatch
 import os
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -27,6 +28,7 @@ from ds_topkast.distributions import kept_count, layer_densities
 from ds_topkast.layers import TopKASTLinear, sparse_layers
 from ds_topkast.layer_weights import LayerWeights, linear_shape
 from ds_topkast.meta_init import meta_tensor_names
+from ds_topkast.plain_save import save_plain
 from ds_topkast.select import Collectives, select_sets
 from ds_topkast.store import CPUDenseStore, shard_range
 
@@ -38,6 +40,7 @@ class TopKASTState:
     config: TopKASTConfig
     store: Any  # CPUDenseStore or NVMeDenseStore
     layer_names: list[str]
+    driven: bool = False  # a TopKASTRuntime (the engine's or the Trainer callback's) refreshes the masks
     _replaced: dict[int, tuple[weakref.ref, nn.Parameter]] = field(default_factory=dict, repr=False)
 
     def replacement(self, param: Any) -> Any:
@@ -225,7 +228,34 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
     for name, layer in layers.items():  # only now: an ancestor's initialiser may still look for the old module
         set_submodule(model, name, layer)
     model.topkast_state = state
+    save_plain(model)
+    warn_when_trained_without_runtime(model)
     return model
+
+
+def warn_when_trained_without_runtime(model: nn.Module) -> None:
+    """Warn at the model's first training forward pass if nothing will refresh its masks.
+
+    Training a sparsified model with a plain loop, `deepspeed.initialize` or a Trainer
+    without `TopKASTCallback` runs, but A and B never change and checkpoints lack the dense
+    store: a quietly worse run. The check runs once, then removes itself.
+    """
+    state = model.topkast_state
+
+    def check(module: nn.Module, args) -> None:
+        if getattr(module, "topkast_state", None) is not state:  # exported back to a dense model
+            handle.remove()
+            return
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        handle.remove()
+        if not state.driven:
+            warnings.warn("This model was sparsified by ds_topkast but is training without a Top-KAST runtime: its "
+                          "masks will never be refreshed and checkpoints will lack the dense store. With the Hugging "
+                          "Face Trainer pass callbacks=[ds_topkast.TopKASTCallback()]; in your own loop build the "
+                          "engine with ds_topkast.initialize instead of deepspeed.initialize.", stacklevel=2)
+
+    handle = model.register_forward_pre_hook(check)
 
 
 def topkast_state(model: nn.Module) -> TopKASTState:

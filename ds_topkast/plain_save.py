@@ -1,0 +1,65 @@
+"""A sparsified model saves as the plain model it computes, so `from_pretrained` loads it with no ds_topkast.
+
+`sparsify` gives a Hugging Face model a `save_pretrained` that turns each Top-KAST layer's
+entries of the state dict (values, set bitmaps) into the weight of the layer it replaced:
+α, A's values at their positions and zeros elsewhere, in the replaced layer's layout
+(Conv1D's (in, out) too) and the values' dtype. Everything that saves the model through
+`save_pretrained` therefore writes an ordinary checkpoint: the Trainer's `save_model`, the
+model files of each `checkpoint-N/`, a user's own call. The state dict may be the model's
+own or one the caller gathered (the Trainer under ZeRO-3 passes DeepSpeed's consolidated
+16-bit one): only its tensors are read, so partitioned parameters do not matter.
+
+The sparse state itself (B's values outside A, the sets, the dense store, the optimizer)
+is not in these files: checkpoints keep it in DeepSpeed's files and `topkast_rankN.pt`.
+Loading a plain state dict back into a sparsified model (what the Trainer does when it
+resumes without DeepSpeed) keeps each layer's sets and takes the weight's entries on B
+(`TopKASTLinear._load_from_state_dict`); the callback then restores the saved values.
+"""
+from __future__ import annotations
+
+import types
+
+from torch import Tensor, nn
+
+from ds_topkast.layers import TopKASTLinear, dense_alpha, indices_from_bits, sparse_layers, unpack_bits
+
+
+def plain_weight(layer: TopKASTLinear, values: Tensor, backward_bits: Tensor, forward_bits: Tensor) -> Tensor:
+    """α of one layer from its state-dict entries, in the layout of the module it replaced."""
+    values = values.reshape(-1)
+    indices = indices_from_bits(backward_bits.to(values.device), layer.in_features * layer.out_features, values.numel())
+    weight = dense_alpha(values, indices, unpack_bits(forward_bits.to(values.device), values.numel()), layer.shape)
+    return weight.t().contiguous() if layer.source_type == "Conv1D" else weight
+
+
+def plain_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state_dict` with every Top-KAST layer's entries replaced by the plain `weight` of the layer it replaced.
+
+    Layers whose values the dict lacks (DeepSpeed's empty dict under ZeRO-3 without
+    gathering) are left out, as the dense model's weights would be.
+    """
+    plain = dict(state_dict)
+    for name, layer in sparse_layers(model).items():
+        prefix = f"{name}." if name else ""
+        entries = [plain.pop(prefix + key, None) for key in ("values", "backward_bits", "forward_bits")]
+        if all(entry is not None for entry in entries):
+            plain[prefix + "weight"] = plain_weight(layer, *entries)
+    return plain
+
+
+def _save_pretrained_plain(self, save_directory, *args, state_dict=None, **kwargs):
+    """The model's own save_pretrained, given the plain state dict (see ds_topkast.plain_save)."""
+    state_dict = self.state_dict() if state_dict is None else state_dict
+    return type(self).save_pretrained(self, save_directory, *args, state_dict=plain_state_dict(self, state_dict),
+                                      **kwargs)
+
+
+def save_plain(model: nn.Module) -> None:
+    """Make `model.save_pretrained` (a Hugging Face model's) write the plain model; other models are left as they are."""
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = types.MethodType(_save_pretrained_plain, model)
+
+
+def stop_saving_plain(model: nn.Module) -> None:
+    """Give the model back its class's own save_pretrained (after `export`, nothing is sparse)."""
+    model.__dict__.pop("save_pretrained", None)
