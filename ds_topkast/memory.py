@@ -62,23 +62,51 @@ class MemoryReport:
         return "\n".join(rows)
 
 
-class _Rules:
-    """DeepSpeed's per-rank bytes for n trained entries under one engine configuration."""
+@dataclass
+class TrainingSetup:
+    """What fixes DeepSpeed's per-rank bytes: ZeRO stage, data-parallel size, dtypes, optimizer moments, offload."""
 
-    def __init__(self, engine, world: int | None = None):
+    module: torch.nn.Module
+    stage: int
+    world: int
+    model_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    moments: int
+    offloaded: bool  # ZeRO-Offload: master and moments on the host
+
+    @classmethod
+    def of_engine(cls, engine, world: int | None = None) -> "TrainingSetup":
         from ds_topkast.optimizer_state import per_entry_state_keys
 
-        stage = engine.zero_optimization_stage()
-        world = engine.dp_world_size if world is None else world
         model_dtype, grad_dtype = engine.get_data_types()
-        self.param_bytes = torch.finfo(model_dtype).bits // 8
-        self.grad_bytes = torch.finfo(grad_dtype).bits // 8
-        self.param_share = 1 / world if stage >= 3 else 1.0
-        self.grad_share = 1 / world if stage >= 2 else 1.0
-        self.state_share = 1 / world if stage >= 1 else 1.0
-        self.separate_master = stage >= 1 or model_dtype != torch.float32
-        self.moments = len(per_entry_state_keys(engine.basic_optimizer))
-        self.offloaded = bool(engine.zero_use_cpu_optimizer())  # ZeRO-Offload: master and moments on the host
+        return cls(engine.module, engine.zero_optimization_stage(), engine.dp_world_size if world is None else world,
+                   model_dtype, grad_dtype, len(per_entry_state_keys(engine.basic_optimizer)),
+                   bool(engine.zero_use_cpu_optimizer()))
+
+    @classmethod
+    def of_trainer(cls, model: torch.nn.Module, ds_config: dict, optimizer, world: int) -> "TrainingSetup":
+        """The Hugging Face Trainer's setup: its DeepSpeed config ("auto" filled), or none (fp32 torch optimizer)."""
+        from ds_topkast.optimizer_state import adapter_for_optimizer
+
+        zero = ds_config.get("zero_optimization", {})
+        dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") is True else torch.float32
+        offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+        return cls(model, int(zero.get("stage", 0)), world, dtype, dtype,
+                   len(adapter_for_optimizer(optimizer).state_keys), offload)
+
+
+class _Rules:
+    """DeepSpeed's per-rank bytes for n trained entries under one training setup."""
+
+    def __init__(self, setup: TrainingSetup):
+        self.param_bytes = torch.finfo(setup.model_dtype).bits // 8
+        self.grad_bytes = torch.finfo(setup.grad_dtype).bits // 8
+        self.param_share = 1 / setup.world if setup.stage >= 3 else 1.0
+        self.grad_share = 1 / setup.world if setup.stage >= 2 else 1.0
+        self.state_share = 1 / setup.world if setup.stage >= 1 else 1.0
+        self.separate_master = setup.stage >= 1 or setup.model_dtype != torch.float32
+        self.moments = setup.moments
+        self.offloaded = setup.offloaded
 
     def optimizer_state(self, n: int) -> int:
         """fp32 master and moments of n entries on this rank, wherever they live."""
@@ -102,7 +130,7 @@ def trained_bytes(engine) -> dict[str, int]:
     The categories are on the accelerator; "host_optimizer_state" is what ZeRO-Offload
     keeps in host memory instead.
     """
-    rules = _Rules(engine)
+    rules = _Rules(TrainingSetup.of_engine(engine))
     n = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
     return {**rules.trained(n), "host_optimizer_state": rules.optimizer_state(n) if rules.offloaded else 0}
 
@@ -114,17 +142,26 @@ def memory_report(engine, world: int | None = None) -> MemoryReport:
     scale as 1/world, the bitmaps and the unpartitioned state do not; the dense store
     is this rank's as built).
     """
-    rules = _Rules(engine, world)
-    layers = sparse_layers(engine.module)
+    return setup_memory_report(TrainingSetup.of_engine(engine, world))
+
+
+def trainer_memory_report(model: torch.nn.Module, ds_config: dict, optimizer, world: int) -> MemoryReport:
+    """`memory_report` of a sparsified model trained by the Hugging Face Trainer (TopKASTCallback logs it)."""
+    return setup_memory_report(TrainingSetup.of_trainer(model, ds_config, optimizer, world))
+
+
+def setup_memory_report(setup: TrainingSetup) -> MemoryReport:
+    rules = _Rules(setup)
+    layers = sparse_layers(setup.module)
     compact = sum(layer.k_backward for layer in layers.values())
     dense_n = sum(layer.in_features * layer.out_features for layer in layers.values())
     report = MemoryReport(sparse=rules.trained(compact), dense=rules.trained(dense_n))
     report.sparse["set_bitmaps"] = sum(l.backward_bits.numel() + l.forward_bits.numel() for l in layers.values())
     values = {id(layer.values) for layer in layers.values()}
-    other_n = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()
+    other_n = sum(getattr(p, "ds_numel", p.numel()) for p in setup.module.parameters()
                   if p.requires_grad and id(p) not in values)
     report.other_parameters = sum(rules.trained(other_n).values())
     if rules.offloaded:
         report.host_optimizer_state = rules.optimizer_state(compact + other_n)
-    report.dense_store_bytes = topkast_state(engine.module).store.nbytes()
+    report.dense_store_bytes = topkast_state(setup.module).store.nbytes()
     return report

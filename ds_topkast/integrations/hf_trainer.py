@@ -15,12 +15,25 @@ collectives. Then, through one `TopKASTRuntime`:
 - the exploration regulariser needs nothing from the Trainer: each sparse layer adds its
   gradient in backward, once per optimizer step (the callback tells the layers the
   accumulation steps), so it is exact on any number of ranks and with any loss;
-- when the Trainer is about to save a checkpoint (`control.should_save`), each rank's
-  store shard and sets go into `checkpoint-N/` first, so a checkpoint folder never lacks
-  them; resuming (`global_step > 0` at `on_train_begin`) loads them back.
+- when the Trainer is about to save a checkpoint (`control.should_save` at the end of a
+  step or epoch), each rank's store shard and sets go into `checkpoint-N/` first, so a
+  checkpoint folder never lacks them; a checkpoint decided after evaluation
+  (`save_strategy="best"`) gets them in `on_save`, just after the Trainer's files;
+- resuming (`global_step > 0` at `on_train_begin`) loads them back from the checkpoint the
+  Trainer resumed from; `load_best_model_at_end` restores the best checkpoint's with its
+  values (`on_train_end`);
+- the model files the Trainer writes are the plain model (see ds_topkast.plain_save), so
+  without DeepSpeed, whose checkpoint holds the values, B's values go into the
+  `topkast_rankN.pt` files too;
+- each refresh's mask dynamics and, at the first log, the memory report go into the
+  Trainer's logs (`on_log`) as `topkast/...`: the console, `trainer_state.json` and the
+  reporting integrations (TensorBoard, W&B, ...) receive them.
 """
 from __future__ import annotations
 
+import gc
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +41,16 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ds_topkast.checkpoint import checkpoint_file
 from ds_topkast.collectives import job_collectives
 from ds_topkast.config import (SECTION, TopKASTConfigError, load_deepspeed_config, refuse_loss_scaling,
                                topkast_section)
 from ds_topkast.optimizer_state import adapter_for_optimizer
 from ds_topkast.runtime import TopKASTRuntime
+from ds_topkast.memory import trainer_memory_report
 from ds_topkast.sparsify import topkast_state
+
+logger = logging.getLogger("ds_topkast")
 
 
 def _deepspeed_config(args) -> dict[str, Any]:
@@ -45,15 +62,23 @@ def _deepspeed_config(args) -> dict[str, Any]:
 
 
 class TopKASTCallback(TrainerCallback):
-    """Refreshes, exploration penalty and checkpoint files of a sparsified model trained by the HF Trainer.
+    """Refreshes, checkpoint files and logs of a sparsified model trained by the Hugging Face Trainer.
 
-    `resume_from`: the checkpoint folder to take the dense store from when resuming from a
-    folder outside `output_dir` (default: `output_dir/checkpoint-<global_step>`).
+    `resume_from`: the checkpoint folder to take the dense store from when resuming. By
+    default it is `args.resume_from_checkpoint` when that names a folder (what run_clm.py
+    and `--resume_from_checkpoint PATH` set), else `output_dir/checkpoint-<global_step>`
+    (what `trainer.train(resume_from_checkpoint=True)` resumes from).
     """
 
     def __init__(self, resume_from: str | None = None):
         self.resume_from = resume_from
         self.runtime: TopKASTRuntime | None = None
+        self._unlogged: list[dict[str, float]] = []
+        self._memory_logged = False
+        self._deepspeed = False
+        self._ds_config: dict[str, Any] = {}
+        self._optimizer = None
+        self._model: nn.Module | None = None
 
     def on_train_begin(self, args, state, control, model: nn.Module = None, optimizer=None, **kwargs):
         ds_config = _deepspeed_config(args)
@@ -62,35 +87,116 @@ class TopKASTCallback(TrainerCallback):
         if SECTION in ds_config and topkast_section(ds_config) != cfg:
             raise TopKASTConfigError('The model was sparsified with a different "topkast" section than the '
                                      "Trainer's DeepSpeed config holds; sparsify with the same config file.")
+        _require_gathered_saves(ds_config)
+        self._deepspeed, self._ds_config, self._optimizer, self._model = bool(ds_config), ds_config, optimizer, model
         if self.runtime is None:
             self.runtime = TopKASTRuntime(model, adapter_for_optimizer(optimizer), job_collectives(),
                                           args.gradient_accumulation_steps, ds_config.get("aio"))
         else:  # a later trainer.train() call builds a new optimizer, maybe under other arguments
             self.runtime.refresher.adapter = adapter_for_optimizer(optimizer)
             self.runtime.set_accumulation_steps(args.gradient_accumulation_steps)
+        _report_before_integrations(self)
         if state.global_step > 0:
             self.runtime.load(self._resume_folder(args, state.global_step), state.global_step)
 
     def _resume_folder(self, args, step: int) -> Path:
-        folder = Path(self.resume_from) if self.resume_from else Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        named = self.resume_from or args.resume_from_checkpoint
+        if named and Path(named).is_dir():
+            return Path(named)
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
         if not folder.is_dir():
             raise TopKASTConfigError(
                 f"Resuming at step {step}, but {folder} does not exist, so the dense store cannot be restored. "
-                "When resuming from a checkpoint outside output_dir, pass TopKASTCallback(resume_from=<that folder>).")
+                "When resuming from a checkpoint outside output_dir, set --resume_from_checkpoint to it (or pass "
+                "TopKASTCallback(resume_from=<that folder>)).")
         return folder
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.runtime.after_optimizer_step(state.global_step)
+        dynamics = self.runtime.after_optimizer_step(state.global_step)
+        if dynamics is not None:
+            self._unlogged.append(dynamics.as_dict())
         self._save_if_due(args, state, control)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self._save_if_due(args, state, control)
 
+    def on_save(self, args, state, control, **kwargs):
+        """A checkpoint decided after evaluation (save_strategy="best") gets the files now, after the Trainer's."""
+        folder = self._checkpoint_folder(args, state)
+        if not checkpoint_file(folder, self.runtime.comm.rank).is_file():
+            self._save(folder)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """After `load_best_model_at_end` reloaded the best checkpoint's model, restore its store and sets too."""
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best is not None and Path(best).is_dir():
+            found = re.search(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)$", str(best).rstrip("/"))
+            self.runtime.load(best, int(found.group(1)) if found else state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Each refresh's mask dynamics since the last log, and once the memory report, as topkast/... entries."""
+        if logs is None or self.runtime is None:
+            return
+        entries = {}
+        for dynamics in self._unlogged:  # several refreshes between two logs: the latest wins
+            entries.update({f"topkast/{k}": float(v) for k, v in dynamics.items() if k != "step"})
+            entries["topkast/refresh_step"] = dynamics["step"]
+        self._unlogged.clear()
+        if not self._memory_logged:
+            report = trainer_memory_report(self._model, self._ds_config, self._optimizer,
+                                           self.runtime.comm.world)
+            entries.update({f"topkast/memory_{k}": float(v) for k, v in report.as_dict().items()})
+            self._memory_logged = True
+        logs.update(entries)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(entries)  # the Trainer appended its copy before calling on_log
+
     def _save_if_due(self, args, state, control) -> None:
         if control.should_save:
-            self.runtime.save(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            self._save(self._checkpoint_folder(args, state))
+
+    def _save(self, folder: Path) -> None:
+        self.runtime.save(folder, values=not self._deepspeed)
+
+    @staticmethod
+    def _checkpoint_folder(args, state) -> Path:
+        return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
 
     @property
     def history(self):
         """Mask dynamics of every refresh so far."""
         return self.runtime.refresher.history if self.runtime else []
+
+
+def _require_gathered_saves(ds_config: dict[str, Any]) -> None:
+    """Under ZeRO-3 the Trainer saves the model only if DeepSpeed gathers it; else the saved model lacks the layers."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") == 3 and not (zero.get("stage3_gather_16bit_weights_on_model_save")
+                                       or zero.get("gather_16bit_weights_on_model_save")):
+        raise TopKASTConfigError(
+            "ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save: the Trainer would save the "
+            "model without its sparse layers' weights (DeepSpeed's partitions only). Set it to true in the "
+            "DeepSpeed config, so that save_model() writes the plain model.")
+
+
+def _report_before_integrations(callback: TrainerCallback) -> None:
+    """Move the callback ahead of the Trainer's reporting integrations, so their on_log sees its entries.
+
+    The Trainer puts the integrations (TensorBoard, W&B, ...) before the callbacks a user
+    passes and gives callbacks no handle on its list; the list is found as the one object
+    holding this callback. Moving an entry earlier while the Trainer iterates the list
+    (this runs inside on_train_begin) skips and repeats nothing: the moved entries have
+    all been visited.
+    """
+    from transformers.trainer_callback import DefaultFlowCallback
+
+    for holder in gc.get_referrers(callback):
+        if isinstance(holder, list) and any(isinstance(c, DefaultFlowCallback) for c in holder):
+            first_integration = next((i for i, c in enumerate(holder)
+                                      if type(c).__module__.startswith("transformers.integrations")), None)
+            if first_integration is not None and first_integration < holder.index(callback):
+                holder.remove(callback)
+                holder.insert(first_integration, callback)
+            return
+    logger.warning("TopKASTCallback could not find the Trainer's callback list: its topkast/ log entries reach "
+                   "the console and trainer_state.json but not reporting integrations placed before it.")
