@@ -45,6 +45,8 @@ def deepspeed_trainer_config(gas: int, stage: int = 2) -> dict:
                gradient_clipping="auto")
     cfg["bf16"] = {"enabled": "auto"}
     cfg["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}
+    if stage == 3:  # so that the Trainer's save_model gathers the model (TopKASTCallback refuses ZeRO-3 without)
+        cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     return cfg
 
 
