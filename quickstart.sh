@@ -7,8 +7,8 @@
 # Set-up: a virtual environment .venv made with Python 3.11 or newer (PYTHON=... picks
 # one), ds_topkast installed into it with its test requirements and torch 2.13 (the
 # CUDA build where pip picks it, the CPU build on CPU-only machines set up that way),
-# and, for the tests of the NVMe dense store, libaio (apt-get, when run as root or with
-# password-less sudo). A marker in .venv records the install against setup.py, so a
+# a C++ compiler for DeepSpeed's JIT-built ops and, for the NVMe dense store's tests,
+# libaio (apt-get, when run as root or with password-less sudo). A marker in .venv records the install against setup.py, so a
 # second run installs nothing. `train` on a runs/tiny that already holds the run
 # continues it (--resume), which does nothing more once it is finished.
 set -euo pipefail
@@ -29,10 +29,12 @@ find_python() {  # the first Python >= 3.11 among $PYTHON, python3, python3.13 .
 
 set_up_python() {
   local marker=".venv/.ds_topkast-installed-$(sha256sum setup.py | cut -c1-16)"
-  if [[ ! -x .venv/bin/python ]]; then
+  if ! { [[ -f .venv/bin/activate ]] && .venv/bin/python -m pip --version >/dev/null 2>&1; }; then
     local python
     python=$(find_python)
+    rm -rf .venv  # a half-made one (venv without ensurepip) is made again, not reused
     "$python" -m venv .venv || {
+      rm -rf .venv
       echo "quickstart: '$python -m venv' failed; install the venv module (Debian: apt-get install python3-venv)." >&2
       exit 1
     }
@@ -47,29 +49,34 @@ set_up_python() {
   fi
 }
 
-set_up_libaio() {  # DeepSpeed's async I/O op (the NVMe store and its tests) needs libaio's headers and library
-  dpkg -s libaio-dev >/dev/null 2>&1 && return
+set_up_system_packages() {  # DeepSpeed JIT-builds its ops with a C++ compiler; its async I/O op needs libaio
+  local missing=()
+  command -v c++ >/dev/null 2>&1 || missing+=(g++)
+  if [[ ${1:-} == libaio ]] && ! dpkg -s libaio-dev >/dev/null 2>&1 &&
+     ! { ! command -v dpkg >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep -q libaio.so; }; then
+    missing+=(libaio-dev)
+  fi
+  [[ ${#missing[@]} == 0 ]] && return
   local sudo=()
   [[ $(id -u) == 0 ]] || sudo=(sudo -n)
   if command -v apt-get >/dev/null 2>&1 && "${sudo[@]}" true 2>/dev/null; then
-    "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq libaio-dev
-  elif ! command -v dpkg >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep -q libaio.so; then
-    return  # not Debian: libaio is there; its headers are the user's to provide
+    "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq "${missing[@]}"
   else
-    echo "quickstart: the NVMe store's tests need libaio: run 'sudo apt-get install libaio-dev' once." >&2
+    echo "quickstart: DeepSpeed needs ${missing[*]} here: run 'sudo apt-get install ${missing[*]}' once." >&2
     exit 1
   fi
 }
 
 case ${1:-} in
   train)
+    set_up_system_packages
     set_up_python
     resume=()
     [[ -f runs/tiny/latest ]] && resume=(--resume)
     bash launch/train_single_node.sh configs/tiny_gpt2.json --out runs/tiny "${resume[@]}"
     ;;
   test)
-    set_up_libaio
+    set_up_system_packages libaio
     set_up_python
     python -m pytest -q -n 2
     ;;

@@ -6,6 +6,7 @@
 
 See README.md for the workflow and DESIGN.md / docs/ for how it is built.
 """
+from ds_topkast.checkpoint import CheckpointError
 from ds_topkast.config import TopKASTConfig, TopKASTConfigError
 from ds_topkast.engine import initialize
 from ds_topkast.export import export
@@ -14,7 +15,7 @@ from ds_topkast.layers import TopKASTLinear, exploration_penalty
 from ds_topkast.memory import memory_report
 from ds_topkast.sparsify import sparsify
 
-__all__ = ["TopKASTCallback", "TopKASTConfig", "TopKASTConfigError", "TopKASTLinear", "exploration_penalty", "export",
+__all__ = ["CheckpointError", "TopKASTCallback", "TopKASTConfig", "TopKASTConfigError", "TopKASTLinear", "exploration_penalty", "export",
            "initialize", "load_dense_weights", "memory_report", "sparsify"]
 
 

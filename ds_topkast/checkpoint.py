@@ -65,8 +65,8 @@ def joined_sets(parts: list[dict[str, Tensor]], numel: int) -> tuple[Tensor, Ten
     return torch.cat(backward).nonzero().squeeze(1), torch.cat(forward)
 
 
-def save(refresher: Refresher, tag_dir: str | os.PathLike, rank: int, values: bool = False) -> Path:
-    """Write this rank's Top-KAST state into the checkpoint folder (atomically, by rename).
+def save(refresher: Refresher, tag_dir: str | os.PathLike, rank: int, step: int, values: bool = False) -> Path:
+    """Write this rank's Top-KAST state at optimizer step `step` into the checkpoint folder (atomically, by rename).
 
     `values`: also B's values of every layer (whole, as this rank holds them), for a run
     whose own checkpoint files hold only the plain model (the Trainer without DeepSpeed).
@@ -78,6 +78,7 @@ def save(refresher: Refresher, tag_dir: str | os.PathLike, rank: int, values: bo
     ever = {name: m.clone() for name, m in refresher.ever_in_backward.items()}
     payload = {
         "format": FORMAT_VERSION,
+        "step": step,
         "rank": store.rank,
         "world": store.world,
         "config": refresher.state.config.model_dump(mode="json"),

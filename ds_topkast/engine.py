@@ -62,7 +62,7 @@ class TopKASTEngineMixin:
 
     def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, **kwargs):
         tag = str(f"global_step{self.global_steps}" if tag is None else tag)
-        self.topkast.save(os.path.join(save_dir, tag))
+        self.topkast.save(os.path.join(save_dir, tag), self.global_steps)
         saved = super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False, **kwargs)
         if save_latest:  # DeepSpeed's save ends with a barrier: every rank's files are written by now
             import deepspeed.comm as dist

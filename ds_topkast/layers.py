@@ -191,17 +191,24 @@ class TopKASTLinear(nn.Module):
                                        self.in_features, l2_grad_scale, self.forward_density)
         return y if self.bias is None else y + self.bias.to(y.dtype)  # under autocast, as nn.Linear: y's dtype
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         """Also take a plain dense `weight` (what a sparsified model's save_pretrained writes): the sets stay, the
         values become the weight's entries on B. A dict with the layer's own entries loads as usual."""
         dense = state_dict.pop(prefix + "weight", None)
         if dense is not None and prefix + "values" not in state_dict:
+            expected = self.shape[::-1] if self.source_type == "Conv1D" else self.shape
+            if tuple(dense.shape) != expected:
+                error_msgs.append(f"size mismatch for {prefix}weight: copying a param with shape {tuple(dense.shape)}, "
+                                  f"the layer it replaced has shape {expected}.")
+                return
             if self.source_type == "Conv1D":
                 dense = dense.t()
             state_dict[prefix + "values"] = dense.reshape(-1).to(self.values.device)[self.indices]
             for key in ("backward_bits", "forward_bits"):
                 state_dict.setdefault(prefix + key, getattr(self, key))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

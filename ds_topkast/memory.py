@@ -89,9 +89,11 @@ class TrainingSetup:
         from ds_topkast.optimizer_state import adapter_for_optimizer
 
         zero = ds_config.get("zero_optimization", {})
-        dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") is True else torch.float32
+        model_dtype = next(iter(sparse_layers(model).values())).values.dtype
+        grad_dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+                      "float32": torch.float32}.get(ds_config.get("data_types", {}).get("grad_accum_dtype"), model_dtype)
         offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-        return cls(model, int(zero.get("stage", 0)), world, dtype, dtype,
+        return cls(model, int(zero.get("stage", 0)), world, model_dtype, grad_dtype,
                    len(adapter_for_optimizer(optimizer).state_keys), offload)
 
 

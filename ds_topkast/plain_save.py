@@ -42,8 +42,8 @@ def plain_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[st
     for name, layer in sparse_layers(model).items():
         prefix = f"{name}." if name else ""
         entries = [plain.pop(prefix + key, None) for key in ("values", "backward_bits", "forward_bits")]
-        if all(entry is not None for entry in entries):
-            plain[prefix + "weight"] = plain_weight(layer, *entries)
+        if all(entry is not None for entry in entries):  # built on the host: never a dense copy on the accelerator
+            plain[prefix + "weight"] = plain_weight(layer, *(entry.detach().cpu() for entry in entries))
     return plain
 
 

@@ -82,9 +82,9 @@ class TopKASTRuntime:
             self.refresher.reselect_forward_sets()
         return None
 
-    def save(self, tag_dir: str | os.PathLike, values: bool = False) -> None:
-        """This rank's store shard and sets (and with `values`, B's values) into a checkpoint folder."""
-        checkpoint.save(self.refresher, tag_dir, self.comm.rank, values)
+    def save(self, tag_dir: str | os.PathLike, step: int, values: bool = False) -> None:
+        """This rank's store shard and sets at `step` (and with `values`, B's values) into a checkpoint folder."""
+        checkpoint.save(self.refresher, tag_dir, self.comm.rank, step, values)
 
     def verify(self, tag_dir: str | os.PathLike) -> checkpoint.SavedState:
         """Read and check this rank's checkpoint files (checksums, layers, settings) without changing anything."""
@@ -97,7 +97,14 @@ class TopKASTRuntime:
         is what the saved mask already holds (the selection is a function of the master),
         and it also brings checkpoints that saved A before its re-selection up to date.
         """
-        checkpoint.restore(self.refresher, verified if verified is not None else self.verify(tag_dir))
+        verified = verified if verified is not None else self.verify(tag_dir)
+        saved_step = verified.first.get("step", step)  # files written before the step was recorded have none
+        if saved_step != step:
+            raise checkpoint.CheckpointError(
+                f"{tag_dir} holds the Top-KAST state of step {saved_step}, but the run resumes at step {step}: the "
+                "model and optimizer were loaded from another checkpoint than this folder. Resume from one folder "
+                "(with the Trainer: set --resume_from_checkpoint, or TopKASTCallback(resume_from=...), to it).")
+        checkpoint.restore(self.refresher, verified)
         if step > 0 and not due(step, self.config.refresh_interval) and due(step, self.config.forward_interval):
             self.refresher.reselect_forward_sets()
 

@@ -43,3 +43,29 @@ def test_export_refuses_unknown_weights_and_zero3():
     engine, *_ = ds_topkast.initialize(model=MLP(), config=ds_config(stage=3, exclude=["embed", "head"]))
     with pytest.raises(ValueError, match="ZeRO-3"):
         ds_topkast.export(engine)
+
+
+def test_a_sparsified_models_save_pretrained_writes_the_plain_model_that_loads_back_onto_b(tmp_path):
+    """save_pretrained gives from_pretrained the α model; loading that into a sparse model keeps its sets."""
+    model = ds_topkast.sparsify(tiny_gpt2(), {"forward_sparsity": 0.8, "backward_sparsity": 0.6})
+    x = batches(1)[0]
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    model.save_pretrained(tmp_path)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not sparse_layers(loaded)
+    torch.testing.assert_close(loaded.eval()(input_ids=x).logits, expected, rtol=1e-5, atol=1e-5)
+
+    layers = sparse_layers(model)
+    before = {name: (layer.values.detach().clone(), layer.backward_bits.clone()) for name, layer in layers.items()}
+    model.load_state_dict(loaded.state_dict())
+    for name, layer in layers.items():
+        values, bits = before[name]
+        assert torch.equal(layer.backward_bits, bits), name
+        torch.testing.assert_close(layer.values.detach(), torch.where(layer.forward_mask, values, 0.0), msg=name)
+
+    wrong = loaded.state_dict()
+    wrong["transformer.h.0.mlp.c_fc.weight"] = wrong["transformer.h.0.mlp.c_fc.weight"].t()
+    with pytest.raises(RuntimeError, match="size mismatch for transformer.h.0.mlp.c_fc.weight"):
+        model.load_state_dict(wrong)

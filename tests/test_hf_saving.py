@@ -1,6 +1,7 @@
 """What the Trainer saves with TopKASTCallback: every save strategy's checkpoints hold the store and sets of their
 step, load_best_model_at_end brings back the best checkpoint's, the callback's log entries reach TensorBoard, and a
 forgotten callback is warned about."""
+import os
 import warnings
 
 import pytest
@@ -24,7 +25,8 @@ def trainer(out, *, deepspeed: bool, rows: int = 16, callbacks=None, **arguments
                     train_sampling_strategy="sequential", logging_steps=1, report_to="none", seed=0, use_cpu=True,
                     deepspeed=config if deepspeed else None, disable_tqdm=True)
     args = TrainingArguments(**{**defaults, **arguments})
-    if not deepspeed:
+    if not deepspeed:  # an earlier in-process DeepSpeed Trainer leaves both set
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
         unset_hf_deepspeed_config()
     model = ds_topkast.sparsify(tiny_gpt2(), config)
     callbacks = [ds_topkast.TopKASTCallback()] if callbacks is None else callbacks
@@ -117,3 +119,12 @@ def test_refreshes_and_the_memory_report_reach_tensorboard(tmp_path, monkeypatch
     tags = events.Tags()["scalars"]
     assert [e.step for e in events.Scalars("train/topkast/backward_changed")] == [2, 4], tags
     assert 0 < events.Scalars("train/topkast/memory_ratio")[0].value < 1
+
+
+def test_store_files_of_another_step_than_the_trainer_resumed_from_are_refused(tmp_path):
+    """The callback restores the step the Trainer loaded, never another checkpoint's store next to it."""
+    trainer(tmp_path, deepspeed=True, max_steps=4, save_strategy="steps", save_steps=2).train()
+    resumed = trainer(tmp_path, deepspeed=True, max_steps=4, save_strategy="no",
+                      callbacks=[ds_topkast.TopKASTCallback(resume_from=str(tmp_path / "checkpoint-2"))])
+    with pytest.raises(ds_topkast.CheckpointError, match="holds the Top-KAST state of step 2.*resumes at step 4"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))

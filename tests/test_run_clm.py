@@ -4,6 +4,7 @@ two), resumed from a checkpoint outside output_dir equal to the whole run, and t
 from_pretrained to the run's own eval loss."""
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -77,7 +78,10 @@ def assert_same_files(got, expected, ranks: int) -> None:
 def plain_eval_loss(folder, train_file: str, validation_file: str) -> float:
     """The saved model's eval loss on the script's validation blocks, loaded and evaluated with no ds_topkast code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # an earlier in-process DeepSpeed Trainer test leaves it set
+    unset_hf_deepspeed_config()
     model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert not any("TopKAST" in type(m).__name__ for m in model.modules())

@@ -41,7 +41,6 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ds_topkast.checkpoint import checkpoint_file
 from ds_topkast.collectives import job_collectives
 from ds_topkast.config import (SECTION, TopKASTConfigError, load_deepspeed_config, refuse_loss_scaling,
                                topkast_section)
@@ -79,6 +78,7 @@ class TopKASTCallback(TrainerCallback):
         self._ds_config: dict[str, Any] = {}
         self._optimizer = None
         self._model: nn.Module | None = None
+        self._saved_step: int | None = None  # the step this callback last wrote checkpoint files for
 
     def on_train_begin(self, args, state, control, model: nn.Module = None, optimizer=None, **kwargs):
         ds_config = _deepspeed_config(args)
@@ -101,7 +101,10 @@ class TopKASTCallback(TrainerCallback):
 
     def _resume_folder(self, args, step: int) -> Path:
         named = self.resume_from or args.resume_from_checkpoint
-        if named and Path(named).is_dir():
+        if named and named != "True":
+            if not Path(named).is_dir():
+                raise TopKASTConfigError(f"Resuming at step {step} from {named}, which is not a folder, so the dense "
+                                         "store cannot be restored; name the checkpoint folder the run resumes from.")
             return Path(named)
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
         if not folder.is_dir():
@@ -122,9 +125,8 @@ class TopKASTCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         """A checkpoint decided after evaluation (save_strategy="best") gets the files now, after the Trainer's."""
-        folder = self._checkpoint_folder(args, state)
-        if not checkpoint_file(folder, self.runtime.comm.rank).is_file():
-            self._save(folder)
+        if self._saved_step != state.global_step:
+            self._save(args, state)
 
     def on_train_end(self, args, state, control, **kwargs):
         """After `load_best_model_at_end` reloaded the best checkpoint's model, restore its store and sets too."""
@@ -153,14 +155,12 @@ class TopKASTCallback(TrainerCallback):
 
     def _save_if_due(self, args, state, control) -> None:
         if control.should_save:
-            self._save(self._checkpoint_folder(args, state))
+            self._save(args, state)
 
-    def _save(self, folder: Path) -> None:
-        self.runtime.save(folder, values=not self._deepspeed)
-
-    @staticmethod
-    def _checkpoint_folder(args, state) -> Path:
-        return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    def _save(self, args, state) -> None:
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        self.runtime.save(folder, state.global_step, values=not self._deepspeed)
+        self._saved_step = state.global_step
 
     @property
     def history(self):
@@ -171,8 +171,9 @@ class TopKASTCallback(TrainerCallback):
 def _require_gathered_saves(ds_config: dict[str, Any]) -> None:
     """Under ZeRO-3 the Trainer saves the model only if DeepSpeed gathers it; else the saved model lacks the layers."""
     zero = ds_config.get("zero_optimization", {})
-    if zero.get("stage") == 3 and not (zero.get("stage3_gather_16bit_weights_on_model_save")
-                                       or zero.get("gather_16bit_weights_on_model_save")):
+    gathered = ("stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save",
+                "stage3_gather_fp16_weights_on_model_save")  # the last one DeepSpeed's deprecated name
+    if zero.get("stage") == 3 and not any(zero.get(key) is True for key in gathered):
         raise TopKASTConfigError(
             "ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save: the Trainer would save the "
             "model without its sparse layers' weights (DeepSpeed's partitions only). Set it to true in the "
@@ -190,13 +191,15 @@ def _report_before_integrations(callback: TrainerCallback) -> None:
     """
     from transformers.trainer_callback import DefaultFlowCallback
 
-    for holder in gc.get_referrers(callback):
+    found = False
+    for holder in gc.get_referrers(callback):  # every Trainer's list, should one callback serve several
         if isinstance(holder, list) and any(isinstance(c, DefaultFlowCallback) for c in holder):
+            found = True
             first_integration = next((i for i, c in enumerate(holder)
                                       if type(c).__module__.startswith("transformers.integrations")), None)
             if first_integration is not None and first_integration < holder.index(callback):
                 holder.remove(callback)
                 holder.insert(first_integration, callback)
-            return
-    logger.warning("TopKASTCallback could not find the Trainer's callback list: its topkast/ log entries reach "
-                   "the console and trainer_state.json but not reporting integrations placed before it.")
+    if not found:
+            logger.warning("TopKASTCallback could not find the Trainer's callback list: its topkast/ log entries reach "
+                       "the console and trainer_state.json but not reporting integrations placed before it.")
