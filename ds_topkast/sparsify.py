@@ -171,8 +171,10 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
     """Replace the selected layers of `model` with Top-KAST layers, in place; returns `model`.
 
     `config` is a TopKASTConfig, a "topkast" section, or a DeepSpeed config (dict or
-    JSON path) that holds one. The model may be built in memory, on the meta device
-    (its modules are then initialised one at a time by the model's own initialiser, see
+    JSON path) that holds one; None means the DeepSpeed config file `accelerate launch`
+    was given (ACCELERATE_DEEPSPEED_CONFIG_FILE), as under a Trainer launched that way.
+    The model may be built in memory, on the meta device (its modules are then
+    initialised one at a time by the model's own initialiser, see
     meta_init.py) or under `deepspeed.zero.Init`; `pretrained` (a safetensors file or
     folder) loads its weights, layer by layer. Layers are converted one at a time: each
     rank keeps only its shard of each layer's full weight in the dense store
@@ -182,9 +184,12 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
     too large for one rank's memory; `ds_topkast.initialize` and `TrainingArguments` do),
     else a world of one whose store is sharded when the engine is built.
     """
+    if config is None:  # run_clm.py passes training_args.deepspeed: None under `accelerate launch --use_deepspeed`
+        config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
     if config is None:
         raise TopKASTConfigError("sparsify(model, config) needs a config: a DeepSpeed config (path or dict) with a "
-                                 "\"topkast\" section, the section itself, or a TopKASTConfig.")
+                                 "\"topkast\" section, the section itself, or a TopKASTConfig. (With the Trainer: "
+                                 "give --deepspeed CONFIG, or launch with accelerate's --deepspeed_config_file.)")
     cfg = as_topkast_config(config)
     if sparse_layers(model):
         raise TopKASTConfigError("This model is already sparsified; call ds_topkast.sparsify once per model.")

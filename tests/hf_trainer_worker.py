@@ -51,7 +51,7 @@ def deepspeed_trainer_config(gas: int, stage: int = 2) -> dict:
 
 
 def training_args(out: Path, *, steps: int, gas: int, micro: int, deepspeed: dict | None, save_steps: int | None,
-                  lr: float = 1e-2, bf16: bool = True):
+                  lr: float = 1e-2, bf16: bool = True, label_smoothing: float = 0.0):
     from transformers import TrainingArguments
 
     if deepspeed is None:  # TrainingArguments(deepspeed=...) of an earlier test in this process set it for good
@@ -61,12 +61,14 @@ def training_args(out: Path, *, steps: int, gas: int, micro: int, deepspeed: dic
         learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch",
         train_sampling_strategy="sequential", save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500, logging_steps=1, report_to="none", seed=0, use_cpu=not torch.cuda.is_available(),
-        bf16=bf16 and (deepspeed is not None or torch.cuda.is_available()), deepspeed=deepspeed, dataloader_num_workers=0, disable_tqdm=True)
+        bf16=bf16 and (deepspeed is not None or torch.cuda.is_available()), deepspeed=deepspeed, dataloader_num_workers=0, disable_tqdm=True,
+        label_smoothing_factor=label_smoothing)
 
 
 def train(out: Path, *, steps: int = 4, gas: int = 2, micro: int = 2, deepspeed: bool = False,
           save_steps: int | None = 2, resume: str | None = None, stage: int = 2, bf16: bool = True,
-          exploration_l2: float | None = None, callbacks: tuple = (), arguments_first: bool = False):
+          exploration_l2: float | None = None, callbacks: tuple = (), arguments_first: bool = False,
+          label_smoothing: float = 0.0):
     """One Trainer run of the sparsified tiny GPT-2; returns (model, callback).
 
     `arguments_first`: create the TrainingArguments before the model, as run_clm.py does
@@ -82,7 +84,7 @@ def train(out: Path, *, steps: int = 4, gas: int = 2, micro: int = 2, deepspeed:
 
     def arguments():
         return training_args(out, steps=steps, gas=gas, micro=micro, deepspeed=config if deepspeed else None,
-                             save_steps=save_steps, bf16=bf16)
+                             save_steps=save_steps, bf16=bf16, label_smoothing=label_smoothing)
 
     args = arguments() if arguments_first else None
     model = ds_topkast.sparsify(tiny_gpt2(), config)
@@ -111,7 +113,9 @@ def first_step_gradients(out: Path, exploration_l2: float) -> tuple[dict, dict]:
                     Catch.grads[name] = layer.values.grad.detach().clone()
                     Catch.values[name] = layer.values.detach().clone()
 
-    train(out, steps=1, gas=2, save_steps=None, exploration_l2=exploration_l2, bf16=False, callbacks=(Catch(),))
+    # with label smoothing the Trainer computes the loss itself (the model returns none): λ must still apply once
+    train(out, steps=1, gas=2, save_steps=None, exploration_l2=exploration_l2, bf16=False, callbacks=(Catch(),),
+          label_smoothing=0.1)
     return dict(Catch.values), dict(Catch.grads)
 
 

@@ -35,3 +35,25 @@ def deepspeed_launch(ranks: int, *target: str, check: bool = True, timeout: int 
     if check:
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
+
+
+def accelerate_launch(script: str, *script_args: str, launcher_flags: tuple[str, ...] = ("--multi_gpu",),
+                      env: dict[str, str] | None = None, timeout: int = 600) -> None:
+    """`accelerate launch` of a script on 2 ranks (gloo CPU ranks without GPUs); fails the test on a non-zero exit.
+
+    accelerate's --cpu launcher needs MPI for several processes; its multi_gpu launcher is
+    torchrun, which on a machine without GPUs starts CPU ranks on gloo. `launcher_flags`
+    choose the kind: --multi_gpu (DDP), or --use_deepspeed --deepspeed_config_file FILE.
+    """
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")},
+           "DS_ACCELERATOR": "cpu", **(env or {})}
+    port = _free_port()
+    try:
+        result = subprocess.run([str(accelerate), "launch", *launcher_flags, "--num_processes", "2", "--num_machines",
+                                 "1", "--dynamo_backend", "no", "--main_process_port", port, script, *script_args],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        remove_shm_buffers(port)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -24,10 +24,10 @@ def trainer(out, *, deepspeed: bool, rows: int = 16, callbacks=None, **arguments
                     learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=0.0, optim="adamw_torch",
                     train_sampling_strategy="sequential", logging_steps=1, report_to="none", seed=0, use_cpu=True,
                     deepspeed=config if deepspeed else None, disable_tqdm=True)
-    args = TrainingArguments(**{**defaults, **arguments})
     if not deepspeed:  # an earlier in-process DeepSpeed Trainer leaves both set
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
         unset_hf_deepspeed_config()
+    args = TrainingArguments(**{**defaults, **arguments})
     model = ds_topkast.sparsify(tiny_gpt2(), config)
     callbacks = [ds_topkast.TopKASTCallback()] if callbacks is None else callbacks
     return Trainer(model=model, args=args, train_dataset=Windows(rows), eval_dataset=Windows(8, seed=2),

@@ -1,15 +1,12 @@
 """The Hugging Face Trainer with TopKASTCallback: equal to ds_topkast.initialize, on 2 ranks, resumed exactly."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import ds_topkast
-from conftest import _free_port
 from hf_trainer_worker import TOPKAST, Windows, snapshot, train
-from launcher import REPO, deepspeed_launch, remove_shm_buffers
+from launcher import accelerate_launch as launch
+from launcher import deepspeed_launch
 from models import ds_config, tiny_gpt2
 
 STEPS = 6
@@ -93,21 +90,9 @@ def test_trainer_on_two_ranks_through_accelerate_launch(tmp_path, deepspeed):
 
 
 def accelerate_launch(out, *worker_args: str) -> None:
-    """`accelerate launch --multi_gpu` of the Trainer worker on 2 ranks (gloo CPU ranks without GPUs)."""
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    # accelerate's --cpu launcher needs MPI for several processes; its multi_gpu launcher is torchrun, which on a
-    # machine without GPUs starts CPU ranks on gloo
-    port = _free_port()
-    try:
-        result = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
-                                 "tests/hf_trainer_worker.py", "--out", str(out), *worker_args],
-                                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        remove_shm_buffers(port)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    """`accelerate launch --multi_gpu` of the Trainer worker on 2 ranks, DDP without --mixed_precision."""
+    launch("tests/hf_trainer_worker.py", "--out", str(out), *worker_args,
+           launcher_flags=("--multi_gpu", "--mixed_precision", "no"))
 
 
 def expected_regulariser_gradient(values: dict, l2: float) -> dict:
@@ -147,3 +132,23 @@ def test_a_model_sparsified_with_another_section_is_refused(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=Windows(8), callbacks=[ds_topkast.TopKASTCallback()])
     with pytest.raises(ds_topkast.TopKASTConfigError, match="different \"topkast\" section"):
         trainer.train()
+
+
+def test_zero3_without_gathered_saves_is_refused_at_start(tmp_path):
+    """The Trainer would save a ZeRO-3 model without its sparse layers' weights: say which key to set."""
+    from transformers import Trainer
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from hf_trainer_worker import deepspeed_trainer_config, training_args
+
+    config = deepspeed_trainer_config(gas=1, stage=3)
+    del config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+
+    try:
+        model = ds_topkast.sparsify(tiny_gpt2(), config)
+        args = training_args(tmp_path, steps=1, gas=1, micro=2, deepspeed=config, save_steps=None)
+        trainer = Trainer(model=model, args=args, train_dataset=Windows(8), callbacks=[ds_topkast.TopKASTCallback()])
+        with pytest.raises(ds_topkast.TopKASTConfigError, match="stage3_gather_16bit_weights_on_model_save"):
+            trainer.train()
+    finally:
+        unset_hf_deepspeed_config()

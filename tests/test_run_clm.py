@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher import REPO, deepspeed_launch
+from launcher import REPO, accelerate_launch, deepspeed_launch
 
 sys.path.insert(0, str(REPO / "examples"))
 import run_clm  # noqa: E402
@@ -98,8 +98,28 @@ def plain_eval_loss(folder, train_file: str, validation_file: str) -> float:
                          ids=[f"zero{s}-{r}rank{'-gc' if c else ''}" for s, r, c in LAUNCHES])
 def test_run_clm_trains_saves_a_plain_model_and_resumes_exactly(tmp_path, stage, ranks, checkpointing):
     arguments = script_arguments(tmp_path, stage, checkpointing)
-    deepspeed_launch(ranks, "tests/run_clm_worker.py", "--out", str(tmp_path), "--", *arguments,
-                     env={"HF_DATASETS_CACHE": str(tmp_path / "datasets_cache"), "HF_HUB_OFFLINE": "1"})
+    deepspeed_launch(ranks, "tests/run_clm_worker.py", "--out", str(tmp_path), "--", *arguments, env=data_env(tmp_path))
+    check_runs(tmp_path, ranks, stage)
+
+
+def test_run_clm_under_accelerate_launch_with_a_deepspeed_config_file_resumes_exactly(tmp_path):
+    """accelerate's DeepSpeed plugin instead of --deepspeed: the script's sparsify(model, training_args.deepspeed)
+    gets None and takes the config file accelerate was given."""
+    arguments = script_arguments(tmp_path, 2, False)
+    at = arguments.index("--deepspeed")
+    config = arguments[at + 1]
+    del arguments[at:at + 2]
+    accelerate_launch("tests/run_clm_worker.py", "--out", str(tmp_path), "--", *arguments,
+                      launcher_flags=("--use_deepspeed", "--deepspeed_config_file", config), env=data_env(tmp_path))
+    check_runs(tmp_path, 2, 2)
+
+
+def data_env(tmp_path) -> dict[str, str]:
+    return {"HF_DATASETS_CACHE": str(tmp_path / "datasets_cache"), "HF_HUB_OFFLINE": "1"}
+
+
+def check_runs(tmp_path, ranks: int, stage: int) -> None:
+    """The resumed run equals the whole one, the logs hold the refreshes, and the saved model loads plainly."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert_same_files(resumed / "checkpoint-4", whole / "checkpoint-4", ranks)
     assert_same_files(resumed, whole, 0)  # the final save_model() output: the plain model only

@@ -57,6 +57,9 @@ def _deepspeed_config(args) -> dict[str, Any]:
     hf_config = getattr(args, "hf_deepspeed_config", None)
     if hf_config is not None:
         return hf_config.config
+    plugin = getattr(args, "deepspeed_plugin", None)  # `accelerate launch` with a DeepSpeed config file
+    if plugin is not None:
+        return plugin.deepspeed_config
     return load_deepspeed_config(args.deepspeed) if getattr(args, "deepspeed", None) else {}
 
 
