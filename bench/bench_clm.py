@@ -8,7 +8,9 @@ ZeRO stage, bf16 on a GPU), on the embedded corpus with the byte-level tokenizer
 after the other; `--dense` is the only difference. Everything reported is the Trainer's
 own: train_samples_per_second times the block size (refreshes included), its memory
 metrics (peak accelerator memory during train(), model and optimizer included, as the
-engine is built inside train()), and eval_loss (nats per byte) on the held-out 5%. Writes
+engine is built inside train()), eval_loss (nats per byte) on the held-out 5%, and the
+refresh time the callback logs (mean of the logged refreshes; its share of training is
+that mean times the number of refreshes over train_runtime). Writes
 a table and runs/bench/clm.json (or --out).
 """
 from __future__ import annotations
@@ -27,6 +29,12 @@ SIZES = {  # GPT-2 shapes (n_layer, n_embd, n_head); the vocabulary is the byte 
     "gpt2-small": (12, 768, 12),
     "gpt2-medium": (24, 1024, 16),
 }
+
+
+def refresh_count(args) -> int:
+    """Refreshes in the run: every refresh_interval optimizer steps of the config's "topkast" section."""
+    interval = json.loads(Path(REPO / args.config).read_text()).get("topkast", {}).get("refresh_interval", 0)
+    return args.steps // interval if interval else 0
 
 
 def run(variant: str, args, out: Path) -> dict:
@@ -53,11 +61,15 @@ def run(variant: str, args, out: Path) -> dict:
                          + result.stderr[-3000:])
     train = json.loads((folder / "train_results.json").read_text())
     evaluation = json.loads((folder / "eval_results.json").read_text())
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    logged = [e["topkast/refresh_seconds"] for e in history if "topkast/refresh_seconds" in e]  # the latest per log
+    mean_refresh = sum(logged) / len(logged) if logged else 0.0
     peak = (train.get("train_mem_gpu_alloc_delta", 0) + train.get("train_mem_gpu_peaked_delta", 0)
             + train.get("init_mem_gpu_alloc_delta", 0))
     return {"variant": variant, "tokens_per_s": train["train_samples_per_second"] * args.block_size,
             "train_runtime_s": train["train_runtime"], "peak_accelerator_bytes": peak,
-            "eval_loss": evaluation["eval_loss"], "eval_bits_per_byte": evaluation["eval_loss"] / math.log(2)}
+            "eval_loss": evaluation["eval_loss"], "eval_bits_per_byte": evaluation["eval_loss"] / math.log(2),
+            "refresh_s": mean_refresh, "refresh_share": mean_refresh * refresh_count(args) / train["train_runtime"]}
 
 
 def main() -> None:
@@ -80,12 +92,13 @@ def main() -> None:
     rows = [run(variant, args, out) for variant in ("dense", "topkast")]
     dense = rows[0]
     print(f"run_clm.py, {args.size}, {args.steps} steps of {args.batch}x{args.block_size} tokens, {args.config}")
-    print(f"{'variant':<10}{'tokens/s':>12}{'vs dense':>10}{'peak MiB':>12}{'vs dense':>10}{'eval bpb':>10}")
+    print(f"{'variant':<10}{'tokens/s':>12}{'vs dense':>10}{'peak MiB':>12}{'vs dense':>10}{'eval bpb':>10}"
+          f"{'refresh s':>11}{'refresh %':>11}")
     for row in rows:
         print(f"{row['variant']:<10}{row['tokens_per_s']:>12.0f}{row['tokens_per_s'] / dense['tokens_per_s']:>10.3f}"
               f"{row['peak_accelerator_bytes'] / 2**20:>12.0f}"
               f"{row['peak_accelerator_bytes'] / max(dense['peak_accelerator_bytes'], 1):>10.3f}"
-              f"{row['eval_bits_per_byte']:>10.4f}")
+              f"{row['eval_bits_per_byte']:>10.4f}{row['refresh_s']:>11.3f}{100 * row['refresh_share']:>10.1f}%")
     (out / "clm.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     sys.stdout.flush()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from torch import nn
@@ -61,6 +62,7 @@ class TopKASTRuntime:
         self.refresher = Refresher(sparse_layers(model), self.state, adapter, comm)
         self.accumulation_steps = 0
         self.set_accumulation_steps(accumulation_steps)
+        self.last_refresh_seconds = 0.0
 
     def set_accumulation_steps(self, steps: int) -> None:
         """Backward passes per optimizer step, so that the layers apply the regulariser's gradient once per step.
@@ -75,7 +77,9 @@ class TopKASTRuntime:
     def after_optimizer_step(self, step: int) -> MaskDynamics | None:
         """Refresh at multiples of refresh_interval; otherwise maybe re-select A inside B (0: never)."""
         if due(step, self.config.refresh_interval):
+            start = time.perf_counter()
             dynamics = self.refresher.refresh(step)
+            self.last_refresh_seconds = time.perf_counter() - start  # the refresh ends in host syncs: its whole time
             self._report(dynamics)
             return dynamics
         if due(step, self.config.forward_interval):
@@ -111,7 +115,9 @@ class TopKASTRuntime:
     def _report(self, dynamics: MaskDynamics) -> None:
         if self.comm.rank != 0:
             return
-        logger.info("Top-KAST refresh " + ", ".join(f"{k}={v:.4g}" for k, v in dynamics.as_dict().items()))
+        logger.info("Top-KAST refresh " + ", ".join(f"{k}={v:.4g}" for k, v in dynamics.as_dict().items())
+                    + f", seconds={self.last_refresh_seconds:.3f}")
         if self.monitor is not None and self.monitor.enabled:
             self.monitor.write_events([(f"TopKAST/{k}", float(v), dynamics.step)
-                                       for k, v in dynamics.as_dict().items() if k != "step"])
+                                       for k, v in dynamics.as_dict().items() if k != "step"]
+                                      + [("TopKAST/refresh_seconds", self.last_refresh_seconds, dynamics.step)])

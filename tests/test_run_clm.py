@@ -129,6 +129,7 @@ def check_runs(tmp_path, ranks: int, stage: int) -> None:
     history = json.loads((whole / "trainer_state.json").read_text())["log_history"]
     refreshes = [entry["topkast/refresh_step"] for entry in history if "topkast/refresh_step" in entry]
     assert refreshes == [2, 4], "each refresh's mask dynamics reach the Trainer's logs"
+    assert all(entry["topkast/refresh_seconds"] > 0 for entry in history if "topkast/refresh_step" in entry)
     assert any(0 < entry.get("topkast/memory_ratio", 0) < 1 for entry in history)
 
     loss = plain_eval_loss(whole, str(tmp_path / "train.txt"), str(tmp_path / "validation.txt"))

@@ -47,7 +47,8 @@ def test_gpt_trains_on_two_ranks_then_resumes(tmp_path):
     assert [r["step"] for r in records(out, "refresh")] == [2, 4]
     assert (out / "training.png").stat().st_size > 10_000
     monitored = {p.name for p in (tmp_path / "monitor" / "gpt").glob("*.csv")}
-    assert {"train_loss.csv", "train_tokens_per_s.csv", "eval_eval_bpb.csv", "TopKAST_ever_in_backward.csv"} <= \
+    assert {"train_loss.csv", "train_tokens_per_s.csv", "eval_eval_bpb.csv", "TopKAST_ever_in_backward.csv",
+            "TopKAST_refresh_seconds.csv"} <= \
         monitored, monitored
 
     with pytest.raises(SystemExit, match="already holds a run"):  # refused before any rank starts

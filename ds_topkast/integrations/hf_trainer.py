@@ -120,7 +120,7 @@ class TopKASTCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         dynamics = self.runtime.after_optimizer_step(state.global_step)
         if dynamics is not None:
-            self._unlogged.append(dynamics.as_dict())
+            self._unlogged.append({**dynamics.as_dict(), "refresh_seconds": self.runtime.last_refresh_seconds})
         self._save_if_due(args, state, control)
 
     def on_epoch_end(self, args, state, control, **kwargs):
