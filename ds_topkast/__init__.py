@@ -15,8 +15,8 @@ from ds_topkast.layers import TopKASTLinear, exploration_penalty
 from ds_topkast.memory import memory_report
 from ds_topkast.sparsify import sparsify
 
-__all__ = ["CheckpointError", "TopKASTCallback", "TopKASTConfig", "TopKASTConfigError", "TopKASTLinear", "exploration_penalty", "export",
-           "initialize", "load_dense_weights", "memory_report", "sparsify"]
+__all__ = ["CheckpointError", "TopKASTCallback", "TopKASTConfig", "TopKASTConfigError", "TopKASTLinear",
+           "exploration_penalty", "export", "initialize", "load_dense_weights", "memory_report", "sparsify"]
 
 
 def __getattr__(name: str):

@@ -204,5 +204,5 @@ def _report_before_integrations(callback: TrainerCallback) -> None:
                 holder.remove(callback)
                 holder.insert(first_integration, callback)
     if not found:
-            logger.warning("TopKASTCallback could not find the Trainer's callback list: its topkast/ log entries reach "
+        logger.warning("TopKASTCallback could not find the Trainer's callback list: its topkast/ log entries reach "
                        "the console and trainer_state.json but not reporting integrations placed before it.")
