@@ -43,7 +43,7 @@ set_up_python() {
   . .venv/bin/activate
   if [[ ! -f $marker ]]; then
     python -m pip install -q --upgrade pip
-    python -m pip install -q torch==2.13.0 -e ".[test]"
+    python -m pip install -q torch==2.13.0 -e ".[lm,test]"
     rm -f .venv/.ds_topkast-installed-*
     touch "$marker"
   fi

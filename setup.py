@@ -17,12 +17,14 @@ setup(
     install_requires=[
         "deepspeed>=0.19,<0.20",
         "transformers>=5,<6",
-        "datasets",
         "accelerate",
         "pydantic>=2",
         "safetensors",
-        "tqdm",
-        "matplotlib",
+        "numpy",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist", "tensorboard"]},
+    extras_require={
+        "lm": ["datasets>=4", "matplotlib", "tqdm"],  # the training application, ds_topkast.lm
+        "test": ["ds_topkast[lm]", "pytest", "pytest-xdist", "tensorboard"],
+    },
+    entry_points={"console_scripts": ["ds-topkast-train = ds_topkast.lm.train:main"]},
 )

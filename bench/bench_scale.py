@@ -134,7 +134,7 @@ def worker(args) -> None:
 
     import ds_topkast
     from ds_topkast.layers import sparse_layers
-    from ds_topkast.memory import trained_bytes
+    from ds_topkast.memory_accounting import trained_bytes
 
     deepspeed.init_distributed()
     rank = dist.get_rank()

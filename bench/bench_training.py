@@ -111,7 +111,7 @@ def measure(name: str, variant, shape: dict, steps: int, interval: int, bf16: bo
     import deepspeed
 
     import ds_topkast
-    from ds_topkast.memory import trained_bytes
+    from ds_topkast.memory_accounting import trained_bytes
 
     baseline = release_accelerator_memory()
     cfg = ds_config(variant, shape["micro"], interval, bf16)

@@ -10,9 +10,9 @@ from ds_topkast.checkpoint import CheckpointError
 from ds_topkast.config import TopKASTConfig, TopKASTConfigError
 from ds_topkast.engine import initialize
 from ds_topkast.export import export
-from ds_topkast.init_from import load_dense_weights
+from ds_topkast.dense_weights import load_dense_weights
 from ds_topkast.layers import TopKASTLinear, exploration_penalty
-from ds_topkast.memory import memory_report
+from ds_topkast.memory_accounting import memory_report
 from ds_topkast.sparsify import sparsify
 
 __all__ = ["CheckpointError", "TopKASTCallback", "TopKASTConfig", "TopKASTConfigError", "TopKASTLinear",

@@ -34,7 +34,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArg
 from transformers.trainer_utils import get_last_checkpoint
 
 import ds_topkast  # Top-KAST, line 1
-from ds_topkast.data import read_bytes
+from ds_topkast.lm.corpus_sources import default_corpus_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def load_texts(data: DataTrainingArguments) -> datasets.DatasetDict:
         files = {"train": data.train_file, **({"validation": data.validation_file} if data.validation_file else {})}
         raw = datasets.load_dataset("text", data_files=files, keep_linebreaks=data.keep_linebreaks)
     else:
-        lines = read_bytes(None, data.max_bytes).decode("utf-8", errors="ignore").splitlines(keepends=True)
+        lines = default_corpus_bytes(data.max_bytes).decode("utf-8", errors="ignore").splitlines(keepends=True)
         raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": lines})})
     if "validation" not in raw:
         held_out = raw["train"].train_test_split(test_size=data.validation_split_percentage / 100, shuffle=False)

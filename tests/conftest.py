@@ -6,6 +6,7 @@ is first imported so its accelerator detection sees DS_ACCELERATOR=cpu.
 """
 import os
 import socket
+import tempfile
 
 
 def _free_port() -> str:
@@ -24,6 +25,7 @@ def core_share(processes: int) -> str:
 
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("DS_TOPKAST_CACHE", tempfile.mkdtemp(prefix="ds_topkast_corpora_"))  # prepared corpora
 if "PYTEST_XDIST_WORKER" in os.environ:  # each pytest-xdist worker is its own world of one, on its own port
     os.environ["MASTER_PORT"] = _free_port()
     os.environ.setdefault("OMP_NUM_THREADS", core_share(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))

@@ -1,4 +1,5 @@
 """Every bad "topkast" value fails at start with a message naming the key and the fix."""
+import json
 import pytest
 import torch
 
@@ -96,40 +97,46 @@ def test_missing_config_file(tmp_path):
 
 TRAIN_ERRORS = [
     ({"steps": 0}, "train.steps: Input should be greater than 0"),
-    ({"data": {"paths": "x"}}, "train.data.paths: unknown key; remove it or use one of: binary, dataset, eval_fraction, max_bytes, path"),
+    ({"data": {"paths": "x"}}, "train.data.paths: unknown key; remove it or use one of: binary, cache_dir, dataset, "
+                               "held_out, max_bytes, path, test, tokenizer, train, valid"),
+    ({"data": {"eval_fraction": 0.1}}, "data.eval_fraction is gone"),
+    ({"data": {"train": "a.txt"}}, "not all of train, valid and test"),
     ({"epochs": 3}, "train.epochs: unknown key; remove it or use one of: checkpoint_interval, data,"),
 ]
 
 
 @pytest.mark.parametrize("section,message", TRAIN_ERRORS, ids=[m for _, m in TRAIN_ERRORS])
 def test_train_section_errors_name_the_key(section, message):
-    from ds_topkast.train import train_section
+    from ds_topkast.lm.train import train_section
 
     with pytest.raises(TopKASTConfigError) as err:
-        train_section({"train": section}, None)
+        train_section({"train": section})
     assert message in str(err.value)
 
 
 def test_training_command_refuses_a_missing_corpus(tmp_path):
-    from ds_topkast.data import CorpusError, DataConfig, load_corpus
+    from ds_topkast.lm.train import main
 
-    with pytest.raises(CorpusError, match="does not exist; give a text file, a folder or a glob"):
-        load_corpus(DataConfig(path=str(tmp_path / "missing.txt")))
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({**json.loads((REPO / "configs" / "tiny_gpt2.json").read_text()),
+                                  "train": {"data": {"path": str(tmp_path / "missing.txt"), "held_out": 0.1}}}))
+    with pytest.raises(SystemExit, match="does not exist; give a text file, a folder or a glob"):
+        main(["--config", str(config), "--out", str(tmp_path / "run")])
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
     """The paper setups are too big to train here; their sections and model shapes must still validate."""
     from ds_topkast.config import load_deepspeed_config
-    from ds_topkast.models.transformer_xl import preset
-    from ds_topkast.train import micro_batch_per_rank, train_section
+    from ds_topkast.lm.transformer_xl import preset
+    from ds_topkast.lm.train import micro_batch_per_rank, train_section
 
     cfg = load_deepspeed_config(str(path))
     if "topkast" in cfg:
         topkast_section(cfg)
     if "train" not in cfg:  # a Trainer config: its "auto" values are the Trainer's to fill
         return
-    train = train_section(cfg, None)
+    train = train_section(cfg)
     assert micro_batch_per_rank(cfg, 8) > 0
     if "preset" in train.model:
         preset(train.model["preset"], **{k: v for k, v in train.model.items() if k not in ("type", "preset")})
@@ -155,14 +162,7 @@ def test_a_config_file_that_is_not_json(tmp_path):
 
 
 def test_the_training_command_refuses_a_resume_without_a_checkpoint(tmp_path):
-    from ds_topkast.train import main
+    from ds_topkast.lm.train import main
 
     with pytest.raises(SystemExit, match="holds no checkpoint"):
         main(["--config", str(REPO / "configs" / "tiny_gpt2.json"), "--out", str(tmp_path), "--resume"])
-
-
-def test_path_and_dataset_together_are_refused():
-    from ds_topkast.data import CorpusError, DataConfig, load_corpus
-
-    with pytest.raises(CorpusError, match="gives both path and dataset; keep one"):
-        load_corpus(DataConfig(path="x.txt", dataset="enwik8"))

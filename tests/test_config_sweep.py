@@ -8,16 +8,16 @@ import annotated_types
 import pytest
 
 from ds_topkast.config import AioConfig, DenseStoreConfig, TopKASTConfig, TopKASTConfigError
-from ds_topkast.data import DataConfig
-from ds_topkast.train import TrainConfig, train_section
+from ds_topkast.lm.corpus_sources import DataConfig
+from ds_topkast.lm.train import TrainConfig, train_section
 
 # (model, dotted path, how to nest one block of that model into what the user writes, validator)
 BLOCKS = [
     (TopKASTConfig, "topkast", lambda block: block, TopKASTConfig.from_section),
     (DenseStoreConfig, "topkast.dense_store", lambda block: {"dense_store": block}, TopKASTConfig.from_section),
     (AioConfig, "topkast.dense_store.aio", lambda block: {"dense_store": {"aio": block}}, TopKASTConfig.from_section),
-    (TrainConfig, "train", lambda block: {"train": block}, lambda cfg: train_section(cfg, None)),
-    (DataConfig, "train.data", lambda block: {"train": {"data": block}}, lambda cfg: train_section(cfg, None)),
+    (TrainConfig, "train", lambda block: {"train": block}, lambda cfg: train_section(cfg)),
+    (DataConfig, "train.data", lambda block: {"train": {"data": block}}, lambda cfg: train_section(cfg)),
 ]
 
 

@@ -16,7 +16,7 @@ from launcher import REPO, accelerate_launch, deepspeed_launch
 sys.path.insert(0, str(REPO / "examples"))
 import run_clm  # noqa: E402
 
-from ds_topkast.data import read_bytes  # noqa: E402
+from ds_topkast.lm.corpus_sources import default_corpus_bytes  # noqa: E402
 
 BLOCK = 32
 # (ZeRO stage, ranks, gradient checkpointing): each stage on both rank counts, checkpointing in one of the two
@@ -26,7 +26,7 @@ LAUNCHES = [(0, 1, False), (1, 1, True), (2, 1, False), (3, 1, True),
 
 def write_corpus(folder) -> tuple[str, str]:
     """Train and validation text files cut from the embedded corpus (the standard library's source)."""
-    text = read_bytes(None, 80_000).decode("utf-8", errors="ignore")
+    text = default_corpus_bytes(80_000).decode("utf-8", errors="ignore")
     train, validation = folder / "train.txt", folder / "validation.txt"
     train.write_text(text[:70_000])
     validation.write_text(text[70_000:])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_topkast.train import main as train_main
+from ds_topkast.lm.train import main as train_main
 from launcher import REPO, deepspeed_launch
 
 GPT = {"type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}
@@ -32,19 +32,25 @@ def records(out: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def test_gpt_trains_on_two_ranks_then_resumes(tmp_path):
+def test_gpt_trains_on_two_ranks_then_resumes_on_its_schedule(tmp_path):
     out = tmp_path / "run"
-    config = write_config(tmp_path / "cfg.json", "tiny_gpt2.json", GPT, steps=4)
+    config = write_config(tmp_path / "cfg.json", "tiny_gpt2.json", GPT, steps=6)
     cfg = json.loads(config.read_text())
     cfg["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "gpt"}
+    cfg["scheduler"]["params"]["warmup_num_steps"] = 2
     config.write_text(json.dumps(cfg))
-    first = launch("--config", str(config), "--out", str(out))
+    first = launch("--config", str(config), "--out", str(out), "--steps", "4")
     assert "sparsified layers total" in first.stdout, "the memory report is printed at start"
     assert "eval bpb" in first.stdout + first.stderr
     assert (out / "latest").read_text().strip() == "global_step4"
     assert {p.name for p in (out / "global_step4").glob("topkast_rank*.pt")} == \
         {"topkast_rank00000.pt", "topkast_rank00001.pt"}
     assert [r["step"] for r in records(out, "refresh")] == [2, 4]
+    assert not records(out, "test"), "a run stopped before train.steps is not over: no test yet"
+    data, = records(out, "data")
+    assert {split: part["tokens"] for split, part in data["splits"].items()} == \
+        {"train": 90_000, "valid": 5_000, "test": 5_000}
+    assert data["splits"]["train"]["files"][0].endswith("__future__.py")
     assert (out / "training.png").stat().st_size > 10_000
     monitored = {p.name for p in (tmp_path / "monitor" / "gpt").glob("*.csv")}
     assert {"train_loss.csv", "train_tokens_per_s.csv", "eval_eval_bpb.csv", "TopKAST_ever_in_backward.csv",
@@ -53,27 +59,46 @@ def test_gpt_trains_on_two_ranks_then_resumes(tmp_path):
 
     with pytest.raises(SystemExit, match="already holds a run"):  # refused before any rank starts
         train_main(["--config", str(config), "--out", str(out)])
+    with pytest.raises(SystemExit, match="schedule ends at step 6, past which WarmupCosineLR"):
+        train_main(["--config", str(config), "--out", str(out), "--steps", "8", "--resume"])
 
-    launch("--config", str(config), "--out", str(out), "--steps", "6", "--resume")
+    resumed = launch("--config", str(config), "--out", str(out), "--resume")
+    assert "Resuming at step 4 to step 6 on a learning-rate schedule of 6 steps" in resumed.stdout
     assert (out / "latest").read_text().strip() == "global_step6"
     assert [r["step"] for r in records(out, "refresh")] == [2, 4, 6]
     evals = records(out, "eval")
     assert [r["step"] for r in evals] == [3, 4, 6]
     assert all(0 < r["eval_bpb"] < 8.5 for r in evals)
+    test, = records(out, "test")
+    assert test["step"] == 6 and test["tokens"] == (5_000 - 1) // 15 * 15 and 0 < test["bpb"] < 8.5
+    assert records(out, "train")[-1]["lr"] == pytest.approx(3e-3 * 0.1), "the cosine ended at step 6, not 4"
 
 
 def test_transformer_xl_on_two_ranks_resumes_exactly_with_its_memory(tmp_path):
-    """Steps 4-6 resumed from the step-3 checkpoint equal the uninterrupted run's, memory included."""
+    """Steps 4-6 resumed from the step-3 checkpoint equal the uninterrupted run's, memory included.
+
+    The resumed run logs every 3 steps: its record is the mean of the three steps' losses.
+    """
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     config = write_config(tmp_path / "cfg.json", "tiny_transformer_xl.json", TXL, steps=6, checkpoint_interval=3)
     launch("--config", str(config), "--out", str(whole))
     assert {p.name for p in (whole / "global_step3").glob("train_state_rank*.pt")} == \
         {"train_state_rank00000.pt", "train_state_rank00001.pt"}, "each rank's memory is checkpointed"
     assert [r["step"] for r in records(whole, "refresh")] == [2, 4, 6]
+    test, = records(whole, "test")
+    assert test["protocol"] == {"tgt_len": 16, "mem_len": 32, "clamp_len": None, "same_length": False,
+                                "streams": 10, "segments": "all"}
 
     shutil.copytree(whole / "global_step3", resumed / "global_step3")
     (resumed / "latest").write_text("global_step3")
-    launch("--config", str(config), "--out", str(resumed), "--resume")
-    expected = {r["step"]: r["loss"] for r in records(whole, "train") if r["step"] > 3}
-    assert {r["step"]: r["loss"] for r in records(resumed, "train")} == expected
+    every_third = write_config(tmp_path / "every_third.json", "tiny_transformer_xl.json", TXL, steps=6,
+                               checkpoint_interval=3, log_interval=3)
+    launch("--config", str(every_third), "--out", str(resumed), "--resume")
+    expected = [r["loss"] for r in records(whole, "train") if r["step"] > 3]
+    assert [r["step"] for r in records(resumed, "train")] == [6]
+    assert records(resumed, "train")[0]["loss"] == pytest.approx(sum(expected) / 3, rel=1e-12)
     assert records(resumed, "eval")[-1]["eval_loss"] == records(whole, "eval")[-1]["eval_loss"]
+    assert records(resumed, "test")[0]["loss"] == test["loss"]
+
+    launch("--config", str(config), "--out", str(whole), "--evaluate", "test")
+    assert [r["loss"] for r in records(whole, "test")] == [test["loss"]] * 2, "--evaluate scores the checkpoint"

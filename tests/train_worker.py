@@ -75,10 +75,10 @@ def inject_fault(point: str, step: int, rank: int) -> None:
 
 def watch(folder: Path) -> None:
     from ds_topkast.refresh import Refresher
-    from ds_topkast.train import Trainer
+    from ds_topkast.lm.train import TrainingLoop
 
     rank = os.environ["RANK"]
-    real_refresh, real_save = Refresher.refresh, Trainer.save
+    real_refresh, real_save = Refresher.refresh, TrainingLoop.save
 
     def refresh_and_record(self, step):
         dynamics = real_refresh(self, step)
@@ -94,7 +94,7 @@ def watch(folder: Path) -> None:
         with open(folder / f"params_rank{rank}.txt", "a") as f:
             f.write(f"{self.engine.global_steps} {crc}\n")
 
-    Refresher.refresh, Trainer.save = refresh_and_record, save_and_record
+    Refresher.refresh, TrainingLoop.save = refresh_and_record, save_and_record
 
 
 if __name__ == "__main__":
@@ -103,6 +103,6 @@ if __name__ == "__main__":
         inject_fault(point, int(step), int(rank))
     if os.environ.get("TOPKAST_WATCH"):
         watch(Path(os.environ["TOPKAST_WATCH"]))
-    from ds_topkast.train import main
+    from ds_topkast.lm.train import main
 
     main()

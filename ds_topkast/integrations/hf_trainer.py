@@ -46,7 +46,7 @@ from ds_topkast.config import (SECTION, TopKASTConfigError, load_deepspeed_confi
                                topkast_section)
 from ds_topkast.optimizer_state import adapter_for_optimizer
 from ds_topkast.runtime import TopKASTRuntime
-from ds_topkast.memory import trainer_memory_report
+from ds_topkast.memory_accounting import trainer_memory_report
 from ds_topkast.sparsify import topkast_state
 
 logger = logging.getLogger("ds_topkast")

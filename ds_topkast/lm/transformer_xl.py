@@ -40,6 +40,11 @@ class TransformerXLConfig(BaseModel):
     eval_tgt_len: int | None = Field(None, gt=0, description="Segment length in evaluation; default tgt_len.")
     eval_mem_len: int | None = Field(None, ge=0, description="Memory in evaluation; default mem_len.")
     clamp_len: int | None = Field(None, gt=0, description="Relative distances beyond this use this one's encoding.")
+    eval_clamp_len: int | None = Field(None, gt=0, description="clamp_len in evaluation; default clamp_len.")
+    same_length: bool = Field(False, description="Every query attends to the same number of keys (the reference's "
+                                                 "--same_length): the last mem_len + ... before it, not the whole "
+                                                 "memory.")
+    eval_same_length: bool | None = Field(None, description="same_length in evaluation; default same_length.")
     dropout: float = Field(0.1, ge=0, lt=1)
     dropatt: float = Field(0.0, ge=0, lt=1, description="Dropout on attention probabilities.")
     pre_lnorm: bool = Field(False, description="Layer norm before (True) or after (False, the paper) each block.")
@@ -72,6 +77,12 @@ class TransformerXLConfig(BaseModel):
 
     def segment_length(self, training: bool) -> int:
         return self.tgt_len if training or self.eval_tgt_len is None else self.eval_tgt_len
+
+    def clamp_length(self, training: bool) -> int | None:
+        return self.clamp_len if training or self.eval_clamp_len is None else self.eval_clamp_len
+
+    def same_lengths(self, training: bool) -> bool:
+        return self.same_length if training or self.eval_same_length is None else self.eval_same_length
 
 
 PRESETS: dict[str, dict] = {
@@ -112,9 +123,20 @@ def rel_shift(scores: Tensor) -> Tensor:
     return padded[..., 1:, :].view(*lead, qlen, klen)
 
 
-def causal_memory_mask(qlen: int, mlen: int, device: torch.device) -> Tensor:
-    """True where query i (at position mlen + i) must not see key j (j > mlen + i)."""
-    return torch.ones(qlen, mlen + qlen, dtype=torch.bool, device=device).triu(1 + mlen)
+def attention_mask(qlen: int, mlen: int, device: torch.device, same_length_memory: int | None = None) -> Tensor:
+    """True where query i (at position mlen + i) must not see key j.
+
+    Always the keys after it (j > mlen + i). With `same_length_memory` m, the reference's
+    same_length with m its mem_len: also the keys more than m - 1 before it, so every
+    query sees its last m keys (itself included), the first of a segment as many as the
+    last (the reference masks tril(ones, -(qlen - (klen - m))) when klen > m).
+    """
+    ones = torch.ones(qlen, mlen + qlen, dtype=torch.bool, device=device)
+    mask = ones.triu(1 + mlen)
+    if same_length_memory is not None:
+        excess = mlen + qlen - same_length_memory
+        mask = mask | ones.tril(-(qlen - excess) if excess > 0 else -qlen)
+    return mask
 
 
 def sinusoid_encodings(klen: int, d_model: int, clamp_len: int | None, device, dtype) -> Tensor:
@@ -323,8 +345,10 @@ class TransformerXL(nn.Module):
         mems = mems or None
         h = self.drop(self.word_emb(input_ids))
         qlen, mlen = input_ids.shape[1], (0 if mems is None else mems[0].shape[1])
-        mask = causal_memory_mask(qlen, mlen, h.device)
-        pos = self.drop(sinusoid_encodings(mlen + qlen, self.config.d_model, self.config.clamp_len,
+        memory = self.config.memory_length(self.training)
+        same_length = memory if self.config.same_lengths(self.training) and memory > 0 else None
+        mask = attention_mask(qlen, mlen, h.device, same_length)
+        pos = self.drop(sinusoid_encodings(mlen + qlen, self.config.d_model, self.config.clamp_length(self.training),
                                            h.device, h.dtype))
         layer_inputs = []
         for i, layer in enumerate(self.layers):

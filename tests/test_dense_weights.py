@@ -52,7 +52,7 @@ def test_wrong_folders_and_models_are_refused(tmp_path):
 
 
 def test_the_training_command_takes_init_from(tmp_path):
-    from ds_topkast.train import main
+    from ds_topkast.lm.train import main
 
     write_config(tmp_path / "first.json", "tiny_gpt2.json", GPT, 2, plot=False)
     main(["--config", str(tmp_path / "first.json"), "--out", str(tmp_path / "first")])
