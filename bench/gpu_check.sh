@@ -18,19 +18,25 @@
 #      (memory_allocated between steps, max_memory_allocated) next to memory_report's;
 #   4. bench_clm.py: examples/run_clm.py (the Hugging Face Trainer, ZeRO-2 bf16) at
 #      GPT-2-small shape, 150 steps with Top-KAST 80/60 and dense: tokens/s, the
-#      Trainer's peak accelerator memory, eval loss.
+#      Trainer's peak accelerator memory, eval loss;
+#   5. bench_lm.py: the training command on the 69M Transformer-XL paper setup
+#      (configs/paper/enwik8_txl69m_90_80.json) on the embedded corpus, dense and 90/80,
+#      about 150 s each: tokens/s and peak accelerator memory side by side.
+# --only STEP[,STEP...] runs just those steps (machine, gpu_tests, bench_training,
+# run_clm, lm), for a device budget too short for all of them.
 # DIR defaults to $OUT (the device tool's folder) or runs/gpu_check. The exit status is
 # non-zero if any step failed; every step runs regardless.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-smoke=0
+smoke=0 only=""
 out=${OUT:-runs/gpu_check}
 while [[ $# -gt 0 ]]; do
   case $1 in
     --smoke) smoke=1 ;;
     --out) out=$2; shift ;;
-    *) echo "usage: bash bench/gpu_check.sh [--smoke] [--out DIR]" >&2; exit 2 ;;
+    --only) only=",$2,"; shift ;;
+    *) echo "usage: bash bench/gpu_check.sh [--smoke] [--out DIR] [--only STEP,...]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -41,10 +47,12 @@ results=$out/gpu_check.txt
 if [[ $smoke == 1 ]]; then
   export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
   size=tiny precision=fp32 variants=dense,90/80 steps=2 clm_flags=(--smoke)
+  lm_flags=(--config configs/tiny_transformer_xl.json --seconds 40)
 else
   # shellcheck source=bench/gpu_env.sh
   source bench/gpu_env.sh || exit 1
   size=gpt2-medium precision=bf16 variants=dense,offload,90/80 steps=10 clm_flags=(--size gpt2-small --steps 150)
+  lm_flags=(--config configs/paper/enwik8_txl69m_90_80.json --seconds 150)
 fi
 export PYTHONUNBUFFERED=1 MASTER_PORT=${MASTER_PORT:-29611}
 python=${GPU_PYTHON:-python3}
@@ -54,6 +62,7 @@ failed=()
 run_step() {  # NAME SECONDS COMMAND...: run with a time limit, output into the results file
   local name=$1 limit=$2 start status
   shift 2
+  [[ -z $only || $only == *",$name,"* ]] || return 0
   start=$(date +%s)
   echo "===== $name: $*" | tee -a "$results"
   timeout --kill-after=10 "$limit" "$@" >> "$results" 2>&1
@@ -72,6 +81,7 @@ run_step gpu_tests 200 "$python" -m pytest -m gpu -q -p no:xdist -p no:randomly 
 run_step bench_training 320 "$python" bench/bench_training.py --size "$size" --precision "$precision" \
   --steps "$steps" --variants "$variants" --out "$out"
 run_step run_clm 300 "$python" bench/bench_clm.py "${clm_flags[@]}" --out "$out/clm"
+run_step lm 400 "$python" bench/bench_lm.py "${lm_flags[@]}" --variants dense 90_80 --out "$out/lm"
 
 echo "results: $results" >&2
 if [[ ${#failed[@]} -gt 0 ]]; then

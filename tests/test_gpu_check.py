@@ -16,7 +16,8 @@ def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
         remove_shm_buffers(port)
     report = (tmp_path / "gpu_check.txt").read_text()
     assert result.returncode == 0, report[-4000:] + result.stderr[-2000:]
-    for step in ("machine", "gpu_tests", "bench_training", "run_clm"):
+    for step in ("machine", "gpu_tests", "bench_training", "run_clm", "lm"):
         assert f"===== {step}: exit 0" in report, step
     assert "Top-KAST 90/80" in report and (tmp_path / "training.json").is_file()
     assert (tmp_path / "clm" / "clm.json").is_file()
+    assert "tiny_transformer_xl: variant" in report and (tmp_path / "lm" / "bench_lm.json").is_file()

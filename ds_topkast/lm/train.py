@@ -294,7 +294,8 @@ class TrainingLoop:
                 elapsed += time.perf_counter() - tick
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.engine.get_lr()[0]:.2e}")
                 self.log({"kind": "train", "step": done, "loss": loss, "exploration_penalty": penalty,
-                          "lr": self.engine.get_lr()[0], "tokens_per_s": self.tokens_per_step * timed / elapsed})
+                          "lr": self.engine.get_lr()[0], "tokens_per_s": self.tokens_per_step * timed / elapsed,
+                          "peak_memory_bytes": get_accelerator().max_memory_allocated()})
                 pending, timed, elapsed, tick = None, 0, 0.0, time.perf_counter()
             validate = done % self.cfg.eval_interval == 0 or done == self.stop
             checkpoint = bool(self.cfg.checkpoint_interval) and done % self.cfg.checkpoint_interval == 0 \
