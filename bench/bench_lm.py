@@ -24,8 +24,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def variant_config(base: Path, variant: str, out: Path) -> Path:
-    """The config at this variant's sparsity, with the embedded corpus and nothing but training records."""
+SPEED_ONLY = dict(data={"max_bytes": 8_000_000}, steps=1_000_000, eval_interval=1_000_000, log_interval=10,
+                  checkpoint_interval=None, test=False, plot=False)  # the embedded corpus, only train records
+
+
+def variant_config(base: Path, variant: str, out: Path, train: dict = SPEED_ONLY) -> Path:
+    """The config at this variant's sparsity ("dense", or "F_B" percent), its "train" section updated by `train`."""
     cfg = json.loads(base.read_text())
     cfg.pop("csv_monitor", None)
     if variant == "dense":
@@ -33,8 +37,7 @@ def variant_config(base: Path, variant: str, out: Path) -> Path:
     else:
         forward, backward = (int(p) / 100 for p in variant.split("_"))
         cfg["topkast"].update(forward_sparsity=forward, backward_sparsity=backward)
-    cfg["train"].update(data={"max_bytes": 8_000_000}, steps=1_000_000, eval_interval=1_000_000, log_interval=10,
-                        checkpoint_interval=None, test=False, plot=False)
+    cfg["train"].update(train)
     path = out / f"{variant}.json"
     path.write_text(json.dumps(cfg, indent=1))
     return path

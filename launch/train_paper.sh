@@ -4,8 +4,12 @@
 #   SETUP: enwik8_txl (277M), enwik8_txl69m (69M) or wt103_txl; SPARSITY: dense, 80_0, 90_60, ...
 #   e.g. NUM_GPUS=8 bash launch/train_paper.sh enwik8_txl 80_0
 # Checkpoints, metrics.jsonl and training.png go to runs/paper/SETUP_SPARSITY; add --resume
-# to continue a stopped run. The data comes from the Hugging Face hub (enwik8,
-# wikitext-103); on a machine without the hub, set train.data.path to the local files.
+# to continue a stopped run (its learning-rate schedule is kept). Every value's source is in
+# docs/PAPER_CONFIGS.md. The data comes from the Hugging Face hub (LTCB/enwik8's parquet
+# conversion, Salesforce/wikitext) and is prepared once into the corpus cache. On a machine
+# without the hub, keep train.data.dataset and add train.data.path: enwik8's raw 100 MB
+# file (whatever it is called; split 90M/5M/5M), or the WikiText-103 folder holding
+# wiki.train.tokens, wiki.valid.tokens and wiki.test.tokens (split by those names).
 set -euo pipefail
 setup=${1:?usage: train_paper.sh SETUP SPARSITY [flags...]}
 sparsity=${2:?usage: train_paper.sh SETUP SPARSITY [flags...]}

@@ -115,13 +115,16 @@ def test_projected_embeddings_are_tied_to_the_softmax():
     assert {"word_emb.projections.0", "word_emb.projections.1"} <= names
 
 
-def test_presets_have_the_papers_shapes():
+def test_presets_have_the_reference_scripts_shapes_and_evaluation():
+    """run_enwik8_large.sh and run_wt103_large.sh, with their eval.py commands (docs/PAPER_CONFIGS.md)."""
     enwik8 = preset("enwik8")
-    assert (enwik8.n_layer, enwik8.d_model, enwik8.d_inner, enwik8.embed_dim, enwik8.n_head) == (24, 1024, 3072, 512, 8)
-    assert (enwik8.tgt_len, enwik8.mem_len, enwik8.eval_mem_len) == (768, 2304, 5000)
+    assert (enwik8.n_layer, enwik8.d_model, enwik8.d_inner, enwik8.embed_dim, enwik8.n_head) == (24, 1024, 3072, 1024, 8)
+    assert (enwik8.tgt_len, enwik8.mem_len, enwik8.eval_tgt_len, enwik8.eval_mem_len, enwik8.eval_clamp_len,
+            enwik8.eval_same_length) == (768, 768, 128, 3800, 1000, True)
     wt103 = preset("wikitext103")
-    assert (wt103.n_layer, wt103.n_head, wt103.d_inner, wt103.tgt_len, wt103.mem_len, wt103.eval_mem_len) == \
-        (18, 16, 4096, 512, 768, 2000) and wt103.cutoffs
+    assert (wt103.n_layer, wt103.n_head, wt103.d_inner, wt103.tgt_len, wt103.mem_len, wt103.eval_mem_len,
+            wt103.eval_clamp_len, wt103.eval_same_length) == (18, 16, 4096, 384, 384, 1600, 1000, True)
+    assert wt103.cutoffs == [20000, 40000, 200000] and wt103.div_val == 4
     small = preset("69m")
     with torch.device("meta"):
         count = sum(p.numel() for name, p in TransformerXL(small).named_parameters() if "word_emb" not in name)

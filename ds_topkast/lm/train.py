@@ -104,23 +104,23 @@ def train_section(ds_config: dict[str, Any]) -> TrainConfig:
 def schedule_length(ds_config: dict[str, Any], out: Path, cfg: TrainConfig, stop: int, args) -> int | None:
     """The length DeepSpeed's warm-up/decay scheduler gets, unless the config sets its own; None when none applies.
 
-    A new run's schedule spans train.steps. A resumed run keeps the length it started
-    with (run.json) whatever --steps says, unless --reschedule asks for one ending at
-    `stop`; stopping past the schedule's end without it is refused: the cosine would
-    climb back up.
+    A new run's schedule spans train.steps, whatever --steps stops it at. A resumed run
+    keeps the length it started with (run.json), unless --reschedule asks for one ending
+    at `stop`. Training past the schedule's end is refused: the cosine would climb back up.
     """
     scheduler = ds_config.get("scheduler", {})
     if scheduler.get("type") not in SCHEDULES_WITH_LENGTH or "total_num_steps" in scheduler.get("params", {}):
         return None
-    run_file = out / RUN_FILE
-    if not args.resume or not run_file.is_file():
-        return cfg.steps if not args.reschedule else stop
-    length = json.loads(run_file.read_text())["schedule_steps"]
     if args.reschedule:
         return stop
+    run_file = out / RUN_FILE
+    kept = args.resume and run_file.is_file()
+    length = json.loads(run_file.read_text())["schedule_steps"] if kept else cfg.steps
     if stop > length:
-        raise SystemExit(f"--resume to step {stop}: the run's learning-rate schedule ends at step {length}, past "
-                         f"which {scheduler['type']} does not decay; add --reschedule to stretch it to {stop}.")
+        where = "the run's learning-rate schedule" if kept else f"train.steps ({cfg.steps}), the schedule's length,"
+        fix = f"add --reschedule to stretch it to {stop}" if args.resume else "raise train.steps instead"
+        raise SystemExit(f"--steps {stop}: {where} ends at step {length}, past which {scheduler['type']} does not "
+                         f"decay; {fix}.")
     return length
 
 
@@ -240,6 +240,10 @@ class TrainingLoop:
             raise SystemExit(f"--resume: {path} is missing, so rank {self.rank}'s random generators (and "
                              "Transformer-XL memory) cannot be restored; resume from a complete checkpoint.")
         state = load_file(path)
+        if "runner" not in state:
+            raise SystemExit(f"--resume: {path} was written before the training command's standard splits and "
+                             "stream-chunk memories, so this run cannot continue exactly; start a new run from its "
+                             f"weights with --init-from {self.out}.")
         self.runner.load_state_dict(state["runner"], self.engine.device)
         torch.set_rng_state(state["cpu_rng"])
         get_accelerator().set_rng_state(state["accelerator_rng"])
@@ -438,12 +442,25 @@ def main(argv=None) -> None:
     release_cpu_shm_buffer()
 
 
+def warn_if_the_corpus_changed(loop: TrainingLoop, corpus: PreparedCorpus) -> None:
+    """A resumed run whose splits are not the ones it trained on says so: it goes on, but not exactly."""
+    if loop.rank != 0 or not loop.metrics.is_file():
+        return
+    earlier = [r for r in map(json.loads, loop.metrics.read_text().splitlines()) if r["kind"] == "data"]
+    now = corpus.record()["splits"]
+    if earlier and earlier[-1]["splits"] != now:
+        changed = [split for split in now if earlier[-1]["splits"].get(split) != now[split]]
+        print(f"Warning: the {', '.join(changed)} split(s) differ from the ones this run trained on (files or token "
+              "counts in metrics.jsonl's data records); it continues on the new ones.", flush=True)
+
+
 def train(loop: TrainingLoop, engine, corpus: PreparedCorpus, runner, args, length: int | None) -> None:
     """Resume or start, record the data and the schedule, report memory, run the loop."""
     import ds_topkast
 
     if args.resume:
         loop.resume()
+        warn_if_the_corpus_changed(loop, corpus)
     if loop.rank == 0 and length is not None:
         (loop.out / RUN_FILE).write_text(json.dumps({"schedule_steps": length}))
         if args.resume:
