@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in one command, on a machine with one CUDA GPU and no network:
 #
-#     bash bench/gpu_check.sh [--out DIR]        # about 8.5 minutes on one H100 (run_clm included)
+#     bash bench/gpu_check.sh [--out DIR]        # about 13.5 minutes on one H100 (8.5 without step 5)
 #     bash bench/gpu_check.sh --smoke [--out DIR] # CPU accelerator, tiny sizes, about a minute (CI runs it)
 #
 # Before it, on a machine with network, `bash bench/gpu_wheels.sh` puts deepspeed (built

@@ -102,3 +102,19 @@ def test_transformer_xl_on_two_ranks_resumes_exactly_with_its_memory(tmp_path):
 
     launch("--config", str(config), "--out", str(whole), "--evaluate", "test")
     assert [r["loss"] for r in records(whole, "test")] == [test["loss"]] * 2, "--evaluate scores the checkpoint"
+
+
+def test_the_console_script_prepares_and_trains_in_one_process_without_a_launcher(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "ds-topkast-train"
+    config = write_config(tmp_path / "cfg.json", "tiny_gpt2.json", GPT, steps=2, plot=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    prepared = subprocess.run([str(script), "--config", str(config), "--prepare-only"], env=env, capture_output=True,
+                              text=True, check=True)
+    assert json.loads(prepared.stdout)["splits"]["valid"]["tokens"] == 5_000
+    subprocess.run([str(script), "--config", str(config), "--out", str(tmp_path / "run")], env=env,
+                   capture_output=True, text=True, check=True)
+    assert records(tmp_path / "run", "test")[0]["step"] == 2
