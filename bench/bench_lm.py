@@ -32,6 +32,9 @@ def variant_config(base: Path, variant: str, out: Path, train: dict = SPEED_ONLY
     """The config at this variant's sparsity ("dense", or "F_B" percent), its "train" section updated by `train`."""
     cfg = json.loads(base.read_text())
     cfg.pop("csv_monitor", None)
+    if train is SPEED_ONLY and cfg["train"].get("data", {}).get("tokenizer", "bytes") != "bytes":
+        raise SystemExit(f"{base} is word- or token-level; bench_lm.py runs byte-level setups (enwik8's) on the "
+                         "embedded corpus, which has no word vocabulary of the right size.")
     if variant == "dense":
         del cfg["topkast"]
     else:

@@ -30,8 +30,8 @@ def test_window_batches_split_one_global_batch_across_ranks():
     whole = batches.train_batch(5, 1, rows=4)
     assert whole.dtype == torch.int64
     assert torch.equal(torch.cat([batches.train_batch(5, 1, 2, rank, 2) for rank in range(2)]), whole)
-    one_rank = batches.eval_batches("valid", rows=4, count=3)
-    two_ranks = [batches.eval_batches("valid", 2, 3, rank, 2) for rank in range(2)]
+    one_rank = list(batches.eval_batches("valid", rows=4, count=3))
+    two_ranks = [list(batches.eval_batches("valid", 2, 3, rank, 2)) for rank in range(2)]
     for i in range(3):
         assert torch.equal(torch.cat([two_ranks[0][i].tokens, two_ranks[1][i].tokens]), one_rank[i].tokens)
 
@@ -40,7 +40,7 @@ def test_whole_split_windows_predict_every_token_once_on_any_number_of_ranks():
     valid = np.arange(1, 101)
     batches = WindowBatches(corpus_of(np.arange(500) % 256, valid, valid), seq_len=10)
     for world in (1, 3, 8):
-        shares = [batches.eval_batches("valid", 2, None, rank, world) for rank in range(world)]
+        shares = [list(batches.eval_batches("valid", 2, None, rank, world)) for rank in range(world)]
         assert len({len(share) for share in shares}) == 1, "every rank runs the same number of forward passes"
         predicted = [t for share in shares for b in share if b.counted for row in b.tokens for t in row[1:].tolist()]
         assert sorted(predicted) == list(range(2, 101))[:len(predicted)] and len(predicted) == 99
@@ -69,13 +69,13 @@ def test_training_streams_are_the_same_whatever_the_ranks_and_accumulation():
 def test_eval_streams_read_each_stream_to_its_end_like_the_reference_iterator():
     valid = np.arange(103)  # 10 streams of 10 tokens (3 dropped): 9 predicted each, segments of 4, 4, 1
     corpus = corpus_of(np.arange(4000) % 256, valid, valid, vocab=200)
-    whole = eval_streams(corpus, "valid", streams=10, seg_len=4, rank=0, world=1)
+    whole = list(eval_streams(corpus, "valid", streams=10, seg_len=4, rank=0, world=1))
     assert [b.tokens.shape for b in whole] == [(10, 5), (10, 5), (10, 2)]
     assert torch.equal(whole[0].tokens[:, 0], torch.arange(0, 100, 10))
     assert torch.equal(whole[1].tokens[:, 0], whole[0].tokens[:, -1])
-    assert len(eval_streams(corpus, "valid", 10, 4, 0, 1, count=2)) == 2
+    assert len(list(eval_streams(corpus, "valid", 10, 4, 0, 1, count=2))) == 2
     for world in (3, 12):
-        shares = [eval_streams(corpus, "valid", 10, 4, rank, world) for rank in range(world)]
+        shares = [list(eval_streams(corpus, "valid", 10, 4, rank, world)) for rank in range(world)]
         assert all(len(share) == 3 for share in shares)
         counted = torch.cat([share[0].tokens for share in shares if share[0].counted])
         assert torch.equal(counted, whole[0].tokens), "the ranks' counted streams are the streams, once each"

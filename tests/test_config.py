@@ -142,6 +142,14 @@ def test_every_shipped_config_is_valid(path):
         preset(train.model["preset"], **{k: v for k, v in train.model.items() if k not in ("type", "preset")})
 
 
+def test_the_training_command_derives_accumulation_as_deepspeed_does():
+    from ds_topkast.lm.train import accumulation_steps, micro_batch_per_rank
+
+    derived = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2}
+    assert accumulation_steps(derived, 2) == 4 and micro_batch_per_rank(derived, 2) == 2
+    assert accumulation_steps({"train_batch_size": 16, "gradient_accumulation_steps": 2}, 4) == 2
+
+
 def test_weights_partitioned_by_zero3_are_gathered_one_layer_at_a_time():
     import deepspeed
 

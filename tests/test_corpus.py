@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ds_topkast.lm import corpus_cache, corpus_sources, hub_corpora
+from ds_topkast.lm import corpus_cache, corpus_sources, hub_corpora, split_readers
 from ds_topkast.lm.corpus_cache import open_corpus
 from ds_topkast.lm.corpus_sources import CorpusError, DataConfig
 
@@ -65,8 +65,14 @@ def test_enwik8_takes_the_standard_split_whatever_the_file_is_called(tmp_path, m
             (content[:900], content[900:950], content[950:1000])
     with pytest.raises(CorpusError, match="splits are not known; set data.held_out.*set data.dataset: enwik8"):
         load(tmp_path, path=str(tmp_path / "data.raw"))
-    with pytest.raises(CorpusError, match="not enwik8's 1000"):
-        load(tmp_path, path=str(write(tmp_path / "short", content[:999])), dataset="enwik8")
+    for wrong in (content[:999], content[:1001]):
+        with pytest.raises(CorpusError, match=f"has {len(wrong)} bytes, not enwik8's 1000"):
+            load(tmp_path, path=str(write(tmp_path / "wrong", wrong)), dataset="enwik8")
+    prepared = tmp_path / "txl_data"
+    for split in ("train", "valid", "test"):  # Transformer-XL's getdata.sh output: bytes written as numbers
+        write(prepared / f"{split}.txt", b"60 109 101 100 105 97 119\n32 32 60\n" * 20)
+    with pytest.raises(CorpusError, match="Transformer-XL's prepared enwik8.*raw, unzipped enwik8"):
+        load(tmp_path, path=str(prepared))
 
 
 def test_other_corpora_need_an_explicit_held_out_fraction(tmp_path):
@@ -142,7 +148,7 @@ def test_an_unreachable_hub_dataset_says_what_to_do(tmp_path, monkeypatch):
 
 def test_a_prepared_corpus_is_mapped_not_prepared_again_until_a_file_changes(tmp_path, monkeypatch):
     path = write(tmp_path / "t.txt", b"hello world moon " * 2000)
-    monkeypatch.setattr(corpus_cache, "_CHUNK", 1000)  # prepared in many chunks, as a corpus larger than RAM is
+    monkeypatch.setattr(split_readers, "CHUNK", 1000)  # prepared in many chunks, as a corpus larger than RAM is
     first = load(tmp_path, path=str(path), held_out=0.1, tokenizer="words")
     assert isinstance(first.train, np.memmap) and first.train.dtype == np.uint8
     prepared = []

@@ -61,6 +61,8 @@ def test_gpt_trains_on_two_ranks_then_resumes_on_its_schedule(tmp_path):
         train_main(["--config", str(config), "--out", str(out)])
     with pytest.raises(SystemExit, match="schedule ends at step 6, past which WarmupCosineLR"):
         train_main(["--config", str(config), "--out", str(out), "--steps", "8", "--resume"])
+    with pytest.raises(SystemExit, match="started with world 2 \\(now 1\\).*--init-from"):  # this process is one rank
+        train_main(["--config", str(config), "--out", str(out), "--resume"])
 
     resumed = launch("--config", str(config), "--out", str(out), "--resume")
     assert "Resuming at step 4 to step 6 on a learning-rate schedule of 6 steps" in resumed.stdout

@@ -1,8 +1,9 @@
 """Deterministic batches from a prepared corpus, for both model layouts.
 
-Batches are a pure function of (seed, step, micro-step): the global batch of a step is
-the same whatever the world size, each rank takes its own rows, and a resumed run sees
-exactly the batches the uninterrupted run would have. Batches are copied out of the
+Batches are a pure function of (seed, step, micro-step): for a given gradient
+accumulation, the global batch of a step is the same whatever the world size, each rank
+takes its own rows, and a resumed run sees exactly the batches the uninterrupted run
+would have. Batches are copied out of the
 memory-mapped splits as int64 tensors on the host; the model runners move them.
 
 GPT-style models train on random windows. Transformer-XL trains on contiguous streams:
@@ -16,10 +17,12 @@ LMOrderedIterator: the split cut into `streams` rows, read segment by segment to
 end (the last segment may be shorter), every token after each stream's first predicted
 once. Ranks share the streams (or windows); a rank with fewer rows than another repeats
 a row it does not count, so every rank runs the same number of forward passes (ZeRO-3's
-forward gathers parameters collectively).
+forward gathers parameters collectively). Evaluation batches are made one at a time, so a
+large split never sits in memory as int64.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,7 +75,8 @@ class WindowBatches:
         starts = torch.randint(0, len(self.corpus.train) - self.seq_len, (rows * world,), generator=gen)
         return self._windows(self.corpus.train, starts[rank * rows:(rank + 1) * rows].tolist())
 
-    def eval_batches(self, split: str, rows: int, count: int | None, rank: int = 0, world: int = 1) -> list[EvalBatch]:
+    def eval_batches(self, split: str, rows: int, count: int | None, rank: int = 0,
+                     world: int = 1) -> Iterator[EvalBatch]:
         """This rank's rows of the split's evaluation batches.
 
         `count` batches of evenly spaced windows (a fixed sample across the split), or with
@@ -82,16 +86,15 @@ class WindowBatches:
         data = self.corpus.splits[split]
         if count is not None:
             starts = torch.linspace(0, len(data) - self.seq_len, rows * world * count).long().view(count, world, rows)
-            return [EvalBatch(self._windows(data, starts[i, rank].tolist())) for i in range(count)]
-        stride = self.seq_len - 1
-        starts = list(range(0, len(data) - self.seq_len + 1, stride))
+            for i in range(count):
+                yield EvalBatch(self._windows(data, starts[i, rank].tolist()))
+            return
+        starts = range(0, len(data) - self.seq_len + 1, self.seq_len - 1)
         per_batch = rows * world
-        batches = []
         for first in range(0, len(starts), per_batch):
             mine = starts[first:first + per_batch][rank * rows:(rank + 1) * rows]
-            batches.append(EvalBatch(self._windows(data, mine)) if mine else
-                           EvalBatch(self._windows(data, starts[:1]), counted=False))
-        return batches
+            yield (EvalBatch(self._windows(data, mine)) if len(mine) else
+                   EvalBatch(self._windows(data, starts[:1]), counted=False))
 
 
 def _streams(data: np.ndarray, rows: int, min_length: int, what: str) -> np.ndarray:
@@ -117,6 +120,10 @@ class StreamBatches:
         self.streams = _streams(corpus.train, global_rows, seg_len + 1, f"The train split of corpus {corpus.name}")
         self.segments = (self.streams.shape[1] - 1) // seg_len
 
+    def starts_pass(self, segment: int) -> bool:
+        """Whether segment `segment` (counted over the run) begins a new pass over the streams."""
+        return segment % self.segments == 0
+
     def train_batch(self, segment: int, first_row: int, rows: int) -> Tensor:
         """Segment `segment` (counted over the whole run) of streams [first_row, first_row + rows)."""
         start = (segment % self.segments) * self.seg_len
@@ -124,7 +131,7 @@ class StreamBatches:
 
 
 def eval_streams(corpus: PreparedCorpus, split: str, streams: int, seg_len: int, rank: int, world: int,
-                 count: int | None = None) -> list[EvalBatch]:
+                 count: int | None = None) -> Iterator[EvalBatch]:
     """This rank's share of the split's evaluation streams, segment by segment (at most `count` segments).
 
     As the reference's LMOrderedIterator: `streams` rows, segments of seg_len predicted
@@ -138,4 +145,5 @@ def eval_streams(corpus: PreparedCorpus, split: str, streams: int, seg_len: int,
     starts = range(0, predicted, seg_len)
     if count is not None:
         starts = starts[:count]
-    return [EvalBatch(as_long(rows[:, s:min(s + seg_len, predicted) + 1]), counted) for s in starts]
+    for s in starts:
+        yield EvalBatch(as_long(rows[:, s:min(s + seg_len, predicted) + 1]), counted)

@@ -15,29 +15,23 @@ process per node prepare while the others wait.
 """
 from __future__ import annotations
 
-import codecs
 import hashlib
-import io
 import json
-import os
-import shutil
 from array import array
-from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ds_topkast.lm.cache_folders import build_once
 from ds_topkast.lm.corpus_sources import (SPLITS, ByteRange, CorpusError, DataConfig, Split, default_cache_dir,
                                           is_enwik8, local_splits, source_name)
 from ds_topkast.lm.hub_corpora import hub_splits
+from ds_topkast.lm.split_readers import byte_chunks, checked_text_bytes
+from ds_topkast.lm.tokenization import WordVocabulary, tokenizer_encoder, word_encoder
 
 FORMAT_VERSION = 1
 BYTE_VOCAB = 256
-_CHUNK = 1 << 24
-_TEXT_MODES_FIX = "word and tokenizer modes need text: use data.tokenizer 'bytes' or convert the files"
-_BYTES_MODE_FIX = "check data.path, or set data.binary: true to model its raw bytes anyway"
 
 
 @dataclass
@@ -74,105 +68,17 @@ class PreparedCorpus:
                            for split in SPLITS}}
 
 
-class _RangesReader(io.RawIOBase):
-    """A readable stream of the bytes of several file ranges, one after another."""
-
-    def __init__(self, ranges: Split):
-        self._pending, self._file, self._left = list(ranges), None, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while self._left == 0:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-            if not self._pending:
-                return 0
-            part = self._pending.pop(0)
-            self._file = part.path.open("rb")
-            self._file.seek(part.start)
-            self._left = part.end - part.start
-        read = self._file.readinto(memoryview(buffer)[:min(len(buffer), self._left)])
-        if not read:
-            raise CorpusError(f"{self._file.name} became shorter while it was read; prepare the corpus again.")
-        self._left -= read
-        return read
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        super().close()
-
-
-def byte_chunks(split: Split) -> Iterator[bytes]:
-    with io.BufferedReader(_RangesReader(split), _CHUNK) as reader:
-        while chunk := reader.read(_CHUNK):
-            yield chunk
-
-
-def text_lines(split: Split, source: str) -> Iterator[str]:
-    """The split's lines as Python's text files give them (newline "\\n", "\\r\\n" or "\\r"), newline kept."""
-    with io.TextIOWrapper(io.BufferedReader(_RangesReader(split), _CHUNK), encoding="utf-8", newline=None) as text:
-        try:
-            yield from text
-        except UnicodeDecodeError as err:
-            raise CorpusError(f"Corpus {source} is not UTF-8 text ({err.reason}); {_TEXT_MODES_FIX}.") from None
-
-
-def _checked_text_bytes(chunks: Iterator[bytes], source: str) -> Iterator[bytes]:
-    """Byte-level mode models text: a NUL byte or invalid UTF-8 means the path names the wrong files."""
-    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    for chunk in chunks:
-        nul = chunk.find(b"\x00")
-        if nul >= 0:
-            raise CorpusError(f"Corpus {source} looks binary, not text (a NUL byte at offset {offset + nul}); "
-                              f"{_BYTES_MODE_FIX}.")
-        try:
-            decoder.decode(chunk)
-        except UnicodeDecodeError as err:
-            raise CorpusError(f"Corpus {source} is not UTF-8 text (byte {offset + err.start}: {err.reason}); "
-                              f"{_BYTES_MODE_FIX}.") from None
-        offset += len(chunk)
-        yield chunk
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest dtype that holds every id of the vocabulary."""
     return np.dtype(np.uint8 if vocab_size <= 2**8 else np.uint16 if vocab_size <= 2**16 else np.int32)
 
 
-class WordVocabulary:
-    """Transformer-XL's word vocabulary: <eos> first, then the train split's words by falling count.
-
-    A line is its whitespace-separated words and <eos>, as the reference's `for line in
-    f: line.strip().split() + ['<eos>']` reads it. Words unseen in training map to <unk>,
-    which WikiText already holds as a word; a corpus without one gets it last.
-    """
-
-    def __init__(self, counts: Counter):
-        self.words = ["<eos>", *(word for word, _ in counts.most_common() if word != "<eos>")]
-        if "<unk>" not in counts:
-            self.words.append("<unk>")
-        self.ids = {word: i for i, word in enumerate(self.words)}
-
-    @classmethod
-    def of_lines(cls, lines: Iterator[str]) -> "WordVocabulary":
-        counts = Counter()
-        for line in lines:
-            counts.update(line.split())
-        return cls(counts)
-
-    def encode_line(self, line: str) -> list[int]:
-        unk = self.ids["<unk>"]
-        return [self.ids.get(word, unk) for word in line.split()] + [0]
-
-
 class _TokenWriter:
-    """Appends token ids to a binary file in the vocabulary's dtype, a million at a time."""
+    """Appends token ids to a binary file in the vocabulary's dtype, a million at a time; an id outside it is refused."""
 
-    def __init__(self, path: Path, dtype: np.dtype):
-        self.file, self.dtype, self.pending, self.count = path.open("wb"), dtype, array("q"), 0
+    def __init__(self, path: Path, vocab_size: int):
+        self.file, self.vocab_size, self.pending, self.count = path.open("wb"), vocab_size, array("q"), 0
+        self.dtype = token_dtype(vocab_size)
 
     def extend(self, ids) -> None:
         self.pending.extend(ids)
@@ -180,7 +86,11 @@ class _TokenWriter:
             self.flush()
 
     def flush(self) -> None:
-        np.frombuffer(self.pending, dtype=np.int64).astype(self.dtype).tofile(self.file)
+        ids = np.frombuffer(self.pending, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise CorpusError(f"The tokenizer gave id {int(ids.max())}, outside its vocabulary of {self.vocab_size}; "
+                              "use a tokenizer whose ids are below its size.")
+        ids.astype(self.dtype).tofile(self.file)
         self.count += len(self.pending)
         self.pending = array("q")
 
@@ -191,55 +101,25 @@ class _TokenWriter:
 
 
 def _write_bytes(split: Split, path: Path, check: bool, source: str) -> int:
+    """Copy the split's bytes into path (checking they are text unless told not to); returns their count."""
     chunks = byte_chunks(split)
     with path.open("wb") as out:
-        for chunk in (_checked_text_bytes(chunks, source) if check else chunks):
+        for chunk in (checked_text_bytes(chunks, source) if check else chunks):
             out.write(chunk)
     return path.stat().st_size
-
-
-def _load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as err:  # offline, unknown name, broken folder: all end the same way for the user
-        raise CorpusError(f"Could not load the tokenizer {name!r}: {type(err).__name__}: {err}. Give a local "
-                          "tokenizer folder, 'bytes' or 'words'.") from None
-
-
-def _batched_lines(lines: Iterator[str], size: int = 1 << 20) -> Iterator[str]:
-    """Whole lines joined into texts of about `size` characters, so a tokenizer sees no cut line."""
-    batch, length = [], 0
-    for line in lines:
-        batch.append(line)
-        length += len(line)
-        if length >= size:
-            yield "".join(batch)
-            batch, length = [], 0
-    if batch:
-        yield "".join(batch)
 
 
 def _prepare_text(cfg: DataConfig, splits: dict[str, Split], folder: Path, source: str) -> tuple[int, dict]:
     """Tokenise each split into folder/<split>.bin; returns (vocabulary size, token counts)."""
     if cfg.tokenizer == "words":
-        vocab = WordVocabulary.of_lines(text_lines(splits["train"], source))
+        vocab, encode = word_encoder(splits["train"], source)
         (folder / "vocab.txt").write_text("".join(word + "\n" for word in vocab.words), encoding="utf-8")
         vocab_size = len(vocab.words)
-
-        def encode(split: Split) -> Iterator[list[int]]:
-            return map(vocab.encode_line, text_lines(split, source))
     else:
-        tokenizer = _load_tokenizer(cfg.tokenizer)
-        vocab_size = len(tokenizer)
-
-        def encode(split: Split) -> Iterator[list[int]]:
-            for text in _batched_lines(text_lines(split, source)):
-                yield tokenizer(text, add_special_tokens=False)["input_ids"]
+        vocab_size, encode = tokenizer_encoder(cfg.tokenizer, source)
     counts = {}
     for split, ranges in splits.items():
-        writer = _TokenWriter(folder / f"{split}.bin", token_dtype(vocab_size))
+        writer = _TokenWriter(folder / f"{split}.bin", vocab_size)
         for ids in encode(ranges):
             writer.extend(ids)
         counts[split] = writer.close()
@@ -247,6 +127,7 @@ def _prepare_text(cfg: DataConfig, splits: dict[str, Split], folder: Path, sourc
 
 
 def _fingerprint(ranges: Split) -> list:
+    """What identifies a split's bytes: each range's resolved path, size, modification time and bounds."""
     return [[str(r.path.resolve()), r.path.stat().st_size, r.path.stat().st_mtime_ns, r.start, r.end] for r in ranges]
 
 
@@ -303,21 +184,8 @@ def prepare_corpus(cfg: DataConfig) -> Path:
     splits, files, source = corpus_splits(cfg)
     binary = cfg.binary or is_enwik8(cfg)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    folder = cache / cache_key(cfg, splits, binary)
-    if (folder / "meta.json").is_file():
-        return folder
-    private = folder.with_name(f"{folder.name}.partial{os.getpid()}")
-    shutil.rmtree(private, ignore_errors=True)
-    private.mkdir(parents=True)
-    try:
-        _prepare(cfg, splits, files, binary, private, source)
-        os.rename(private, folder)
-    except OSError:
-        if not (folder / "meta.json").is_file():  # not another process's finished preparation: a real failure
-            raise
-    finally:
-        shutil.rmtree(private, ignore_errors=True)
-    return folder
+    return build_once(cache / cache_key(cfg, splits, binary), "meta.json",
+                      lambda folder: _prepare(cfg, splits, files, binary, folder, source))
 
 
 def map_corpus(folder: Path) -> PreparedCorpus:

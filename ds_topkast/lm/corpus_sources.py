@@ -168,6 +168,7 @@ def _length(files: list[Path], max_bytes: int | None, text: bool) -> int:
 
 
 def whole_files(files: list[Path], max_bytes: int | None, text: bool) -> Split:
+    """The files as one split, cut at max_bytes."""
     return _ranges(files, 0, _length(files, max_bytes, text))
 
 
@@ -185,7 +186,7 @@ def held_out_splits(files: list[Path], fraction: float, max_bytes: int | None, t
 def enwik8_splits(file: Path, max_bytes: int | None) -> dict[str, Split]:
     """The standard 90M / 5M / 5M bytes of the raw enwik8 file (each capped at max_bytes)."""
     size, needed = file.stat().st_size, sum(ENWIK8_SPLIT)
-    if size < needed:
+    if size != needed:  # a cut, a concatenation or enwik9 would shift the standard valid and test bytes
         raise CorpusError(f"{file} has {size} bytes, not enwik8's {needed}; give the raw enwik8 file (unzipped), or "
                           "drop data.dataset: enwik8 and split the file with data.held_out.")
     out, start = {}, 0
@@ -212,6 +213,16 @@ def _named_split_files(folder: Path) -> dict[str, list[Path]] | None:
     return found
 
 
+def _refuse_bytes_written_as_numbers(file: Path) -> None:
+    """Transformer-XL's getdata.sh writes enwik8 as decimal byte values; modelling those digits is no enwik8 result."""
+    with file.open("rb") as f:
+        head = f.read(4096)
+    if head and not head.strip(b"0123456789 \n") and b" " in head:
+        raise CorpusError(f"{file} holds numbers separated by spaces: Transformer-XL's prepared enwik8 (each byte "
+                          "written as its value). Point data.path at the raw, unzipped enwik8 file and set "
+                          "data.dataset: enwik8.")
+
+
 def _is_enwik8_file(path: Path) -> bool:
     return path.is_file() and path.name.lower().startswith("enwik8")
 
@@ -236,6 +247,7 @@ def local_splits(cfg: DataConfig) -> dict[str, Split]:
     if named is not None:
         if cfg.held_out is not None:
             raise CorpusError(f"Folder {cfg.path} has its own train/valid/test files; remove data.held_out.")
+        _refuse_bytes_written_as_numbers(named["train"][0])
         return {split: whole_files(files, cfg.max_bytes, text) for split, files in named.items()}
     if cfg.dataset is not None and cfg.dataset.startswith("wikitext"):
         raise CorpusError(f"data.dataset {cfg.dataset} with data.path {cfg.path}: the folder has no "
@@ -250,15 +262,18 @@ def local_splits(cfg: DataConfig) -> dict[str, Split]:
 
 
 def source_name(cfg: DataConfig) -> str:
+    """How records and errors name the corpus."""
     if cfg.train is not None:
         return f"train {cfg.train}, valid {cfg.valid}, test {cfg.test}"
     return " at ".join(filter(None, (cfg.dataset, cfg.path))) or "default (Python standard library source)"
 
 
 def is_enwik8(cfg: DataConfig) -> bool:
+    """Whether the corpus is enwik8 (read as raw bytes, never checked as text)."""
     return cfg.dataset == "enwik8" or (cfg.dataset is None and cfg.path is not None
                                        and _is_enwik8_file(Path(cfg.path)))
 
 
 def default_cache_dir() -> Path:
+    """Where prepared corpora go when data.cache_dir is not set."""
     return Path(os.environ.get("DS_TOPKAST_CACHE") or Path.home() / ".cache" / "ds_topkast" / "corpora")

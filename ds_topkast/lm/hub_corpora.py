@@ -9,13 +9,11 @@ the raw 100M bytes and split 90M / 5M / 5M like the raw file.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ds_topkast.lm.cache_folders import build_once
 from ds_topkast.lm.corpus_sources import SPLITS, CorpusError, DataConfig, Split, enwik8_splits, whole_files
-
 
 
 @dataclass(frozen=True)
@@ -94,18 +92,7 @@ def hub_splits(cfg: DataConfig, cache: Path) -> tuple[dict[str, Split], dict[str
     """The dataset's splits as ranges of its local copy (downloaded on first use), and how to name them."""
     hub = hub_dataset(cfg.dataset)
     folder = cache / "hub" / hub.label().removeprefix("hf://").replace("/", "__").replace(" ", "_")
-    if not (folder / "train.txt").is_file():
-        private = folder.with_name(f"{folder.name}.partial{os.getpid()}")
-        shutil.rmtree(private, ignore_errors=True)
-        private.mkdir(parents=True)
-        try:
-            _download(cfg.dataset, hub, private)
-            os.rename(private, folder)
-        except OSError:
-            if not (folder / "train.txt").is_file():
-                raise
-        finally:
-            shutil.rmtree(private, ignore_errors=True)
+    build_once(folder, "train.txt", lambda private: _download(cfg.dataset, hub, private))
     if hub.splits is None:
         splits = enwik8_splits(folder / "train.txt", cfg.max_bytes)
         return splits, {split: [f"{hub.label()} [bytes {r[0].start}:{r[0].end}]"] for split, r in splits.items()}

@@ -13,6 +13,7 @@ per-rank state a checkpoint must carry.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -82,7 +83,7 @@ class CausalLMRunner:
         batch = to_device(self.batches.train_batch(step, micro, self.rows, rank, world), engine)
         return engine(input_ids=batch, labels=batch).loss
 
-    def eval_batches(self, split: str, count: int | None, rank: int, world: int) -> list[EvalBatch]:
+    def eval_batches(self, split: str, count: int | None, rank: int, world: int) -> Iterator[EvalBatch]:
         return self.batches.eval_batches(split, self.rows, count, rank, world)
 
     def protocol(self, count: int | None) -> dict[str, Any]:
@@ -148,12 +149,14 @@ class TransformerXLRunner:
 
     def train_loss(self, engine, step: int, micro: int, rank: int, world: int) -> Tensor:
         first_row = (rank * self.accumulation + micro) * self.rows
+        if self.batches.starts_pass(step):  # a new pass starts without memory, as the reference's epochs do
+            self.mems[micro] = None
         batch = to_device(self.batches.train_batch(step, first_row, self.rows), engine)
         out = engine(input_ids=batch[:, :-1], targets=batch[:, 1:], mems=self.mems[micro])
         self.mems[micro] = out.mems
         return out.loss
 
-    def eval_batches(self, split: str, count: int | None, rank: int, world: int) -> list[EvalBatch]:
+    def eval_batches(self, split: str, count: int | None, rank: int, world: int) -> Iterator[EvalBatch]:
         return eval_streams(self.corpus, split, self.eval_streams, self.eval_segment, rank, world, count)
 
     def protocol(self, count: int | None) -> dict[str, Any]:
@@ -182,11 +185,13 @@ class TransformerXLRunner:
     def load_state_dict(self, state: dict[str, Any], device: torch.device | str = "cpu") -> None:
         """Take saved per-rank state; the memories go back to `device`, where the model runs."""
         mems = state.get("mems")
-        if not isinstance(mems, list) or len(mems) != self.accumulation:
+        saved_rows = {chunk[0].shape[0] for chunk in mems or [] if chunk} if isinstance(mems, list) else set()
+        if not isinstance(mems, list) or len(mems) != self.accumulation or saved_rows - {self.rows}:
             raise TopKASTConfigError(
                 f"The checkpoint's Transformer-XL memory is for {len(mems) if isinstance(mems, list) else 'no'} "
-                f"stream chunks per rank, this run has {self.accumulation} (gradient_accumulation_steps); resume "
-                "with the settings the run was started with.")
+                f"stream chunks of {sorted(saved_rows)} rows per rank, this run has {self.accumulation} "
+                f"(gradient_accumulation_steps) of {self.rows} rows; resume with the batch sizes, accumulation and "
+                "number of ranks the run was started with.")
         self.mems = [None if chunk is None else [m.to(device) for m in chunk] for chunk in mems]
 
 

@@ -23,6 +23,7 @@ schedule; `--evaluate valid|test` scores a run's latest checkpoint on a whole sp
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import json
 import math
@@ -43,6 +44,7 @@ from ds_topkast.lm.corpus_cache import PreparedCorpus, open_corpus, prepare_corp
 from ds_topkast.lm.corpus_sources import CorpusError, DataConfig
 from ds_topkast.lm.model_runners import make_runner
 
+WIKITEXT103_VOCAB = 267_735  # the reference Corpus's word vocabulary of WikiText-103's train split
 RUN_FILE = "run.json"  # what a resume must keep: the learning-rate schedule's length
 SCHEDULES_WITH_LENGTH = ("WarmupCosineLR", "WarmupDecayLR")
 
@@ -115,11 +117,12 @@ def schedule_length(ds_config: dict[str, Any], out: Path, cfg: TrainConfig, stop
         return stop
     run_file = out / RUN_FILE
     kept = args.resume and run_file.is_file()
-    length = json.loads(run_file.read_text())["schedule_steps"] if kept else cfg.steps
+    length = (json.loads(run_file.read_text()).get("schedule_steps") if kept else None) or cfg.steps
     if stop > length:
         where = "the run's learning-rate schedule" if kept else f"train.steps ({cfg.steps}), the schedule's length,"
         fix = f"add --reschedule to stretch it to {stop}" if args.resume else "raise train.steps instead"
-        raise SystemExit(f"--steps {stop}: {where} ends at step {length}, past which {scheduler['type']} does not "
+        asked = f"--steps {stop}" if args.steps else f"train.steps {stop}"
+        raise SystemExit(f"{asked}: {where} ends at step {length}, past which {scheduler['type']} does not "
                          f"decay; {fix}.")
     return length
 
@@ -138,6 +141,36 @@ def micro_batch_per_rank(ds_config: dict[str, Any], world: int) -> int:
         "set one of them.")
 
 
+def accumulation_steps(ds_config: dict[str, Any], world: int) -> int:
+    """gradient_accumulation_steps, or train_batch_size / (micro batch x ranks) as DeepSpeed derives it."""
+    accumulation = ds_config.get("gradient_accumulation_steps")
+    if isinstance(accumulation, int):
+        return accumulation
+    total, micro = ds_config.get("train_batch_size"), ds_config.get("train_micro_batch_size_per_gpu")
+    if isinstance(total, int) and isinstance(micro, int) and micro * world and total % (micro * world) == 0:
+        return total // (micro * world)
+    return 1
+
+
+def run_layout(ds_config: dict[str, Any]) -> dict[str, int]:
+    """What a resumed run must keep: ranks, rows per micro-batch, micro-batches per step (they fix the streams)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return {"world": world, "micro_batch_per_rank": micro_batch_per_rank(ds_config, world),
+            "gradient_accumulation_steps": accumulation_steps(ds_config, world)}
+
+
+def check_resumed_layout(out: Path, layout: dict[str, int]) -> None:
+    """Every rank refuses, before any collective, a resume under another layout than the run's (run.json)."""
+    run_file = out / RUN_FILE
+    saved = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    changed = {key: (saved[key], value) for key, value in layout.items() if key in saved and saved[key] != value}
+    if changed:
+        raise SystemExit("--resume: this run was started with " + ", ".join(
+            f"{key} {was} (now {now})" for key, (was, now) in changed.items()) + "; its per-rank state (random "
+            "generators, Transformer-XL memories) fits only that layout. Resume with it, or start a new run from "
+            f"its weights with --init-from {out}.")
+
+
 def train_state_path(out: Path, steps: int, rank: int) -> Path:
     return out / f"global_step{steps}" / f"train_state_rank{rank:05d}.pt"
 
@@ -150,8 +183,10 @@ def quality(loss: float, unit: str) -> dict[str, float]:
 class TrainingLoop:
     """The loop: fixed global batches per step, periodic validation, the test split at the end, checkpoints."""
 
-    def __init__(self, engine, runner, cfg: TrainConfig, out: Path, unit: str, stop: int):
-        self.engine, self.runner, self.cfg, self.out, self.unit, self.stop = engine, runner, cfg, out, unit, stop
+    def __init__(self, engine, runner, cfg: TrainConfig, out: Path, unit: str, stop: int, end: int):
+        """`stop`: the step this invocation trains to; `end`: the run's last step, where the test split is scored."""
+        self.engine, self.runner, self.cfg, self.out, self.unit = engine, runner, cfg, out, unit
+        self.stop, self.end = stop, end
         self.comm = ProcessGroupCollectives()  # moves host tensors to the accelerator for NCCL and back
         self.rank, self.world = self.comm.rank, self.comm.world
         self.accumulation = engine.gradient_accumulation_steps()
@@ -234,14 +269,15 @@ class TrainingLoop:
     def resume(self) -> None:
         from deepspeed.accelerator import get_accelerator
 
+        tag = (self.out / "latest").read_text().strip()
+        missing = [r for r in range(self.world) if not (self.out / tag / train_state_path(Path(), 0, r).name).is_file()]
+        if missing:  # every rank sees the same files, so every rank stops here: none waits on a collective
+            raise SystemExit(f"--resume: {self.out / tag} lacks the loop state of rank(s) {missing} (random generators, "
+                             "Transformer-XL memory); resume from a complete checkpoint with the ranks that wrote it.")
         self.engine.load_checkpoint(str(self.out))
-        path = train_state_path(self.out, self.engine.global_steps, self.rank)
-        if not path.is_file():
-            raise SystemExit(f"--resume: {path} is missing, so rank {self.rank}'s random generators (and "
-                             "Transformer-XL memory) cannot be restored; resume from a complete checkpoint.")
-        state = load_file(path)
+        state = load_file(train_state_path(self.out, self.engine.global_steps, self.rank))
         if "runner" not in state:
-            raise SystemExit(f"--resume: {path} was written before the training command's standard splits and "
+            raise SystemExit(f"--resume: {self.out / tag} was written before the training command's standard splits and "
                              "stream-chunk memories, so this run cannot continue exactly; start a new run from its "
                              f"weights with --init-from {self.out}.")
         self.runner.load_state_dict(state["runner"], self.engine.device)
@@ -342,7 +378,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any]):
 
 def launched_alone() -> None:
     """Give a process started without a launcher (the console script) the environment of a world of one."""
-    if any(key in os.environ for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+    if any(key in os.environ for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")):
         return
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -351,23 +387,28 @@ def launched_alone() -> None:
                       MASTER_PORT=str(port))
 
 
-def corpus_prepared_once_per_node(data: DataConfig, comm: ProcessGroupCollectives) -> PreparedCorpus:
+def corpus_prepared_once_per_node(data: DataConfig) -> PreparedCorpus:
     """Local rank 0 of each node prepares the corpus (when the cache lacks it) while the others wait, then all map it.
 
     Every rank learns whether a preparation failed, so a bad corpus ends the job at once
-    instead of leaving the other ranks waiting for a collective that never comes.
+    instead of leaving the other ranks waiting for a collective that never comes. They
+    wait in a gloo collective of their own with a day's timeout: tokenising a large
+    corpus can outlast NCCL's 30-minute watchdog.
     """
+    waiting = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
     failure = None
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         try:
             prepare_corpus(data)
         except Exception as err:  # re-raised below, after the others have heard of it
             failure = err
-    failed = comm.all_gather_ints(int(failure is not None))
+    failed = [False] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(failed, failure is not None, group=waiting)
+    torch.distributed.destroy_process_group(waiting)
     if failure is not None:
         raise failure
     if any(failed):
-        raise SystemExit(f"Rank {failed.index(1)} could not prepare the corpus; its error is in its output.")
+        raise SystemExit(f"Rank {failed.index(True)} could not prepare the corpus; its error is in its output.")
     return open_corpus(data)
 
 
@@ -409,37 +450,52 @@ def main(argv=None) -> None:
     cfg = train_section(ds_config)
     stop, out = args.steps or cfg.steps, Path(args.out)
     check_arguments(args, out)
-    if args.prepare_only:
-        print(json.dumps(open_corpus(cfg.data).record(), indent=1), flush=True)
-        return
     require_application_extra(cfg)
+    if args.prepare_only:
+        try:
+            print(json.dumps(open_corpus(cfg.data).record(), indent=1), flush=True)
+        except CorpusError as err:
+            raise SystemExit(f"train.data: {err}") from None
+        return
     out.mkdir(parents=True, exist_ok=True)
     length = schedule_length(ds_config, out, cfg, stop, args)
     if length is not None:
         ds_config["scheduler"].setdefault("params", {})["total_num_steps"] = length
+    layout = run_layout(ds_config)
+    if args.resume:
+        check_resumed_layout(out, layout)
     launched_alone()
     deepspeed.init_distributed()
     get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    comm = ProcessGroupCollectives()
     try:
-        corpus = corpus_prepared_once_per_node(cfg.data, comm)
+        corpus = corpus_prepared_once_per_node(cfg.data)
     except CorpusError as err:
         raise SystemExit(f"train.data: {err}") from None
-    world, accumulation = dist.get_world_size(), ds_config.get("gradient_accumulation_steps", 1)
+    world = dist.get_world_size()
     runner = make_runner(cfg.model, corpus, cfg.seq_len, micro_batch_per_rank(ds_config, world), cfg.seed, world,
-                         accumulation, cfg.eval_streams)
+                         accumulation_steps(ds_config, world), cfg.eval_streams)
     model = runner.build_model()
     if args.init_from:
         ds_topkast.load_dense_weights(model, args.init_from)
     engine = build_engine(model, ds_config)
-    loop = TrainingLoop(engine, runner, cfg, out, corpus.unit, stop)
+    check_engine_layout(engine, layout)
+    loop = TrainingLoop(engine, runner, cfg, out, corpus.unit, stop, length or cfg.steps)
     if args.evaluate:
-        engine.load_checkpoint(str(out))
+        engine.load_checkpoint(str(out), load_optimizer_states=False, load_lr_scheduler_states=False)
         loop.score(args.evaluate)
     else:
-        train(loop, engine, corpus, runner, args, length)
+        train(loop, engine, corpus, runner, args, {"schedule_steps": length, **layout})
     dist.barrier()
     release_cpu_shm_buffer()
+
+
+def check_engine_layout(engine, layout: dict[str, int]) -> None:
+    """The batch layout the runner was built for is the one DeepSpeed derived from the config."""
+    derived = {"micro_batch_per_rank": engine.train_micro_batch_size_per_gpu(),
+               "gradient_accumulation_steps": engine.gradient_accumulation_steps()}
+    if any(layout[key] != value for key, value in derived.items()):
+        raise SystemExit(f"DeepSpeed derived {derived} from the batch sizes, the training command {layout}; set "
+                         "train_micro_batch_size_per_gpu and gradient_accumulation_steps explicitly.")
 
 
 def warn_if_the_corpus_changed(loop: TrainingLoop, corpus: PreparedCorpus) -> None:
@@ -454,16 +510,23 @@ def warn_if_the_corpus_changed(loop: TrainingLoop, corpus: PreparedCorpus) -> No
               "counts in metrics.jsonl's data records); it continues on the new ones.", flush=True)
 
 
-def train(loop: TrainingLoop, engine, corpus: PreparedCorpus, runner, args, length: int | None) -> None:
-    """Resume or start, record the data and the schedule, report memory, run the loop."""
+def train(loop: TrainingLoop, engine, corpus: PreparedCorpus, runner, args, run: dict[str, Any]) -> None:
+    """Resume or start, record the data, the schedule and the layout (run.json), report memory, run the loop."""
     import ds_topkast
 
     if args.resume:
         loop.resume()
         warn_if_the_corpus_changed(loop, corpus)
-    if loop.rank == 0 and length is not None:
-        (loop.out / RUN_FILE).write_text(json.dumps({"schedule_steps": length}))
-        if args.resume:
+    data = loop.cfg.data
+    if loop.rank == 0 and data.dataset == "wikitext-103" and data.tokenizer == "words" and not data.max_bytes \
+            and corpus.vocab_size != WIKITEXT103_VOCAB:
+        print(f"Warning: WikiText-103's word vocabulary here is {corpus.vocab_size} words, the reference's "
+              f"{WIKITEXT103_VOCAB}: check the files (mixed .raw and .tokens, CRLF line ends); perplexities will not "
+              "compare with the paper's.", flush=True)
+    length = run["schedule_steps"]
+    if loop.rank == 0:
+        (loop.out / RUN_FILE).write_text(json.dumps(run))
+        if args.resume and length is not None:
             print(f"Resuming at step {engine.global_steps} to step {loop.stop} on a learning-rate schedule of "
                   f"{length} steps" + (" (stretched by --reschedule)." if args.reschedule else
                                        " (the run's own; --reschedule changes it)."), flush=True)
