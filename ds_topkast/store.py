@@ -89,9 +89,10 @@ def sum64(values: Tensor) -> int:
 def available_host_memory() -> int | None:
     """Bytes of host memory the kernel can give without swapping (MemAvailable), or None where unknown."""
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
