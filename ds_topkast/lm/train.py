@@ -376,6 +376,17 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any]):
     return engine
 
 
+def gather_with_the_whole_forward(model: torch.nn.Module, ds_config: dict[str, Any]) -> None:
+    """Under ZeRO-3, register the parameters a model reads outside their own module's forward (Transformer-XL's
+    tied adaptive softmax) as external parameters of the model, so DeepSpeed gathers them for its whole forward."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for parameter in getattr(model, "parameters_read_outside_their_forward", list)():
+        register_external_parameter(model, parameter)
+
+
 def launched_alone() -> None:
     """Give a process started without a launcher (the console script) the environment of a world of one."""
     if any(key in os.environ for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")):
@@ -477,6 +488,7 @@ def main(argv=None) -> None:
     model = runner.build_model()
     if args.init_from:
         ds_topkast.load_dense_weights(model, args.init_from)
+    gather_with_the_whole_forward(model, ds_config)
     engine = build_engine(model, ds_config)
     check_engine_layout(engine, layout)
     loop = TrainingLoop(engine, runner, cfg, out, corpus.unit, stop, length or cfg.steps)

@@ -15,7 +15,7 @@ in the paper.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -279,15 +279,19 @@ class AdaptiveEmbedding(nn.Module):
         for i in range(1, len(self.embeddings)):
             low, high = self.bounds[i], self.bounds[i + 1]
             rows = ((targets >= low) & (targets < high)).nonzero().squeeze(1)
-            if rows.numel():
-                tail = self._cluster_log_probs(i, h[rows]).gather(1, (targets[rows] - low)[:, None]).squeeze(1)
-                out = out.index_put((rows,), head[rows, shortlist + i - 1] + tail)
+            # computed when no target falls in the cluster too: every rank's graph then holds every parameter,
+            # as ZeRO's gradient reduction needs
+            tail = self._cluster_log_probs(i, h[rows]).gather(1, (targets[rows] - low)[:, None]).squeeze(1)
+            out = out.index_put((rows,), head[rows, shortlist + i - 1] + tail)
         return out
 
 
-@dataclass
-class TransformerXLOutput:
-    """loss: mean NLL (nats) over the targets; token_nll: per target; mems: next segment's memory."""
+class TransformerXLOutput(NamedTuple):
+    """loss: mean NLL (nats) over the targets; token_nll: per target; mems: next segment's memory.
+
+    A NamedTuple, not a dataclass: DeepSpeed's ZeRO-3 hooks the output tensors of tuples,
+    lists and dicts for its backward gathers, and would miss a dataclass's.
+    """
 
     loss: Tensor | None
     token_nll: Tensor | None
@@ -368,3 +372,8 @@ class TransformerXL(nn.Module):
     def log_probs(self, hidden: Tensor) -> Tensor:
         """Next-token log-probabilities over the vocabulary from `hidden` states."""
         return self.word_emb.log_probs(hidden)
+
+    def parameters_read_outside_their_forward(self) -> list[nn.Parameter]:
+        """The tied softmax's parameters: the output side reads the embedding's tables, projections and biases
+        directly, not through their modules' forward (which is where ZeRO-3 gathers a partitioned parameter)."""
+        return list(self.word_emb.parameters())
