@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from ds_topkast.lm.cache_folders import build_once
-from ds_topkast.lm.corpus_sources import (SPLITS, ByteRange, CorpusError, DataConfig, Split, default_cache_dir,
-                                          is_enwik8, local_splits, source_name)
+from ds_topkast.lm.corpus_sources import SPLITS, CorpusError, DataConfig, Split, is_enwik8, local_splits, source_name
 from ds_topkast.lm.hub_corpora import hub_splits
 from ds_topkast.lm.split_readers import byte_chunks, checked_text_bytes
-from ds_topkast.lm.tokenization import WordVocabulary, tokenizer_encoder, word_encoder
+from ds_topkast.lm.tokenization import tokenizer_encoder, word_encoder
 
 FORMAT_VERSION = 1
 BYTE_VOCAB = 256
@@ -170,9 +169,8 @@ def corpus_splits(cfg: DataConfig) -> tuple[dict[str, Split], dict[str, list[str
     if cfg.tokenizer != "bytes" and cfg.binary:
         raise CorpusError("train.data.binary applies to byte-level mode only; remove it or set data.tokenizer "
                           "'bytes'.")
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     if cfg.dataset is not None and cfg.path is None:
-        splits, files = hub_splits(cfg, cache)
+        splits, files = hub_splits(cfg, cfg.cache_folder())
     else:
         splits = local_splits(cfg)
         files = {split: [r.describe() for r in ranges] for split, ranges in splits.items()}
@@ -183,8 +181,7 @@ def prepare_corpus(cfg: DataConfig) -> Path:
     """The folder of the prepared corpus for `cfg`, preparing it first when the cache has none."""
     splits, files, source = corpus_splits(cfg)
     binary = cfg.binary or is_enwik8(cfg)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    return build_once(cache / cache_key(cfg, splits, binary), "meta.json",
+    return build_once(cfg.cache_folder() / cache_key(cfg, splits, binary), "meta.json",
                       lambda folder: _prepare(cfg, splits, files, binary, folder, source))
 
 
@@ -210,6 +207,3 @@ def in_memory_corpus(splits: dict[str, np.ndarray], vocab_size: int, unit: str =
     return PreparedCorpus({s: np.asarray(splits[s]) for s in SPLITS}, vocab_size, unit, name,
                           {s: [] for s in SPLITS})
 
-
-__all__ = ["BYTE_VOCAB", "ByteRange", "CorpusError", "DataConfig", "PreparedCorpus", "WordVocabulary",
-           "in_memory_corpus", "map_corpus", "open_corpus", "prepare_corpus"]

@@ -68,6 +68,15 @@ class DataConfig(BaseModel):
                              "(valid and test are each that trailing fraction), or data.train/valid/test files")
         return values
 
+    @property
+    def reads_text(self) -> bool:
+        """Whether the corpus is text (cut at character boundaries), not raw bytes (data.binary)."""
+        return self.tokenizer != "bytes" or not self.binary
+
+    def cache_folder(self) -> Path:
+        """Where this corpus's prepared files (and hub copies) go."""
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
         explicit = [s for s in SPLITS if getattr(self, s) is not None]
@@ -229,7 +238,7 @@ def _is_enwik8_file(path: Path) -> bool:
 
 def local_splits(cfg: DataConfig) -> dict[str, Split]:
     """The splits of a local corpus, by the rules of this module's docstring."""
-    text = cfg.tokenizer != "bytes" or not cfg.binary
+    text = cfg.reads_text
     if cfg.train is not None:
         return {split: whole_files(matching_files(getattr(cfg, split), f"data.{split}"), cfg.max_bytes, text)
                 for split in SPLITS}

@@ -96,6 +96,5 @@ def hub_splits(cfg: DataConfig, cache: Path) -> tuple[dict[str, Split], dict[str
     if hub.splits is None:
         splits = enwik8_splits(folder / "train.txt", cfg.max_bytes)
         return splits, {split: [f"{hub.label()} [bytes {r[0].start}:{r[0].end}]"] for split, r in splits.items()}
-    text = cfg.tokenizer != "bytes" or not cfg.binary
-    splits = {split: whole_files([folder / f"{split}.txt"], cfg.max_bytes, text) for split in SPLITS}
+    splits = {split: whole_files([folder / f"{split}.txt"], cfg.max_bytes, cfg.reads_text) for split in SPLITS}
     return splits, {split: [f"{hub.label()} {name}"] for split, name in zip(SPLITS, hub.splits)}

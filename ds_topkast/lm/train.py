@@ -482,9 +482,8 @@ def main(argv=None) -> None:
         corpus = corpus_prepared_once_per_node(cfg.data)
     except CorpusError as err:
         raise SystemExit(f"train.data: {err}") from None
-    world = dist.get_world_size()
-    runner = make_runner(cfg.model, corpus, cfg.seq_len, micro_batch_per_rank(ds_config, world), cfg.seed, world,
-                         accumulation_steps(ds_config, world), cfg.eval_streams)
+    runner = make_runner(cfg.model, corpus, cfg.seq_len, layout["micro_batch_per_rank"], cfg.seed,
+                         dist.get_world_size(), layout["gradient_accumulation_steps"], cfg.eval_streams)
     model = runner.build_model()
     if args.init_from:
         ds_topkast.load_dense_weights(model, args.init_from)
