@@ -31,8 +31,9 @@ from ds_topkast.refresh import MaskDynamics, Refresher
 from ds_topkast.store import checksum, fsync_path, matches, shard_range
 
 FORMAT_VERSION = 3
-# Settings that fix each layer's k_A and k_B: a checkpoint is only valid under the same ones.
-_SHAPE_SETTINGS = ("forward_sparsity", "backward_sparsity", "distribution", "include", "exclude")
+# Settings that fix each layer's k_A and k_B, and what the store holds: a checkpoint is only valid under the same ones.
+_SHAPE_SETTINGS = ("forward_sparsity", "backward_sparsity", "distribution", "include", "exclude", "algorithm")
+_DEFAULTS_OF_OLDER_FILES = {"algorithm": "topkast"}
 _SET_KEYS = ("backward_bits", "forward_bits")
 
 
@@ -119,6 +120,7 @@ class SavedState:
 
 def _check_config(saved: dict, current: TopKASTConfig, path: Path) -> None:
     now = current.model_dump(mode="json")
+    saved = {**_DEFAULTS_OF_OLDER_FILES, **saved}
     changed = [key for key in _SHAPE_SETTINGS if saved.get(key) != now[key]]
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
@@ -274,6 +276,7 @@ def restore(refresher: Refresher, saved: SavedState) -> None:
     for name, layer in refresher.layers.items():
         indices, forward_mask = joined_sets(_set_parts(refresher, saved, name), store.numel(name))
         layer.assign_sets(indices, forward_mask)
+        layer.k_forward = int(forward_mask.sum())  # gmp's k_A follows its schedule; the saved A says where it was
         if "values" in saved.first:
             layer.values.data.copy_(saved.first["values"][name])
     refresher.history = [MaskDynamics(**d) for d in saved.first["history"]]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -22,10 +22,35 @@ class TopKASTConfigError(ValueError):
 
 
 class Distribution(str, Enum):
-    """How the global density is spread over layers."""
+    """How the global density is spread over layers (fixed at start: B's size never changes)."""
 
     uniform = "uniform"
     erk = "erk"
+    global_ = "global"
+
+
+class AlgorithmName(str, Enum):
+    """The sparse-training algorithm run over the shared mechanism (algorithms.py)."""
+
+    topkast = "topkast"
+    rigl = "rigl"
+    set = "set"
+    static = "static"
+    gmp = "gmp"
+
+
+class MaskInit(str, Enum):
+    """How the static algorithm's fixed masks are chosen at initialisation."""
+
+    magnitude = "magnitude"
+    random = "random"
+
+
+class NewEntries(str, Enum):
+    """What the optimizer state of an entry new to B starts as."""
+
+    zero_moments = "zero_moments"
+    per_entry_bias_correction = "per_entry_bias_correction"
 
 
 class Selection(str, Enum):
@@ -91,11 +116,26 @@ class TopKASTConfig(_Strict):
                                description="fnmatch patterns over module names never to sparsify.")
     distribution: Distribution = Field(Distribution.uniform, description="Per-layer density: uniform or erk.")
     exploration_l2: float = Field(0.0, ge=0.0, description="λ in λ·(Σ_A v² + Σ_{B\\A} v²/D); its gradient is applied in the layers' backward.")
-    new_entries: Literal["zero_moments"] = Field("zero_moments",
-                                                 description="Optimizer state of entries new to B at a refresh.")
+    new_entries: NewEntries = Field(NewEntries.zero_moments, description=(
+        "Entries new to B start with zero moments. zero_moments: Adam's bias correction uses the global step, as "
+        "the paper does. per_entry_bias_correction: each entry's Adam update is bias-corrected by its own age in B, "
+        "as a fresh optimizer would (Adam/AdamW only)."))
     dense_store: DenseStoreConfig = Field(default_factory=DenseStoreConfig)
     selection: Selection = Field(Selection.topk, description="topk: B by magnitude. random: B\\A drawn at random.")
-    seed: int = Field(0, ge=0, description="Seed of the random B\\A draw (selection 'random'); same on every rank.")
+    seed: int = Field(0, ge=0, description="Seed of every random draw (random B\\A, SET's growth, random static "
+                                            "masks); the same on every rank and world size.")
+    algorithm: AlgorithmName = Field(AlgorithmName.topkast, description=(
+        "topkast: A and B by magnitude from the dense store. rigl: drop smallest, grow largest dense gradient. set: "
+        "drop smallest, grow at random. static: masks fixed at start. gmp: prune from dense on the cubic schedule."))
+    drop_fraction: float = Field(0.3, gt=0.0, le=1.0, description=(
+        "rigl/set: fraction ζ0 of each layer's active weights replaced at the first update; it decays as "
+        "ζ0/2·(1 + cos(π t / update_end_step))."))
+    update_end_step: int | None = Field(None, ge=1, description=(
+        "rigl/set: the last step at which masks change (RigL stops at 75% of training). Required for them."))
+    mask_init: MaskInit = Field(MaskInit.magnitude, description="static: masks by initial magnitude or at random.")
+    prune_start_step: int = Field(0, ge=0, description="gmp: the step at which pruning starts from dense.")
+    prune_end_step: int | None = Field(None, ge=1, description=(
+        "gmp: the step at which the forward sparsity reaches forward_sparsity. Required for gmp."))
 
     @model_validator(mode="after")
     def _backward_not_sparser_than_forward(self) -> "TopKASTConfig":
@@ -104,6 +144,20 @@ class TopKASTConfig(_Strict):
                 f"backward_sparsity ({self.backward_sparsity}) must be <= forward_sparsity "
                 f"({self.forward_sparsity}): the backward set B contains the forward set A. "
                 "Lower backward_sparsity or raise forward_sparsity.")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _algorithm_defaults(cls, data: Any) -> Any:
+        from ds_topkast.algorithms import fill_defaults
+
+        return fill_defaults(dict(data)) if isinstance(data, Mapping) else data
+
+    @model_validator(mode="after")
+    def _algorithm_settings_fit(self) -> "TopKASTConfig":
+        from ds_topkast.algorithms import check_settings
+
+        check_settings(self)
         return self
 
     @property

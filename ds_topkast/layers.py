@@ -73,6 +73,11 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
 class SparseLinearFunction(torch.autograd.Function):
     """y = x α^T; dL/dvalues = (dL/dα) gathered at B (straight through for B\\A) plus the regulariser's gradient.
 
+    Without `straight_through` the gradient of B\\A is zero (masked algorithms: pruned
+    entries stay zero). `dense_gradient_sink`, when given, receives dL/dα of the whole
+    layer, which the backward computes anyway (RigL's growth criterion takes it at an
+    update step; the layer does not keep it).
+
     Under autocast the matmuls run in autocast's dtype, as `F.linear` would (the backward
     runs outside autocast, so it casts explicitly); the value gradient comes back in the
     values' own dtype. `l2_grad_scale` is 2λ divided by the backward passes per optimizer
@@ -82,7 +87,8 @@ class SparseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, values: Tensor, backward_bits: Tensor, forward_bits: Tensor, out_features: int,
-                in_features: int, l2_grad_scale: float = 0.0, forward_density: float = 1.0) -> Tensor:
+                in_features: int, l2_grad_scale: float = 0.0, forward_density: float = 1.0,
+                straight_through: bool = True, dense_gradient_sink=None) -> Tensor:
         shape = (out_features, in_features)
         autocast_dtype = _autocast_dtype(x)
         compute_dtype = autocast_dtype or values.dtype
@@ -94,6 +100,7 @@ class SparseLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, values, backward_bits, forward_bits)  # the bitmaps, not the unpacked sets
         ctx.shape, ctx.compute_dtype = shape, compute_dtype
         ctx.l2_grad_scale, ctx.forward_density = l2_grad_scale, forward_density
+        ctx.straight_through, ctx.dense_gradient_sink = straight_through, dense_gradient_sink
         return y
 
     @staticmethod
@@ -109,12 +116,16 @@ class SparseLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # (out, in) = (out, tokens) @ (tokens, in); dense-then-gather (DESIGN.md, Section 2).
             grad_weight = grad_out.reshape(-1, ctx.shape[0]).t() @ x.reshape(-1, ctx.shape[1])
+            if ctx.dense_gradient_sink is not None:
+                ctx.dense_gradient_sink(grad_weight)
             grad_values = grad_weight.reshape(-1).index_select(0, indices)
+            if not ctx.straight_through:
+                grad_values = torch.where(forward_mask, grad_values, torch.zeros_like(grad_values))
             if ctx.l2_grad_scale:
                 grad_values = grad_values.float() + ctx.l2_grad_scale * values.float() * exploration_weights(
                     forward_mask, ctx.forward_density)
             grad_values = grad_values.to(values.dtype)
-        return grad_x, grad_values, None, None, None, None, None, None
+        return grad_x, grad_values, None, None, None, None, None, None, None, None
 
 
 class TopKASTLinear(nn.Module):
@@ -128,6 +139,8 @@ class TopKASTLinear(nn.Module):
     `forward_density` is this layer's own D = k_forward / (out * in) (it differs per layer
     under ERK); `accumulation_steps` is how many backward passes make one optimizer step
     (the runtime sets it), so the regulariser's gradient is applied once per step.
+    `straight_through` (False for masked algorithms) and `dense_gradient_sink` are passed
+    to `SparseLinearFunction`; the runtime sets them.
     """
 
     def __init__(self, in_features: int, out_features: int, values: Tensor, indices: Tensor,
@@ -137,9 +150,10 @@ class TopKASTLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.k_forward = k_forward
-        self.forward_density = k_forward / (in_features * out_features)
         self.exploration_l2 = exploration_l2
         self.accumulation_steps = 1
+        self.straight_through = True
+        self.dense_gradient_sink = None
         self.source_type = source_type
         self.values = nn.Parameter(values.detach().clone())
         self.bias = bias  # the replaced layer's own Parameter: param groups naming it stay valid
@@ -151,6 +165,10 @@ class TopKASTLinear(nn.Module):
     @property
     def k_backward(self) -> int:
         return self.values.ds_numel if hasattr(self.values, "ds_numel") else self.values.numel()
+
+    @property
+    def forward_density(self) -> float:
+        return self.k_forward / (self.in_features * self.out_features)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -188,7 +206,8 @@ class TopKASTLinear(nn.Module):
             self.last_exploration_penalty = self.exploration_penalty()
         l2_grad_scale = 2 * self.exploration_l2 / self.accumulation_steps if exploring else 0.0
         y = SparseLinearFunction.apply(x, self.values, self.backward_bits, self.forward_bits, self.out_features,
-                                       self.in_features, l2_grad_scale, self.forward_density)
+                                       self.in_features, l2_grad_scale, self.forward_density, self.straight_through,
+                                       self.dense_gradient_sink if self.training else None)
         return y if self.bias is None else y + self.bias.to(y.dtype)  # under autocast, as nn.Linear: y's dtype
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

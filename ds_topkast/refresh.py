@@ -1,13 +1,16 @@
 """The refresh: write back, re-select A and B against the sharded dense store, rebuild the compact state.
 
-DESIGN.md, Section 3. Every `refresh_interval` optimizer steps, on every rank:
+DESIGN.md, Section 3. At every update step of the algorithm (algorithms.py; for Top-KAST
+every `refresh_interval` optimizer steps), on every rank:
 1. guard: every rank holds the same sets; then, streaming the store layer by layer:
 2. guard: this rank's shard is unchanged since the last refresh; refuse non-finite
    trained values before anything is written (every rank raises together, naming the
    layer and the ranks); write back the fp32 master of the layer's compact values into
    the owning shards;
-3. select B (top k_B of |θ|, or random B\\A) and A (top k_A) exactly over the shards,
-   ties by global index, and assemble B's indices and values on every rank;
+3. select B as the algorithm says (Top-KAST: top k_B of |θ|, or random B\\A; RigL/SET:
+   drop and grow) and A (top k_A of B) exactly over the shards, ties by global index,
+   and assemble B's indices and values on every rank; a masked algorithm zeroes θ
+   outside A, in the store as in the values;
 4. rebuild: new values, fp32 master and low-precision copy; each per-entry optimizer
    state moves with the entries that stay in B, new entries start at zero;
 5. guard again (every rank ends with the same sets) and record mask dynamics.
@@ -23,11 +26,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from ds_topkast.algorithms import LayerUpdate
 from ds_topkast.collectives import ProcessGroupCollectives
+from ds_topkast.dense_gradients import DenseGradientShards
 from ds_topkast.layers import TopKASTLinear, pack_bits, unpack_bits
 from ds_topkast.optimizer_state import OptimizerStateAdapter
-from ds_topkast.select import segment_topk_masks, select_sets
-from ds_topkast.sparsify import TopKASTState, selection_seed
+from ds_topkast.select import gather_sets, segment_topk_masks
+from ds_topkast.sparsify import TopKASTState, selection_seed, zero_outside
 from ds_topkast.store import LayerShard, checksum, matches
 
 
@@ -75,6 +80,9 @@ class Refresher:
         for name, layer in layers.items():
             self._mark(name, layer.indices)
         self.history: list[MaskDynamics] = []
+        self.algorithm = state.algorithm
+        self.gradients = (DenseGradientShards(layers, state.store, comm) if self.algorithm.needs_dense_gradient
+                          else None)
         self._selection_groups: list[tuple[list[str], Tensor, Tensor]] | None = None
 
     def ever_in_backward_mask(self, name: str) -> Tensor:
@@ -166,6 +174,8 @@ class Refresher:
             totals += self._refresh_layer(index, layer, on_device, step)
             shard.checksum = checksum(on_device.theta)  # on the device: the host only copies
             shard.theta.copy_(on_device.theta)  # no copy when the accelerator is the CPU
+        if self.gradients is not None:
+            self.gradients.disarm()
         self.check_sets_agree(step)
         k_forward = sum(layer.k_forward for layer in self.layers.values())
         k_backward = sum(layer.k_backward for layer in self.layers.values())
@@ -198,19 +208,47 @@ class Refresher:
             raise RefreshError(f"Top-KAST masks differ across ranks at step {step} in layers {diverged}: the ranks "
                                "no longer train the same model. Resume every rank from the last checkpoint.")
 
+    def collect_gradients_for(self, step: int) -> None:
+        """Arm the layers' dense-gradient hand-over when the algorithm's update at `step` needs it, else disarm."""
+        if self.gradients is not None:
+            if self.algorithm.updates_at(step):
+                self.gradients.arm()
+            else:
+                self.gradients.disarm()
+
+    def _layer_update(self, index: int, layer: TopKASTLinear, shard: LayerShard, step: int) -> LayerUpdate:
+        cfg = self.state.config
+        layer.k_forward = self.algorithm.forward_count(self.state.forward_targets[shard.name], shard.numel, step)
+        gradient = None
+        if self.gradients is not None:
+            gradient = self.gradients.take(shard.name)
+            self._agree_or_fail(shard.name, gradient is None, step,
+                                f"algorithm {self.algorithm.name!r} grows by the dense gradient, but no backward pass "
+                                "ran since the previous optimizer step; call the runtime's after_optimizer_step "
+                                "after every step (ds_topkast.initialize's engine and TopKASTCallback do)")
+            gradient = gradient.to(shard.theta.device)
+        return LayerUpdate(theta=shard.theta, offset=shard.offset, numel=shard.numel, old_indices=layer.indices,
+                           k_forward=layer.k_forward, k_backward=layer.k_backward,
+                           seed=selection_seed(cfg, step // cfg.refresh_interval, index), comm=self.comm,
+                           gradient=gradient)
+
     def _refresh_layer(self, index: int, layer: TopKASTLinear, shard: LayerShard, step: int) -> Tensor:
-        adapter, cfg = self.adapter, self.state.config
+        adapter = self.adapter
         old_indices = layer.indices
         old_forward_mask = layer.forward_mask
-        new_indices, new_master, new_forward_mask = select_sets(
-            shard.theta, layer.k_forward, layer.k_backward, cfg.selection,
-            selection_seed(cfg, step // cfg.refresh_interval, index),
-            offset=shard.offset, numel=shard.numel, comm=self.comm)
+        update = self._layer_update(index, layer, shard, step)
+        local = self.algorithm.backward_indices(update, step)
+        new_indices, new_master, new_forward_mask = gather_sets(local, shard.theta, layer.k_forward, shard.offset,
+                                                                shard.numel, self.comm)
+        if self.algorithm.masked:  # zero outside A, in the values and the store: pruned entries stay zero
+            new_master = torch.where(new_forward_mask, new_master, torch.zeros_like(new_master))
+            zero_outside(shard.theta, new_indices[new_forward_mask], shard.offset)
         kept, pos = _positions_in(old_indices, new_indices)
+        keeps_state = kept & new_forward_mask if self.algorithm.masked else kept  # a pruned entry restarts at zero
         adapter.set_master(layer.values, new_master)
         for key in adapter.state_keys:
             old_state = adapter.get_state(layer.values, key)
-            adapter.set_state(layer.values, key, torch.where(kept, old_state[pos], torch.zeros_like(old_state)))
+            adapter.set_state(layer.values, key, torch.where(keeps_state, old_state[pos], torch.zeros_like(old_state)))
         adapter.set_low_precision(layer.values, new_master.to(layer.values.dtype))
         layer.assign_sets(new_indices, new_forward_mask)
         self._mark(shard.name, new_indices)

@@ -2,8 +2,8 @@
 
 `TopKASTRuntime` owns what a run adds to a sparsified model: the dense store placed for
 this rank (host memory or NVMe), the refresher with its optimizer-state adapter, the
-schedule (refresh every `refresh_interval` optimizer steps, A re-selected inside B every
-`forward_interval`), checkpoint files and the report of each refresh. The DeepSpeed
+schedule (the algorithm's updates, for Top-KAST a refresh every `refresh_interval`
+optimizer steps and A re-selected inside B every `forward_interval`), checkpoint files and the report of each refresh. The DeepSpeed
 engine (engine.py) and the Hugging Face Trainer callback (integrations/hf_trainer.py)
 each build one and call it after every optimizer step; neither duplicates the schedule.
 """
@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ds_topkast import checkpoint
+from ds_topkast.algorithms import due
 from ds_topkast.config import DenseStoreConfig, TopKASTConfig
 from ds_topkast.layers import sparse_layers
 from ds_topkast.optimizer_state import OptimizerStateAdapter
@@ -26,11 +27,6 @@ from ds_topkast.sparsify import TopKASTState, topkast_state
 from ds_topkast.store import DenseStoreError
 
 logger = logging.getLogger("ds_topkast")
-
-
-def due(step: int, interval: int) -> bool:
-    """Whether an every-`interval`-steps event falls on `step`; interval 0 means never."""
-    return interval > 0 and step % interval == 0
 
 
 def place_store(store, cfg: DenseStoreConfig, deepspeed_aio: dict[str, Any], rank: int, world: int):
@@ -63,6 +59,7 @@ class TopKASTRuntime:
         self.accumulation_steps = 0
         self.set_accumulation_steps(accumulation_steps)
         self.last_refresh_seconds = 0.0
+        self.refresher.collect_gradients_for(1)
 
     def set_accumulation_steps(self, steps: int) -> None:
         """Backward passes per optimizer step, so that the layers apply the regulariser's gradient once per step.
@@ -75,16 +72,18 @@ class TopKASTRuntime:
             self.accumulation_steps = steps
 
     def after_optimizer_step(self, step: int) -> MaskDynamics | None:
-        """Refresh at multiples of refresh_interval; otherwise maybe re-select A inside B (0: never)."""
-        if due(step, self.config.refresh_interval):
+        """The algorithm's update at its update steps; otherwise maybe re-select A inside B (Top-KAST)."""
+        algorithm = self.refresher.algorithm
+        dynamics = None
+        if algorithm.updates_at(step):
             start = time.perf_counter()
             dynamics = self.refresher.refresh(step)
             self.last_refresh_seconds = time.perf_counter() - start  # the refresh ends in host syncs: its whole time
             self._report(dynamics)
-            return dynamics
-        if due(step, self.config.forward_interval):
+        elif algorithm.reselects_forward and due(step, self.config.forward_interval):
             self.refresher.reselect_forward_sets()
-        return None
+        self.refresher.collect_gradients_for(step + 1)
+        return dynamics
 
     def save(self, tag_dir: str | os.PathLike, step: int, values: bool = False) -> None:
         """This rank's store shard and sets at `step` (and with `values`, B's values) into a checkpoint folder."""
@@ -109,8 +108,11 @@ class TopKASTRuntime:
                 "model and optimizer were loaded from another checkpoint than this folder. Resume from one folder "
                 "(with the Trainer: set --resume_from_checkpoint, or TopKASTCallback(resume_from=...), to it).")
         checkpoint.restore(self.refresher, verified)
-        if step > 0 and not due(step, self.config.refresh_interval) and due(step, self.config.forward_interval):
+        algorithm = self.refresher.algorithm
+        if (step > 0 and not algorithm.updates_at(step) and algorithm.reselects_forward
+                and due(step, self.config.forward_interval)):
             self.refresher.reselect_forward_sets()
+        self.refresher.collect_gradients_for(step + 1)
 
     def _report(self, dynamics: MaskDynamics) -> None:
         if self.comm.rank != 0:

@@ -98,13 +98,19 @@ def _score_bits(scores: Tensor) -> Tensor:
     return bits
 
 
-def shard_topk_indices(scores: Tensor, offset: int, k: int, comm: Collectives = LOCAL) -> Tensor:
+def shard_topk_indices(scores: Tensor, offset: int, k: int, comm: Collectives = LOCAL,
+                       candidates: Tensor | None = None) -> Tensor:
     """Ascending global flat indices, within this rank's shard, of the global top-k scores.
 
     `scores` is this rank's contiguous slice starting at global index `offset`; ranks hold
-    consecutive slices in rank order. Every rank must call this with the same k.
+    consecutive slices in rank order. Every rank must call this with the same k. With
+    `candidates` (a bool mask over the slice) only those entries compete: the others rank
+    below every candidate (their bits become 0, a candidate's its own bits plus one, which
+    keeps the order of non-negative floats), so k must not exceed the candidates' count.
     """
     bits = _score_bits(scores)
+    if candidates is not None:
+        bits = torch.where(candidates, bits + 1, torch.zeros_like(bits))
     threshold, above = _kth_largest_bits(bits, k, comm) if k > 0 else (0x7FFFFFFF, 0)
     chosen = bits > threshold
     ties = (bits == threshold).nonzero().squeeze(1)
@@ -207,7 +213,14 @@ def select_sets(theta: Tensor, k_forward: int, k_backward: int, rule: str = "top
         raise ValueError(f"Need 0 < k_forward ({k_forward}) <= k_backward ({k_backward}) <= n ({numel}).")
     flat = theta.detach().reshape(-1)
     local = BACKWARD_SET_RULES[rule](flat.abs(), offset, k_forward, k_backward, seed, comm)
+    return gather_sets(local, flat, k_forward, offset, numel, comm)
+
+
+def gather_sets(local: Tensor, theta: Tensor, k_forward: int, offset: int, numel: int,
+                comm: Collectives = LOCAL) -> tuple[Tensor, Tensor, Tensor]:
+    """Every rank's chosen B indices (`local`: this rank's, global and ascending) joined in rank order, θ at
+    them, and A as the top k_forward of |θ| over B; identical on every rank."""
     wire = torch.int32 if numel < 2**31 else torch.long  # half the index traffic for every real layer
     indices = comm.all_gather_varlen(local.to(wire)).long()
-    values = comm.all_gather_varlen(flat[local - offset].float())
+    values = comm.all_gather_varlen(theta.reshape(-1)[local - offset].float())
     return indices, values, topk_mask(values.abs(), k_forward)

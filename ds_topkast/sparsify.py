@@ -24,12 +24,13 @@ from torch import Tensor, nn
 
 from ds_topkast.collectives import job_collectives
 from ds_topkast.config import SECTION, TopKASTConfig, TopKASTConfigError, load_deepspeed_config, topkast_section
-from ds_topkast.distributions import kept_count, layer_densities
+from ds_topkast.algorithms import Algorithm, algorithm_for
+from ds_topkast.distributions import global_kept_counts, kept_count, layer_densities
 from ds_topkast.layers import TopKASTLinear, sparse_layers
 from ds_topkast.layer_weights import LayerWeights, linear_shape
 from ds_topkast.meta_init import meta_tensor_names
 from ds_topkast.plain_save import save_plain
-from ds_topkast.select import Collectives, select_sets
+from ds_topkast.select import Collectives, gather_sets
 from ds_topkast.store import CPUDenseStore, shard_range
 
 
@@ -40,6 +41,8 @@ class TopKASTState:
     config: TopKASTConfig
     store: Any  # CPUDenseStore or NVMeDenseStore
     layer_names: list[str]
+    algorithm: Algorithm | None = None  # the sparse-training algorithm (algorithms.py); None: Top-KAST
+    forward_targets: dict[str, int] = field(default_factory=dict)  # each layer's configured (final) k_A
     driven: bool = False  # a TopKASTRuntime (the engine's or the Trainer callback's) refreshes the masks
     _replaced: dict[int, tuple[weakref.ref, nn.Parameter]] = field(default_factory=dict, repr=False)
 
@@ -144,6 +147,41 @@ def _refuse_non_finite(name: str, shard: Tensor, comm: Collectives) -> None:
                                  "initialise or load the model correctly before sparsifying it.")
 
 
+def zero_outside(shard: Tensor, indices: Tensor, offset: int) -> Tensor:
+    """`shard` (a layer's flat range from `offset`) with every entry not at one of the global `indices` set to zero."""
+    local = indices.to(shard.device) - offset
+    keep = torch.zeros(shard.numel(), dtype=torch.bool, device=shard.device)
+    keep[local[(local >= 0) & (local < shard.numel())]] = True
+    return shard.masked_fill_(~keep, 0.0)
+
+
+def _kept_counts(chosen: Mapping[str, nn.Module], shapes: list[tuple[int, int]], cfg: TopKASTConfig,
+                 weights: LayerWeights, comm: Collectives) -> list[tuple[int, int]]:
+    """(k_A, k_B) of every chosen layer under the configured distribution; k_A is the final one under gmp."""
+    numels = [o * i for o, i in shapes]
+    if cfg.distribution == "global":
+        if any(meta_tensor_names(module) for module in chosen.values()):
+            raise TopKASTConfigError(
+                'distribution "global" sets each layer\'s density from one magnitude threshold over the initial '
+                "weights, which a model on the meta device does not have yet (its initialiser would draw them "
+                "twice). Build the model in memory, under deepspeed.zero.Init or with pretrained=, or use "
+                '"erk" or "uniform".')
+
+        def shards():
+            for (name, module), numel in zip(chosen.items(), numels):
+                start, end = shard_range(numel, comm.rank, comm.world)
+                with weights.full(name, module) as weight:
+                    yield weight.detach().reshape(-1)[start:end]
+
+        forward, backward = global_kept_counts(shards, numels, [cfg.forward_density, cfg.backward_density], comm)
+    else:
+        forward = [kept_count(n, d) for n, d in zip(numels, layer_densities(shapes, cfg.forward_density,
+                                                                             cfg.distribution))]
+        backward = [kept_count(n, d) for n, d in zip(numels, layer_densities(shapes, cfg.backward_density,
+                                                                              cfg.distribution))]
+    return [(k_f, max(k_f, k_b)) for k_f, k_b in zip(forward, backward)]
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put `module` at the dotted path `name` of `model`."""
     parent_name, _, child = name.rpartition(".")
@@ -200,31 +238,35 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
     comm = job_collectives() if comm is None else comm
     weights = LayerWeights(model, cfg, pretrained)
     shapes = [linear_shape(m) for m in chosen.values()]
-    forward = layer_densities(shapes, cfg.forward_density, cfg.distribution)
-    backward = layer_densities(shapes, cfg.backward_density, cfg.distribution)
+    counts = _kept_counts(chosen, shapes, cfg, weights, comm)
+    algorithm = algorithm_for(cfg)
     store = _new_store(cfg, config, comm)
     store.require_room(sum(4 * (end - start) for start, end in (shard_range(o * i, comm.rank, comm.world)
                                                                 for o, i in shapes)))
-    state = TopKASTState(config=cfg, store=store, layer_names=list(chosen))
+    state = TopKASTState(config=cfg, store=store, layer_names=list(chosen), algorithm=algorithm)
     layers = {}
-    for index, ((name, module), (out_f, in_f), d_fwd, d_bwd) in enumerate(zip(chosen.items(), shapes, forward, backward)):
+    for index, ((name, module), (out_f, in_f), (k_target, k_backward)) in enumerate(zip(chosen.items(), shapes,
+                                                                                         counts)):
         numel = out_f * in_f
-        k_forward = kept_count(numel, d_fwd)
-        k_backward = max(k_forward, kept_count(numel, d_bwd))
+        k_forward = algorithm.forward_count(k_target, numel, 0)
         start, end = shard_range(numel, comm.rank, comm.world)
         replaced = module.weight
         with weights.full(name, module) as weight:
             shard = weight.detach().reshape(-1)[start:end]
             _refuse_non_finite(name, shard, comm)
-            indices, values, forward_mask = select_sets(shard, k_forward, k_backward, cfg.selection,
-                                                        selection_seed(cfg, 0, index), offset=start, numel=numel,
-                                                        comm=comm)
+            local = algorithm.initial_backward(shard.abs(), start, k_forward, k_backward,
+                                               selection_seed(cfg, 0, index), comm)
+            indices, values, forward_mask = gather_sets(local, shard, k_forward, start, numel, comm)
+            if algorithm.masked:  # the store holds zero outside A: grown entries start there, pruned ones stay
+                shard = zero_outside(shard.clone(), indices[forward_mask], start)
             store.add_shard(name, shard, numel)
             dtype = weight.dtype
         del weight, shard
         layer = TopKASTLinear(in_f, out_f, values.to(dtype), indices, forward_mask, module.bias, k_forward=k_forward,
                               exploration_l2=cfg.exploration_l2, source_type=type(module).__name__)
         layer.layer_name = name
+        layer.straight_through = not algorithm.masked
+        state.forward_targets[name] = k_target
         weights.finish_layer(replaced, layer)
         state._replaced[id(replaced)] = (weakref.ref(replaced), layer.values)
         layers[name] = layer

@@ -19,9 +19,19 @@ from models import batches, ds_config, tiny_gpt2
 GLOBAL_BATCH = 4
 
 
-def build(stage: int, world: int, **topkast):
+# The algorithms whose updates draw on every rank's data (RigL's dense gradient) or on a seeded draw (SET).
+ALGORITHMS = {
+    "rigl": dict(algorithm="rigl", forward_sparsity=0.8, backward_sparsity=0.8, drop_fraction=0.5,
+                 update_end_step=100),
+    "set": dict(algorithm="set", forward_sparsity=0.8, backward_sparsity=0.8, drop_fraction=0.5,
+                update_end_step=100, seed=7),
+}
+
+
+def build(stage: int, world: int, algorithm: str | None = None, **topkast):
+    section = ALGORITHMS[algorithm] if algorithm else dict(forward_interval=1, exploration_l2=1e-3)
     cfg = ds_config(stage=stage, micro_batch=GLOBAL_BATCH // world, lr=1e-2, refresh_interval=2,
-                    forward_interval=1, exploration_l2=1e-3, **topkast)
+                    **section, **topkast)
     cfg["optimizer"]["params"]["eps"] = 1e-4  # see test_reference_equivalence.EPS
     engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=cfg)
     return engine
@@ -90,7 +100,8 @@ def main() -> None:
     import deepspeed.comm as dist
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["equivalence", "perturb", "diverge", "save", "resume", "roundtrip"])
+    parser.add_argument("mode", choices=["equivalence", "perturb", "diverge", "save", "resume", "roundtrip",
+                                         "algorithms"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--stages", type=int, nargs="+", default=[2])
     parser.add_argument("--steps", type=int, default=5)
@@ -100,6 +111,13 @@ def main() -> None:
     args = parser.parse_args()
     refresh.SELECTION_GROUP = 256  # every layer its own group of A's re-selection: both ranks select some
     out = Path(args.out)
+    if args.mode == "algorithms":
+        for stage in args.stages:
+            for algorithm in ALGORITHMS:
+                engine = build(stage, int(os.environ["WORLD_SIZE"]), algorithm)
+                state = state_of(engine, train(engine, 0, args.steps))
+                torch.save(state, out / f"{algorithm}_stage{stage}_rank{dist.get_rank()}.pt")
+        return
     for stage in args.stages:
         store = {"dense_store": {"device": "nvme", "nvme_path": args.nvme}} if args.nvme else {}
         engine = build(stage, int(os.environ["WORLD_SIZE"]), **store)

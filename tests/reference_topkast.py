@@ -105,7 +105,16 @@ class ReferenceTopKAST:
         for name, param in self.others.items():
             self._adamw(name, param, grads[name], None)
         for name in self.layers:
-            self._adamw(name, self.theta[name], grads[name], self.B[name])
+            self._adamw(name, self.theta[name], grads[name], self.trained_set(name))
+        self.after_step(grads)
+        return loss
+
+    def trained_set(self, name: str) -> Tensor:
+        """The entries the optimizer updates: B."""
+        return self.B[name]
+
+    def after_step(self, grads: dict[str, Tensor]) -> None:
+        """Refresh A and B from θ, or re-select A inside B, on their schedules."""
         if self.step_count % self.refresh_interval == 0:
             old_B = dict(self.B)
             self._select_all()
@@ -115,4 +124,3 @@ class ReferenceTopKAST:
                 self.v[name] = self.v[name] * keep
         elif self.step_count % self.forward_interval == 0:
             self._reselect_forward()
-        return loss

@@ -31,7 +31,18 @@ BAD_SECTIONS = [
     ({"dense_store": {"device": "nvme", "nvme_path": "/x", "buffers": 1}}, "topkast.dense_store.buffers"),
     ({"dense_store": {"aio": {"block": 4096}}}, "dense_store.aio.block: unknown key; remove it or use one of: block_size"),
     ({"dense_store": {"pinned": True}}, "dense_store.pinned: unknown key; remove it or use one of: aio, buffers, device, nvme_path"),
-    ({"refresh_every": 10}, "topkast.refresh_every: unknown key; remove it or use one of: backward_sparsity"),
+    ({"refresh_every": 10}, "topkast.refresh_every: unknown key; remove it or use one of: algorithm, backward_sparsity"),
+    ({"algorithm": "snip"}, "'topkast', 'rigl', 'set', 'static' or 'gmp'"),
+    ({"algorithm": "rigl"}, "needs update_end_step"),
+    ({"algorithm": "rigl", "update_end_step": 9, "forward_sparsity": 0.9, "backward_sparsity": 0.8}, "trains A = B"),
+    ({"algorithm": "set", "update_end_step": 9, "refresh_interval": 0}, "set it >= 1"),
+    ({"algorithm": "static", "forward_interval": 1}, "only topkast does"),
+    ({"algorithm": "static", "drop_fraction": 0.5}, "drop_fraction applies to algorithm rigl / set only"),
+    ({"algorithm": "topkast", "mask_init": "random"}, "mask_init applies to algorithm static only"),
+    ({"algorithm": "gmp", "prune_end_step": 100, "backward_sparsity": 0.5}, "B is the whole layer"),
+    ({"algorithm": "gmp", "prune_start_step": 100, "prune_end_step": 50}, "needs prune_end_step after"),
+    ({"algorithm": "gmp", "prune_end_step": 9, "new_entries": "per_entry_bias_correction"}, "changes nothing"),
+    ({"algorithm": "rigl", "update_end_step": 9, "exploration_l2": 1e-4}, "exploration_l2 applies"),
 ]
 
 

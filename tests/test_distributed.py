@@ -120,3 +120,19 @@ def test_a_zero2_checkpoint_on_another_world_size_is_refused_with_the_way_out(tm
     model = ds_topkast.load_dense_weights(tiny_gpt2(seed=1), tmp_path / "ckpt_stage2")
     engine, *_ = ds_topkast.initialize(model=model, config=ds_config(stage=2, refresh_interval=2))
     assert engine.topkast.refresher.history == []
+
+
+@pytest.mark.parametrize("algorithm", ["rigl", "set"])
+def test_rigl_and_set_grow_the_same_entries_on_two_ranks_as_on_one(tmp_path_factory, algorithm):
+    """RigL's growth reads the dense gradient summed over ranks, SET's a seeded draw: both must match 1 rank."""
+    out = tmp_path_factory.getbasetemp() / "algorithms"
+    if not out.exists():  # one launch serves both algorithms and both stages
+        out.mkdir()
+        deepspeed_launch(2, "tests/dist_worker.py", "algorithms", "--out", str(out), "--steps", str(STEPS),
+                         "--stages", "2", "3")
+    for stage in (2, 3):
+        engine = build(stage, world=1, algorithm=algorithm)
+        expected = state_of(engine, train(engine, 0, STEPS))
+        assert [d["step"] for d in expected["history"]] == [2, 4] and expected["history"][0]["backward_changed"] > 0
+        for rank, got in enumerate(load_ranks(out, f"{algorithm}_stage{stage}")):
+            assert_same_training(got, expected, f"{algorithm} ZeRO-{stage} rank {rank}")

@@ -83,3 +83,30 @@ def test_erk_config_converts_with_per_layer_k():
     assert sum(l.k_forward for l in layers.values()) == pytest.approx(0.1 * total, rel=0.01)
     assert len({round(l.k_forward / (l.in_features * l.out_features), 3) for l in layers.values()}) > 1
     assert all(isinstance(l, TopKASTLinear) and l.k_forward <= l.k_backward for l in layers.values())
+
+
+def test_global_distribution_puts_one_threshold_across_layers():
+    """Per-layer counts from one magnitude threshold over all layers: exactly the budget, ties to earlier layers."""
+    from ds_topkast.distributions import global_kept_counts
+
+    gen = torch.Generator().manual_seed(0)
+    layers = [torch.randn(300, generator=gen) * scale for scale in (1.0, 1.5, 0.7)]
+    layers[2][:50] = layers[0][0]  # ties with an entry of layer 0 across the threshold's neighbourhood
+    numels = [t.numel() for t in layers]
+    forward, backward = global_kept_counts(lambda: iter(layers), numels, [0.1, 0.3])
+    for counts, density in ((forward, 0.1), (backward, 0.3)):
+        assert sum(counts) == round(density * sum(numels))
+        threshold = torch.cat(layers).abs().sort(descending=True).values[sum(counts) - 1]
+        for layer, count in zip(layers, counts):
+            assert (layer.abs() > threshold).sum() <= count <= (layer.abs() >= threshold).sum()
+    assert forward[1] > forward[0] > forward[2], "the layer of the largest weights keeps the most"
+
+
+def test_sparsify_with_the_global_distribution():
+    model = ds_topkast.sparsify(tiny_gpt2(), {"forward_sparsity": 0.9, "backward_sparsity": 0.7, "distribution": "global",
+                                   "exclude": ["*wte*", "*wpe*", "*lm_head*"]})
+    layers = sparse_layers(model).values()
+    total = sum(l.in_features * l.out_features for l in layers)
+    assert sum(l.k_forward for l in layers) == round(0.1 * total)
+    assert sum(l.k_backward for l in layers) == round(0.3 * total)
+    assert len({l.forward_density for l in layers}) > 1, "densities differ per layer"

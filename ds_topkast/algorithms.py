@@ -1,0 +1,236 @@
+"""The sparse-training family over one mechanism: which entries an update drops and grows, when, and from what.
+
+Every algorithm here runs on the same machinery: B's compact values on the accelerator,
+the full weights θ in the sharded dense store, the exact distributed top-K, the
+optimizer-state remap (kept entries keep their moments, new ones start at zero),
+checkpoints and data parallelism. An algorithm only says
+- which entries form B at the start and at each update (`initial_backward`,
+  `backward_indices`: this rank's share of B's global indices, chosen by
+  `shard_topk_indices` so every rank and world size agrees),
+- how many of them form A (`forward_count`) and whether A is re-selected inside B
+  between updates (`reselects_forward`: Top-KAST only),
+- at which steps it updates (`updates_at`),
+- whether it is *masked* (`masked`): weights outside A are zero, in the store as in the
+  values, and receive no gradient. A grown entry then starts at zero, because the store
+  holds zero wherever an entry is not in A, and a pruned one stays zero. Top-KAST is not
+  masked: θ outside B keeps its last trained value (paper, Section 2).
+- whether its update needs the dense gradient of each layer (`needs_dense_gradient`:
+  RigL), which the sparse layers hand over, sharded like the store, from the backward
+  of the update step (dense_gradients.py).
+
+Algorithms (names as in the "topkast" section's "algorithm"):
+- topkast: Jayakumar et al. 2020. B = top k_B of |θ| (or A plus a random draw, the
+  paper's random-B ablation, with "selection": "random"), A = top k_A of B.
+- rigl: Evci et al. 2020. A = B; every ΔT steps until update_end_step, drop the
+  ζ(t)·k smallest-magnitude active weights and grow as many inactive ones with the
+  largest dense-gradient magnitude, at zero; ζ(t) = ζ0/2·(1 + cos(π t / T_end)).
+- set: Mocanu et al. 2018. As rigl, growing uniformly at random.
+- static: masks fixed at the start (by magnitude or at random).
+- gmp: Zhu & Gupta 2017. B is the whole layer; A shrinks from dense to the target on
+  the cubic schedule s_t = s_f·(1 - (1 - (t - t0)/(t_end - t0))³) every ΔT steps; pruned
+  entries are zero and stay zero. It trains the dense model, so it saves no memory: it is
+  the dense-to-sparse baseline.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ds_topkast.select import BACKWARD_SET_RULES, Collectives, shard_topk_indices, uniform_hash
+
+
+@dataclass
+class LayerUpdate:
+    """What an algorithm sees of one layer at an update, on this rank."""
+
+    theta: Tensor  # this rank's shard of θ (B's trained values written back), flat, on the accelerator
+    offset: int  # the shard's first global index
+    numel: int  # the layer's entries
+    old_indices: Tensor  # B's ascending global indices before the update (the same on every rank)
+    k_forward: int
+    k_backward: int
+    seed: int  # the same on every rank and world size, different per layer and update
+    comm: Collectives
+    gradient: Tensor | None = None  # this rank's shard of the dense gradient (algorithms that need it)
+
+    def positions(self) -> Tensor:
+        """The shard's global indices."""
+        return torch.arange(self.offset, self.offset + self.theta.numel(), device=self.theta.device)
+
+    def old_backward_mask(self) -> Tensor:
+        """Which entries of this shard were in B before the update."""
+        mask = torch.zeros(self.theta.numel(), dtype=torch.bool, device=self.theta.device)
+        local = self.old_indices.to(self.theta.device) - self.offset
+        return mask.index_fill_(0, local[(local >= 0) & (local < self.theta.numel())], True)
+
+
+def due(step: int, interval: int) -> bool:
+    """Whether an every-`interval`-steps event falls on `step`; interval 0 means never."""
+    return interval > 0 and step % interval == 0
+
+
+class Algorithm:
+    """Top-KAST, the default: A and B re-selected by magnitude from the dense store every refresh_interval."""
+
+    name = "topkast"
+    masked = False
+    reselects_forward = True
+    needs_dense_gradient = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def updates_at(self, step: int) -> bool:
+        return due(step, self.cfg.refresh_interval)
+
+    def forward_count(self, k_forward: int, numel: int, step: int) -> int:
+        """k_A at `step` for a layer whose configured (final) k_A is `k_forward`."""
+        return k_forward
+
+    def initial_backward(self, magnitude: Tensor, offset: int, k_forward: int, k_backward: int, seed: int,
+                         comm: Collectives) -> Tensor:
+        return BACKWARD_SET_RULES[self.cfg.selection](magnitude, offset, k_forward, k_backward, seed, comm)
+
+    def backward_indices(self, update: LayerUpdate, step: int) -> Tensor:
+        return self.initial_backward(update.theta.abs(), update.offset, update.k_forward, update.k_backward,
+                                     update.seed, update.comm)
+
+
+class Static(Algorithm):
+    """Masks chosen once, at the start, by magnitude or uniformly at random; A = B."""
+
+    name = "static"
+    masked = True
+    reselects_forward = False
+
+    def updates_at(self, step: int) -> bool:
+        return False
+
+    def initial_backward(self, magnitude, offset, k_forward, k_backward, seed, comm):
+        if self.cfg.mask_init == "random":
+            magnitude = uniform_hash(torch.arange(offset, offset + magnitude.numel(), device=magnitude.device), seed)
+        return shard_topk_indices(magnitude, offset, k_backward, comm)
+
+
+class RigL(Static):
+    """Evci et al. 2020: drop the smallest active weights, grow the inactive ones of largest dense gradient."""
+
+    name = "rigl"
+    needs_dense_gradient = True
+
+    def initial_backward(self, magnitude, offset, k_forward, k_backward, seed, comm):
+        return shard_topk_indices(magnitude, offset, k_backward, comm)
+
+    def updates_at(self, step: int) -> bool:
+        return due(step, self.cfg.refresh_interval) and step < self.cfg.update_end_step
+
+    def drop_fraction(self, step: int) -> float:
+        """ζ(t) = ζ0/2·(1 + cos(π t / T_end)): the cosine decay of RigL, Section 3."""
+        return self.cfg.drop_fraction / 2 * (1 + math.cos(math.pi * step / self.cfg.update_end_step))
+
+    def grow_scores(self, update: LayerUpdate) -> Tensor:
+        return update.gradient.abs()
+
+    def backward_indices(self, update: LayerUpdate, step: int) -> Tensor:
+        """Keep the k - n largest |θ| of B, then grow the n best-scoring entries outside what was kept."""
+        grown = int(self.drop_fraction(step) * update.k_backward)  # RigL's own rounding: down
+        old = update.old_backward_mask()
+        kept = shard_topk_indices(update.theta.abs(), update.offset, update.k_backward - grown, update.comm,
+                                  candidates=old)
+        outside = torch.ones_like(old).index_fill_(0, kept - update.offset, False)
+        new = shard_topk_indices(self.grow_scores(update), update.offset, grown, update.comm, candidates=outside)
+        return torch.cat([kept, new]).sort().values
+
+
+class SET(RigL):
+    """Mocanu et al. 2018: as RigL, growing uniformly at random (the same draw on every rank and world size)."""
+
+    name = "set"
+    needs_dense_gradient = False
+
+    def grow_scores(self, update: LayerUpdate) -> Tensor:
+        return uniform_hash(update.positions(), update.seed)
+
+
+class GradualMagnitudePruning(Algorithm):
+    """Zhu & Gupta 2017: B is the whole layer; A = top k_A(t) of |θ|, k_A(t) on the cubic schedule."""
+
+    name = "gmp"
+    masked = True
+    reselects_forward = False
+
+    def updates_at(self, step: int) -> bool:
+        cfg = self.cfg
+        return due(step, cfg.refresh_interval) and cfg.prune_start_step <= step <= cfg.prune_end_step
+
+    def forward_count(self, k_forward: int, numel: int, step: int) -> int:
+        """round(n·(1 - s_t)), s_t = s_f·(1 - (1 - progress)³), s_f this layer's final sparsity 1 - k_forward/n."""
+        start, end = self.cfg.prune_start_step, self.cfg.prune_end_step
+        progress = min(max((step - start) / (end - start), 0.0), 1.0)
+        sparsity = (1 - k_forward / numel) * (1 - (1 - progress) ** 3)
+        return max(k_forward, min(numel, round(numel * (1 - sparsity))))
+
+    def initial_backward(self, magnitude, offset, k_forward, k_backward, seed, comm):
+        return torch.arange(offset, offset + magnitude.numel(), device=magnitude.device)
+
+    def backward_indices(self, update: LayerUpdate, step: int) -> Tensor:
+        return update.positions()
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Algorithm, RigL, SET, Static,
+                                                                     GradualMagnitudePruning)}
+
+
+def algorithm_for(cfg) -> Algorithm:
+    """The algorithm a validated "topkast" section names."""
+    return ALGORITHMS[getattr(cfg.algorithm, "value", cfg.algorithm)](cfg)
+
+
+# The keys that only some algorithms read, and which ones: setting one for another algorithm is an error.
+_OWN_SETTINGS = {
+    "drop_fraction": ("rigl", "set"), "update_end_step": ("rigl", "set"), "mask_init": ("static",),
+    "prune_start_step": ("gmp",), "prune_end_step": ("gmp",), "exploration_l2": ("topkast",),
+    "selection": ("topkast",),
+}
+
+
+def fill_defaults(section: dict) -> dict:
+    """Defaults that depend on the algorithm: A = B for rigl/set/static, B = the whole layer for gmp."""
+    name = section.get("algorithm", "topkast")
+    if name in ("rigl", "set", "static"):
+        section.setdefault("backward_sparsity", section.get("forward_sparsity", 0.9))
+    elif name == "gmp":
+        section.setdefault("backward_sparsity", 0.0)
+    return section
+
+
+def check_settings(cfg) -> None:
+    """Refuse settings the chosen algorithm cannot honour, naming the fix (run at config validation)."""
+    name = cfg.algorithm
+    for key, owners in _OWN_SETTINGS.items():
+        if name not in owners and cfg.explicitly_set(key) and getattr(cfg, key) != type(cfg).model_fields[key].default:
+            raise ValueError(f'{key} applies to algorithm {" / ".join(owners)} only, not {name!r}; remove it.')
+    if name != "topkast" and cfg.explicitly_set("forward_interval") and cfg.forward_interval != 0:
+        raise ValueError(f"forward_interval re-selects A inside B, which only topkast does; remove it for {name!r}.")
+    if name in ("rigl", "set", "static") and cfg.backward_sparsity != cfg.forward_sparsity:
+        raise ValueError(f"algorithm {name!r} trains A = B: set backward_sparsity equal to forward_sparsity "
+                         f"({cfg.forward_sparsity}) or leave it out.")
+    if name in ("rigl", "set") and cfg.update_end_step is None:
+        raise ValueError(f"algorithm {name!r} needs update_end_step, the last step at which masks change (RigL "
+                         "stops at 75% of training), e.g. \"update_end_step\": 7500.")
+    if name == "gmp":
+        if cfg.backward_sparsity != 0.0:
+            raise ValueError("algorithm 'gmp' prunes a dense model, so B is the whole layer: set backward_sparsity "
+                             "to 0 or leave it out.")
+        if cfg.prune_end_step is None or cfg.prune_end_step <= cfg.prune_start_step:
+            raise ValueError("algorithm 'gmp' needs prune_end_step after prune_start_step "
+                             f"({cfg.prune_start_step}): the step at which the forward sparsity is reached.")
+    if name in ("rigl", "set", "gmp") and cfg.refresh_interval == 0:
+        raise ValueError(f"algorithm {name!r} updates its masks every refresh_interval steps; set it >= 1 "
+                         "(e.g. 100).")
+    if cfg.new_entries == "per_entry_bias_correction" and name in ("static", "gmp"):
+        raise ValueError(f"new_entries 'per_entry_bias_correction' changes nothing for {name!r}, which never adds "
+                         "entries to B; remove it.")
