@@ -31,9 +31,10 @@ from ds_topkast.refresh import MaskDynamics, Refresher
 from ds_topkast.store import checksum, fsync_path, matches, shard_range
 
 FORMAT_VERSION = 3
-# Settings that fix each layer's k_A and k_B, and what the store holds: a checkpoint is only valid under the same ones.
-_SHAPE_SETTINGS = ("forward_sparsity", "backward_sparsity", "distribution", "include", "exclude", "algorithm")
-_DEFAULTS_OF_OLDER_FILES = {"algorithm": "topkast"}
+# Settings that fix each layer's k_A and k_B and what the files hold: a checkpoint is only valid under the same ones.
+_SHAPE_SETTINGS = ("forward_sparsity", "backward_sparsity", "distribution", "include", "exclude", "algorithm",
+                   "new_entries")
+_DEFAULTS_OF_OLDER_FILES = {"algorithm": "topkast", "new_entries": "zero_moments"}
 _SET_KEYS = ("backward_bits", "forward_bits")
 
 
@@ -93,12 +94,15 @@ def save(refresher: Refresher, tag_dir: str | os.PathLike, rank: int, step: int,
         "history": [d.as_dict() for d in refresher.history],
         **({"values": {name: layer.values.detach().cpu().clone() for name, layer in refresher.layers.items()}}
            if values else {}),
+        **({"joined": {name: joined.cpu().clone() for name, joined in refresher.bias_correction.joined.items()}}
+           if refresher.bias_correction is not None else {}),
         "checksums": {"store": store.checksums(),
                       "ever_in_backward": {name: checksum(m) for name, m in ever.items()},
                       **{key: {name: checksum(s[key]) for name, s in sets.items()} for key in _SET_KEYS}},
     }
-    if values:
-        payload["checksums"]["values"] = {name: checksum(v) for name, v in payload["values"].items()}
+    for key in ("values", "joined"):
+        if key in payload:
+            payload["checksums"][key] = {name: checksum(v) for name, v in payload[key].items()}
     partial = path.with_suffix(".pt.partial")
     torch.save(payload, partial)
     fsync_path(partial)
@@ -212,10 +216,11 @@ def _verify(payload: dict, path: Path, tag_dir: Path) -> None:
             if checksum(sets[key]) != sums[key][name]:
                 raise CheckpointError(f"{path} is corrupted: layer {name!r}'s {key} does not match the checksum "
                                       "written with it. Resume from an earlier checkpoint.")
-    for name, values in payload.get("values", {}).items():
-        if checksum(values) != sums["values"][name]:
-            raise CheckpointError(f"{path} is corrupted: layer {name!r}'s values do not match the checksum written "
-                                  "with them. Resume from an earlier checkpoint.")
+    for key in ("values", "joined"):
+        for name, tensor in payload.get(key, {}).items():
+            if checksum(tensor) != sums[key][name]:
+                raise CheckpointError(f"{path} is corrupted: layer {name!r}'s {key} do not match the checksum "
+                                      "written with them. Resume from an earlier checkpoint.")
 
 
 def read_verified(path: Path) -> dict:
@@ -279,6 +284,8 @@ def restore(refresher: Refresher, saved: SavedState) -> None:
         layer.k_forward = int(forward_mask.sum())  # gmp's k_A follows its schedule; the saved A says where it was
         if "values" in saved.first:
             layer.values.data.copy_(saved.first["values"][name])
+        if refresher.bias_correction is not None:
+            refresher.bias_correction.joined[name] = saved.first["joined"][name].to(layer.backward_bits.device)
     refresher.history = [MaskDynamics(**d) for d in saved.first["history"]]
 
 

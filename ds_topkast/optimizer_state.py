@@ -61,9 +61,21 @@ def per_entry_state_keys(basic_optimizer: torch.optim.Optimizer) -> tuple[str, .
 class OptimizerStateAdapter:
     """Full (unpartitioned) views of a compact parameter's training state, for a refresh."""
 
-    def __init__(self, state_keys: tuple[str, ...], basic_optimizer: torch.optim.Optimizer):
+    def __init__(self, state_keys: tuple[str, ...], basic_optimizer: torch.optim.Optimizer,
+                 param_groups: list[list[nn.Parameter]] | None = None):
         self.state_keys = state_keys
         self.basic_optimizer = basic_optimizer
+        # The model parameters of each of the basic optimizer's groups, in its group order.
+        self.param_groups = param_groups if param_groups is not None else [g["params"] for g in
+                                                                           basic_optimizer.param_groups]
+
+    def param_group(self, param: nn.Parameter) -> dict:
+        """The basic optimizer's settings (lr, betas, eps, ...) for a model parameter."""
+        for params, group in zip(self.param_groups, self.basic_optimizer.param_groups):
+            if any(p is param for p in params):
+                return group
+        raise UnsupportedOptimizerError(f"A compact parameter of shape {tuple(param.shape)} is in no param group of "
+                                        "the optimizer; build the optimizer over the sparsified model's parameters.")
 
     def refuse_unknown_state(self) -> None:
         """Stop before a refresh would leave per-weight state it does not know stale (checked at every refresh).
@@ -228,7 +240,9 @@ def adapter_for_optimizer(optimizer) -> OptimizerStateAdapter:
     while type(optimizer).__module__.startswith("accelerate."):
         optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer / DeepSpeedOptimizerWrapper
     if isinstance(optimizer, managed):
-        return DeepSpeedManagedState(per_entry_state_keys(optimizer.optimizer), optimizer.optimizer)
+        groups = next(getattr(optimizer, name) for name in ("bit16_groups", "bf16_groups", "fp16_groups")
+                      if hasattr(optimizer, name))  # ZeRO-1/2, BF16_Optimizer, ZeRO-3: the model's params per group
+        return DeepSpeedManagedState(per_entry_state_keys(optimizer.optimizer), optimizer.optimizer, groups)
     if isinstance(optimizer, torch.optim.Optimizer):
         return PlainOptimizerState(per_entry_state_keys(optimizer), optimizer)
     raise UnsupportedOptimizerError(

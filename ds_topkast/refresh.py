@@ -12,7 +12,8 @@ every `refresh_interval` optimizer steps), on every rank:
    and assemble B's indices and values on every rank; a masked algorithm zeroes θ
    outside A, in the store as in the values;
 4. rebuild: new values, fp32 master and low-precision copy; each per-entry optimizer
-   state moves with the entries that stay in B, new entries start at zero;
+   state moves with the entries that stay in B, new entries start at zero (and, with
+   per-entry bias correction, remember the step they joined);
 5. guard again (every rank ends with the same sets) and record mask dynamics.
 Each shard is streamed through the accelerator: copied there (from pinned memory where
 the store pins), checked against its checksum, written back, selected and remapped,
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ds_topkast.algorithms import LayerUpdate
+from ds_topkast.bias_correction import PerEntryBiasCorrection
 from ds_topkast.collectives import ProcessGroupCollectives
 from ds_topkast.dense_gradients import DenseGradientShards
 from ds_topkast.layers import TopKASTLinear, pack_bits, unpack_bits
@@ -83,6 +85,8 @@ class Refresher:
         self.algorithm = state.algorithm
         self.gradients = (DenseGradientShards(layers, state.store, comm) if self.algorithm.needs_dense_gradient
                           else None)
+        self.bias_correction = (PerEntryBiasCorrection(layers, adapter)
+                                if state.config.new_entries == "per_entry_bias_correction" else None)
         self._selection_groups: list[tuple[list[str], Tensor, Tensor]] | None = None
 
     def ever_in_backward_mask(self, name: str) -> Tensor:
@@ -250,6 +254,8 @@ class Refresher:
             old_state = adapter.get_state(layer.values, key)
             adapter.set_state(layer.values, key, torch.where(keeps_state, old_state[pos], torch.zeros_like(old_state)))
         adapter.set_low_precision(layer.values, new_master.to(layer.values.dtype))
+        if self.bias_correction is not None:
+            self.bias_correction.remap(shard.name, keeps_state, pos, step)
         layer.assign_sets(new_indices, new_forward_mask)
         self._mark(shard.name, new_indices)
         # An entry of the new A was in the old A if it was kept in B at a position the old

@@ -75,6 +75,8 @@ class TopKASTRuntime:
         """The algorithm's update at its update steps; otherwise maybe re-select A inside B (Top-KAST)."""
         algorithm = self.refresher.algorithm
         dynamics = None
+        if self.refresher.bias_correction is not None:
+            self.refresher.bias_correction.after_optimizer_step(step)
         if algorithm.updates_at(step):
             start = time.perf_counter()
             dynamics = self.refresher.refresh(step)
@@ -113,6 +115,8 @@ class TopKASTRuntime:
                 and due(step, self.config.forward_interval)):
             self.refresher.reselect_forward_sets()
         self.refresher.collect_gradients_for(step + 1)
+        if self.refresher.bias_correction is not None:
+            self.refresher.bias_correction.record_learning_rates()  # the resumed scheduler's
 
     def _report(self, dynamics: MaskDynamics) -> None:
         if self.comm.rank != 0:

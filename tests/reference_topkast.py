@@ -31,7 +31,7 @@ class ReferenceTopKAST:
 
     def __init__(self, model: nn.Module, layers: dict[str, tuple[int, int, bool]], *, lr: float,
                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, refresh_interval: int, forward_interval: int,
-                 exploration_l2: float = 0.0):
+                 exploration_l2: float = 0.0, per_entry_bias_correction: bool = False):
         self.model = model
         self.layers = layers
         self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
@@ -46,6 +46,9 @@ class ReferenceTopKAST:
         self.m = {n: torch.zeros_like(t) for n, t in {**self.theta, **self.others}.items()}
         self.v = {n: torch.zeros_like(t) for n, t in {**self.theta, **self.others}.items()}
         self.step_count = 0
+        # With per-entry bias correction, Adam's t of an entry of a sparse layer is its age in B.
+        self.per_entry = per_entry_bias_correction
+        self.joined = {n: torch.zeros_like(t, dtype=torch.long) for n, t in self.theta.items()}
         self.A: dict[str, Tensor] = {}
         self.B: dict[str, Tensor] = {}
         self._select_all()
@@ -87,7 +90,7 @@ class ReferenceTopKAST:
 
     def _adamw(self, name: str, param: Tensor, grad: Tensor, where: Tensor | None) -> None:
         b1, b2 = self.betas
-        t = self.step_count
+        t = (self.step_count - self.joined[name]).double() if self.per_entry and name in self.layers else self.step_count
         m = b1 * self.m[name] + (1 - b1) * grad
         v = b2 * self.v[name] + (1 - b2) * grad * grad
         decayed = param * (1 - self.lr * self.wd)
@@ -120,6 +123,7 @@ class ReferenceTopKAST:
             self._select_all()
             for name in self.layers:
                 keep = old_B[name] & self.B[name]
+                self.joined[name] = torch.where(keep, self.joined[name], self.step_count)
                 self.m[name] = self.m[name] * keep
                 self.v[name] = self.v[name] * keep
         elif self.step_count % self.forward_interval == 0:

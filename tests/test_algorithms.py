@@ -84,12 +84,19 @@ def test_rigl_grows_where_the_dense_gradient_is_largest():
     assert len(layer.indices) == 32
 
 
-@pytest.mark.parametrize("case", ["gmp", "rigl"])
+RESUMED = {**CASES, "topkast_per_entry": dict(new_entries="per_entry_bias_correction", forward_interval=1)}
+
+
+@pytest.mark.parametrize("case", ["gmp", "rigl", "topkast_per_entry"])
 def test_resumed_run_equals_the_uninterrupted_one(tmp_path, case):
-    """Saved after step 3 (RigL's next update needs step 4's dense gradient; GMP's k_A is mid-schedule)."""
+    """Saved after step 3: RigL's next update needs step 4's dense gradient, GMP's k_A is mid-schedule, per-entry
+    bias correction needs the step each entry joined B and the learning rate of the resumed schedule."""
     def run(steps, load=None, save=None):
-        cfg = ds_config(stage=1, lr=LR, refresh_interval=2, **CASES[case])
-        del cfg["topkast"]["backward_sparsity"]
+        cfg = ds_config(stage=1, lr=LR, refresh_interval=2, **RESUMED[case])
+        if "algorithm" in RESUMED[case]:
+            del cfg["topkast"]["backward_sparsity"]
+        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR,
+                                                           "warmup_num_steps": 5, "warmup_type": "linear"}}
         engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=cfg)
         first = 0
         if load:
