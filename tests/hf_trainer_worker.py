@@ -68,8 +68,8 @@ def training_args(out: Path, *, steps: int, gas: int, micro: int, deepspeed: dic
 def train(out: Path, *, steps: int = 4, gas: int = 2, micro: int = 2, deepspeed: bool = False,
           save_steps: int | None = 2, resume: str | None = None, stage: int = 2, bf16: bool = True,
           exploration_l2: float | None = None, callbacks: tuple = (), arguments_first: bool = False,
-          label_smoothing: float = 0.0):
-    """One Trainer run of the sparsified tiny GPT-2; returns (model, callback).
+          label_smoothing: float = 0.0, topkast: dict | None = None):
+    """One Trainer run of the sparsified tiny GPT-2; returns (model, callback). `topkast` replaces the section.
 
     `arguments_first`: create the TrainingArguments before the model, as run_clm.py does
     (under a ZeRO-3 config the model is then built inside deepspeed.zero.Init).
@@ -81,6 +81,8 @@ def train(out: Path, *, steps: int = 4, gas: int = 2, micro: int = 2, deepspeed:
     config = deepspeed_trainer_config(gas, stage) if deepspeed else {"topkast": dict(TOPKAST)}
     if exploration_l2 is not None:
         config["topkast"]["exploration_l2"] = exploration_l2
+    if topkast is not None:
+        config["topkast"] = dict(topkast)
 
     def arguments():
         return training_args(out, steps=steps, gas=gas, micro=micro, deepspeed=config if deepspeed else None,

@@ -22,13 +22,21 @@ def assert_same_run(got: dict, expected: dict, exact: bool = False) -> None:
             torch.testing.assert_close(got[key][name], expected[key][name], **tolerance, msg=f"{key} of {name}")
 
 
-def test_trainer_without_deepspeed_equals_ds_topkast_initialize(tmp_path):
-    """Same seed, data and fp32 AdamW: the Trainer path (callback) = the engine path, regulariser included."""
-    model, callback = train(tmp_path, steps=STEPS, gas=1, micro=4, deepspeed=False, save_steps=None)
+RIGL = {"algorithm": "rigl", "forward_sparsity": 0.8, "refresh_interval": 2, "update_end_step": 100,
+        "drop_fraction": 0.5}
+
+
+@pytest.mark.parametrize("topkast", [TOPKAST, RIGL], ids=["topkast", "rigl"])
+def test_trainer_without_deepspeed_equals_ds_topkast_initialize(tmp_path, topkast):
+    """Same seed, data and fp32 AdamW: the Trainer path (callback) = the engine path, regulariser included; RigL's
+    dense gradient reaches the callback's runtime from the Trainer's backward as it does the engine's."""
+    model, callback = train(tmp_path, steps=STEPS, gas=1, micro=4, deepspeed=False, save_steps=None, topkast=topkast)
     trainer_run = snapshot(model, callback)
     assert trainer_run["refresh_steps"] == [2, 4, 6]
 
-    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=ds_config(stage=0, micro_batch=4, lr=1e-2, **TOPKAST))
+    config = ds_config(stage=0, micro_batch=4, lr=1e-2)
+    config["topkast"] = dict(topkast)
+    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=config)
     data = Windows(64).data
     for step in range(STEPS):
         batch = data[4 * step:4 * step + 4]
