@@ -1,9 +1,14 @@
-"""What several benchmarks share: a median timer that waits for the GPU, a stack of square layers, a one-rank environment."""
+"""What several benchmarks share: a median timer that waits for the GPU, a stack of square layers, a one-rank
+environment, and the training command on one rank with its peak memory measured."""
 from __future__ import annotations
 
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,3 +53,34 @@ def single_rank_environment() -> None:
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29731"),
                        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}.items():
         os.environ.setdefault(key, value)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, so a launcher does not collide with another job's default port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def training_command(config: Path, run: Path) -> list[str]:
+    """The training command on one rank under the deepspeed launcher, on a free port."""
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    return [str(deepspeed), "--num_gpus", "1", "--master_port", str(free_port()), "--module", "ds_topkast.train",
+            "--config", str(config), "--out", str(run)]
+
+
+def run_with_peak_rss(command: list[str], log: Path, **popen_kwargs) -> int:
+    """Run `command` to its end, output to `log`; return its peak resident memory in bytes.
+
+    The kernel reports, for a reaped child, the resident-set high-water mark of the largest
+    process of its tree (the child or any descendant it waited for), so a launcher's worker
+    counts. A failed command raises CalledProcessError with the end of its log as output.
+    """
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, **popen_kwargs)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise subprocess.CalledProcessError(process.returncode, command, output=tail)
+    return usage.ru_maxrss * 1024  # Linux reports KiB
