@@ -23,20 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from reference_topkast import ReferenceTopKAST, topk_by_sort
-
-
-def uniform_hash(indices: Tensor, seed: int) -> Tensor:
-    """The documented pseudo-random value in [0, 1) of a flat index (murmur-style integer mixing)."""
-    x = ((indices & 0xFFFFFFFF) * 2654435761 + (seed & 0xFFFFFFFF) * 40503 + 12345) & 0xFFFFFFFF
-    for _ in range(2):
-        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
-    return ((x ^ (x >> 16)).double() / 2**32).float()
-
-
-def seed_of(seed: int, update_index: int, layer_index: int) -> int:
-    """The documented seed of one layer's draw at one update (update 0: the start)."""
-    return seed * 1_000_003 + update_index * 10_007 + layer_index
+from reference_topkast import ReferenceTopKAST, seed_of, topk_by_sort, uniform_hash
 
 
 class ReferenceMasked(ReferenceTopKAST):
@@ -48,8 +35,8 @@ class ReferenceMasked(ReferenceTopKAST):
     def __init__(self, model, layers, *, algorithm: str, interval: int, drop_fraction: float = 0.3,
                  end_step: int = 0, start_step: int = 0, random_init: bool = False, seed: int = 0, **adam):
         self.algorithm, self.interval, self.drop_fraction = algorithm, interval, drop_fraction
-        self.end_step, self.start_step, self.random_init, self.seed = end_step, start_step, random_init, seed
-        super().__init__(model, layers, refresh_interval=interval, forward_interval=0, **adam)
+        self.end_step, self.start_step, self.random_init = end_step, start_step, random_init
+        super().__init__(model, layers, refresh_interval=interval, forward_interval=0, seed=seed, **adam)
 
     def _select_all(self) -> None:
         """The masks at the start; θ is zeroed outside them."""

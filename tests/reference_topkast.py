@@ -21,6 +21,19 @@ def topk_by_sort(scores: Tensor, k: int) -> Tensor:
     return mask
 
 
+def uniform_hash(indices: Tensor, seed: int) -> Tensor:
+    """The documented pseudo-random value in [0, 1) of a flat index (murmur-style integer mixing)."""
+    x = ((indices & 0xFFFFFFFF) * 2654435761 + (seed & 0xFFFFFFFF) * 40503 + 12345) & 0xFFFFFFFF
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return ((x ^ (x >> 16)).double() / 2**32).float()
+
+
+def seed_of(seed: int, update_index: int, layer_index: int) -> int:
+    """The documented seed of one layer's draw at one update (update 0: the start)."""
+    return seed * 1_000_003 + update_index * 10_007 + layer_index
+
+
 class ReferenceTopKAST:
     """Dense mask-based Top-KAST over chosen Linear/Conv1D layers of a dense model copy.
 
@@ -31,12 +44,14 @@ class ReferenceTopKAST:
 
     def __init__(self, model: nn.Module, layers: dict[str, tuple[int, int, bool]], *, lr: float,
                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, refresh_interval: int, forward_interval: int,
-                 exploration_l2: float = 0.0, per_entry_bias_correction: bool = False):
+                 exploration_l2: float = 0.0, per_entry_bias_correction: bool = False, random_backward: bool = False,
+                 seed: int = 0):
         self.model = model
         self.layers = layers
         self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
         self.refresh_interval, self.forward_interval = refresh_interval, forward_interval
         self.l2 = exploration_l2
+        self.random_backward, self.seed = random_backward, seed  # the paper's random-B\\A ablation
         self.theta: dict[str, Tensor] = {}
         for name, (_, _, transposed) in layers.items():
             w = model.get_submodule(name).weight.detach().float()
@@ -54,10 +69,15 @@ class ReferenceTopKAST:
         self._select_all()
 
     def _select_all(self) -> None:
-        for name, (k_a, k_b, _) in self.layers.items():
+        for index, (name, (k_a, k_b, _)) in enumerate(self.layers.items()):
             magnitude = self.theta[name].abs()
             self.A[name] = topk_by_sort(magnitude, k_a).view_as(magnitude)
-            self.B[name] = topk_by_sort(magnitude, k_b).view_as(magnitude)
+            scores = magnitude
+            if self.random_backward:  # A, then B\\A uniformly at random from the rest
+                draw = seed_of(self.seed, self.step_count // self.refresh_interval, index)
+                scores = torch.where(self.A[name], 2.0, uniform_hash(torch.arange(magnitude.numel()), draw).view_as(
+                    magnitude))
+            self.B[name] = topk_by_sort(scores, k_b).view_as(magnitude)
 
     def _reselect_forward(self) -> None:
         for name, (k_a, _, _) in self.layers.items():

@@ -54,14 +54,15 @@ def assert_weights_equal(engine, ref):
         assert_close_rel(full_fp32(engine, params[name]), expected.reshape(-1), name)
 
 
-@pytest.mark.parametrize("stage,gas,new_entries", [(0, 1, "zero_moments"), (2, 2, "zero_moments"),
-                                                   (3, 1, "zero_moments"), (0, 1, "per_entry_bias_correction"),
-                                                   (2, 2, "per_entry_bias_correction")])
-def test_compact_engine_matches_dense_reference(stage, gas, new_entries):
+@pytest.mark.parametrize("stage,gas,new_entries,selection", [
+    (0, 1, "zero_moments", "topk"), (2, 2, "zero_moments", "topk"), (3, 1, "zero_moments", "topk"),
+    (0, 1, "per_entry_bias_correction", "topk"), (2, 2, "per_entry_bias_correction", "topk"),
+    (2, 1, "zero_moments", "random")])
+def test_compact_engine_matches_dense_reference(stage, gas, new_entries, selection):
     model = tiny_gpt2()
     reference_model = clone(model)
     cfg = ds_config(stage=stage, gas=gas, lr=LR, weight_decay=WD, refresh_interval=3, forward_interval=1,
-                    exploration_l2=L2, new_entries=new_entries)
+                    exploration_l2=L2, new_entries=new_entries, selection=selection, seed=11)
     cfg["optimizer"]["params"]["eps"] = EPS
     if new_entries != "zero_moments":  # a changing learning rate: the correction must use each step's own
         cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR,
@@ -72,7 +73,8 @@ def test_compact_engine_matches_dense_reference(stage, gas, new_entries):
     ref = ReferenceTopKAST(reference_model,
                            {n: (l.k_forward, l.k_backward, l.source_type == "Conv1D") for n, l in layers.items()},
                            lr=LR, eps=EPS, weight_decay=WD, refresh_interval=3, forward_interval=1, exploration_l2=L2,
-                           per_entry_bias_correction=new_entries != "zero_moments")
+                           per_entry_bias_correction=new_entries != "zero_moments",
+                           random_backward=selection == "random", seed=11)
     data = batches(7 * gas)
     for step in range(7):
         micro = data[step * gas:(step + 1) * gas]
