@@ -116,13 +116,14 @@ class Static(Algorithm):
 
 
 class RigL(Static):
-    """Evci et al. 2020: drop the smallest active weights, grow the inactive ones of largest dense gradient."""
+    """Evci et al. 2020: drop the smallest active weights, grow the inactive ones of largest dense gradient.
+
+    The first masks are chosen as static's are (`mask_init`: by magnitude, the default, or
+    at random, as the RigL paper does from scratch).
+    """
 
     name = "rigl"
     needs_dense_gradient = True
-
-    def initial_backward(self, magnitude, offset, k_forward, k_backward, seed, comm):
-        return shard_topk_indices(magnitude, offset, k_backward, comm)
 
     def updates_at(self, step: int) -> bool:
         return due(step, self.cfg.refresh_interval) and step < self.cfg.update_end_step
@@ -146,7 +147,12 @@ class RigL(Static):
 
 
 class SET(RigL):
-    """Mocanu et al. 2018: as RigL, growing uniformly at random (the same draw on every rank and world size)."""
+    """Mocanu et al. 2018: as RigL, growing uniformly at random (the same draw on every rank and world size).
+
+    The drop fraction decays as RigL's (the SET baseline of Evci et al.); Mocanu's constant
+    ζ until the end is drop_fraction with update_end_step beyond the run's last step only
+    approximately (the cosine still decays).
+    """
 
     name = "set"
     needs_dense_gradient = False
@@ -163,8 +169,11 @@ class GradualMagnitudePruning(Algorithm):
     reselects_forward = False
 
     def updates_at(self, step: int) -> bool:
+        """Every refresh_interval steps inside [prune_start_step, prune_end_step], and always at the end step,
+        so the target is reached whatever the grid."""
         cfg = self.cfg
-        return due(step, cfg.refresh_interval) and cfg.prune_start_step <= step <= cfg.prune_end_step
+        inside = cfg.prune_start_step <= step <= cfg.prune_end_step
+        return inside and (due(step, cfg.refresh_interval) or step == cfg.prune_end_step)
 
     def forward_count(self, k_forward: int, numel: int, step: int) -> int:
         """round(n·(1 - s_t)), s_t = s_f·(1 - (1 - progress)³), s_f this layer's final sparsity 1 - k_forward/n."""
@@ -191,7 +200,7 @@ def algorithm_for(cfg) -> Algorithm:
 
 # The keys that only some algorithms read, and which ones: setting one for another algorithm is an error.
 _OWN_SETTINGS = {
-    "drop_fraction": ("rigl", "set"), "update_end_step": ("rigl", "set"), "mask_init": ("static",),
+    "drop_fraction": ("rigl", "set"), "update_end_step": ("rigl", "set"), "mask_init": ("static", "rigl", "set"),
     "prune_start_step": ("gmp",), "prune_end_step": ("gmp",), "exploration_l2": ("topkast",),
     "selection": ("topkast",),
 }
@@ -231,6 +240,10 @@ def check_settings(cfg) -> None:
     if name in ("rigl", "set", "gmp") and cfg.refresh_interval == 0:
         raise ValueError(f"algorithm {name!r} updates its masks every refresh_interval steps; set it >= 1 "
                          "(e.g. 100).")
+    if name in ("rigl", "set") and cfg.update_end_step <= cfg.refresh_interval:
+        raise ValueError(f"update_end_step ({cfg.update_end_step}) must exceed refresh_interval "
+                         f"({cfg.refresh_interval}): masks change at multiples of refresh_interval before it, so none "
+                         "would. Raise update_end_step or lower refresh_interval.")
     if cfg.new_entries == "per_entry_bias_correction" and name in ("static", "gmp"):
         raise ValueError(f"new_entries 'per_entry_bias_correction' changes nothing for {name!r}, which never adds "
                          "entries to B; remove it.")

@@ -34,6 +34,10 @@ class PerEntryBiasCorrection:
             raise UnsupportedOptimizerError(
                 f"new_entries 'per_entry_bias_correction' corrects Adam's bias correction, but the optimizer is "
                 f"{type(adapter.basic_optimizer).__name__}; use Adam or AdamW, or new_entries 'zero_moments'.")
+        if any(group.get("bias_correction", True) is False for group in adapter.basic_optimizer.param_groups):
+            raise UnsupportedOptimizerError(
+                "new_entries 'per_entry_bias_correction' replaces Adam's bias correction by each entry's own, but the "
+                "optimizer runs without bias correction (bias_correction: false); enable it or use 'zero_moments'.")
         self.layers, self.adapter = layers, adapter
         self.joined = {name: torch.zeros(layer.k_backward, dtype=torch.int32, device=layer.backward_bits.device)
                        for name, layer in layers.items()}

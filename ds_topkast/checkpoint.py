@@ -87,6 +87,7 @@ def save(refresher: Refresher, tag_dir: str | os.PathLike, rank: int, step: int,
         "store_folder": _store_folder(rank),
         "store": store.checkpoint_entries(path.parent / _store_folder(rank)),
         "numel": {name: store.numel(name) for name in store.names()},
+        "k_backward": {name: layer.k_backward for name, layer in refresher.layers.items()},
         "offsets": {name: store.layout(name)[0] for name in store.names()},
         "lengths": {name: store.layout(name)[1] for name in store.names()},
         "sets": sets,
@@ -147,9 +148,13 @@ def _check_model(saved: dict, refresher: Refresher, path: Path) -> None:
                               "include/exclude patterns) the checkpoint was written with.")
     resized = [f"{name} ({saved['numel'][name]} -> {store.numel(name)})" for name in refresher.layers
                if saved["numel"][name] != store.numel(name)]
+    resized += [f"{name}'s set B ({saved['k_backward'][name]} -> {layer.k_backward} entries)"
+                for name, layer in refresher.layers.items()
+                if saved.get("k_backward", {}).get(name, layer.k_backward) != layer.k_backward]
     if resized:
         raise CheckpointError(f"Checkpoint {path} does not fit this model: layers changed size {resized}. Resume "
-                              "with the model configuration the checkpoint was written with.")
+                              "with the model configuration the checkpoint was written with (under distribution "
+                              "'global' also the same initial weights: the same seed or pretrained files).")
 
 
 def load_file(path: str | os.PathLike, mmap: bool = False, map_location: Any = "cpu") -> Any:

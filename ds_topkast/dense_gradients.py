@@ -52,7 +52,8 @@ class DenseGradientShards:
     @torch.no_grad()
     def _add(self, name: str, grad_weight: Tensor) -> None:
         offset, length = self.store.layout(name)
-        flat = grad_weight.reshape(-1).float()
-        if self.comm.world > 1:  # a copy: the layer's backward still gathers its own rank's gradient from grad_weight
-            flat = self.comm.all_reduce_sum(flat.clone())
+        # A copy when it is all-reduced: the layer's backward still gathers its own rank's gradient from grad_weight.
+        flat = grad_weight.reshape(-1).to(torch.float32, copy=self.comm.world > 1)
+        if self.comm.world > 1:
+            flat = self.comm.all_reduce_sum(flat)
         self.shards[name] += flat[offset:offset + length].cpu()

@@ -68,12 +68,12 @@ class OptimizerStateAdapter:
         # The model parameters of each of the basic optimizer's groups, in its group order.
         self.param_groups = param_groups if param_groups is not None else [g["params"] for g in
                                                                            basic_optimizer.param_groups]
+        self._group_of = {id(p): index for index, params in enumerate(self.param_groups) for p in params}
 
     def param_group(self, param: nn.Parameter) -> dict:
         """The basic optimizer's settings (lr, betas, eps, ...) for a model parameter."""
-        for params, group in zip(self.param_groups, self.basic_optimizer.param_groups):
-            if any(p is param for p in params):
-                return group
+        if id(param) in self._group_of:
+            return self.basic_optimizer.param_groups[self._group_of[id(param)]]
         raise UnsupportedOptimizerError(f"A compact parameter of shape {tuple(param.shape)} is in no param group of "
                                         "the optimizer; build the optimizer over the sparsified model's parameters.")
 
@@ -225,6 +225,20 @@ class PlainOptimizerState(OptimizerStateAdapter):
         state.copy_(value.reshape(state.shape))
 
 
+def _model_params_per_group(optimizer) -> list[list[nn.Parameter]]:
+    """The model's parameters in each of the basic optimizer's param groups, for a DeepSpeed wrapper.
+
+    ZeRO-1/2 and BF16_Optimizer keep one list per group; ZeRO-3 splits groups into
+    sub-groups (`sub_group_size`) and maps each back with `sub_group_to_group_id`.
+    """
+    if hasattr(optimizer, "sub_group_to_group_id"):
+        groups: list[list[nn.Parameter]] = [[] for _ in optimizer.optimizer.param_groups]
+        for sub_group, params in enumerate(optimizer.fp16_groups):
+            groups[optimizer.sub_group_to_group_id[sub_group]].extend(params)
+        return groups
+    return optimizer.bit16_groups if hasattr(optimizer, "bit16_groups") else optimizer.bf16_groups
+
+
 def adapter_for(engine) -> OptimizerStateAdapter:
     """The adapter for a DeepSpeed engine's optimizer; unsupported wrappers are refused."""
     return adapter_for_optimizer(engine.optimizer)
@@ -240,9 +254,8 @@ def adapter_for_optimizer(optimizer) -> OptimizerStateAdapter:
     while type(optimizer).__module__.startswith("accelerate."):
         optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer / DeepSpeedOptimizerWrapper
     if isinstance(optimizer, managed):
-        groups = next(getattr(optimizer, name) for name in ("bit16_groups", "bf16_groups", "fp16_groups")
-                      if hasattr(optimizer, name))  # ZeRO-1/2, BF16_Optimizer, ZeRO-3: the model's params per group
-        return DeepSpeedManagedState(per_entry_state_keys(optimizer.optimizer), optimizer.optimizer, groups)
+        return DeepSpeedManagedState(per_entry_state_keys(optimizer.optimizer), optimizer.optimizer,
+                                     _model_params_per_group(optimizer))
     if isinstance(optimizer, torch.optim.Optimizer):
         return PlainOptimizerState(per_entry_state_keys(optimizer), optimizer)
     raise UnsupportedOptimizerError(

@@ -231,6 +231,9 @@ class Refresher:
                                 "ran since the previous optimizer step; call the runtime's after_optimizer_step "
                                 "after every step (ds_topkast.initialize's engine and TopKASTCallback do)")
             gradient = gradient.to(shard.theta.device)
+            self._agree_or_fail(shard.name, not bool(torch.isfinite(gradient).all()), step,
+                                "its dense gradient (RigL's growth score) holds NaN or infinity; lower the learning "
+                                "rate or enable gradient clipping, and resume from the last checkpoint")
         return LayerUpdate(theta=shard.theta, offset=shard.offset, numel=shard.numel, old_indices=layer.indices,
                            k_forward=layer.k_forward, k_backward=layer.k_backward,
                            seed=selection_seed(cfg, step // cfg.refresh_interval, index), comm=self.comm,

@@ -18,6 +18,7 @@ from torch import nn
 
 from ds_topkast import checkpoint
 from ds_topkast.algorithms import due
+from ds_topkast.bias_correction import PerEntryBiasCorrection
 from ds_topkast.config import DenseStoreConfig, TopKASTConfig
 from ds_topkast.layers import sparse_layers
 from ds_topkast.optimizer_state import OptimizerStateAdapter
@@ -60,6 +61,15 @@ class TopKASTRuntime:
         self.set_accumulation_steps(accumulation_steps)
         self.last_refresh_seconds = 0.0
         self.refresher.collect_gradients_for(1)
+
+    def use_optimizer(self, adapter: OptimizerStateAdapter) -> None:
+        """Train on with another optimizer (a later `trainer.train()` builds a new one)."""
+        refresher = self.refresher
+        refresher.adapter = adapter
+        if refresher.bias_correction is not None:
+            joined = refresher.bias_correction.joined
+            refresher.bias_correction = PerEntryBiasCorrection(refresher.layers, adapter)
+            refresher.bias_correction.joined = joined
 
     def set_accumulation_steps(self, steps: int) -> None:
         """Backward passes per optimizer step, so that the layers apply the regulariser's gradient once per step.

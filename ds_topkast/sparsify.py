@@ -160,7 +160,7 @@ def _kept_counts(chosen: Mapping[str, nn.Module], shapes: list[tuple[int, int]],
     """(k_A, k_B) of every chosen layer under the configured distribution; k_A is the final one under gmp."""
     numels = [o * i for o, i in shapes]
     if cfg.distribution == "global":
-        if any(meta_tensor_names(module) for module in chosen.values()):
+        if weights.checkpoint is None and any(meta_tensor_names(module) for module in chosen.values()):
             raise TopKASTConfigError(
                 'distribution "global" sets each layer\'s density from one magnitude threshold over the initial '
                 "weights, which a model on the meta device does not have yet (its initialiser would draw them "

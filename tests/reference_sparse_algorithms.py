@@ -59,6 +59,10 @@ class ReferenceMasked(ReferenceTopKAST):
             return self.start_step <= step <= self.end_step
         return step < self.end_step
 
+    def prunes_at(self, step: int) -> bool:
+        """GMP also prunes at its end step when that is off the interval's grid."""
+        return self.algorithm == "gmp" and step == self.end_step
+
     def _drop_and_grow(self, index: int, name: str, grad: Tensor, step: int) -> Tensor:
         theta, old = self.theta[name].reshape(-1), self.B[name].reshape(-1)
         k = int(old.sum())
@@ -92,7 +96,7 @@ class ReferenceMasked(ReferenceTopKAST):
         return self.A[name]
 
     def after_step(self, grads: dict[str, Tensor]) -> None:
-        if not self.updates_at(self.step_count):
+        if not (self.updates_at(self.step_count) or self.prunes_at(self.step_count)):
             return
         for index, name in enumerate(self.layers):
             if self.algorithm == "gmp":

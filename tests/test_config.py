@@ -38,11 +38,12 @@ BAD_SECTIONS = [
     ({"algorithm": "set", "update_end_step": 9, "refresh_interval": 0}, "set it >= 1"),
     ({"algorithm": "static", "forward_interval": 1}, "only topkast does"),
     ({"algorithm": "static", "drop_fraction": 0.5}, "drop_fraction applies to algorithm rigl / set only"),
-    ({"algorithm": "topkast", "mask_init": "random"}, "mask_init applies to algorithm static only"),
+    ({"algorithm": "topkast", "mask_init": "random"}, "mask_init applies to algorithm static / rigl / set only"),
     ({"algorithm": "gmp", "prune_end_step": 100, "backward_sparsity": 0.5}, "B is the whole layer"),
     ({"algorithm": "gmp", "prune_start_step": 100, "prune_end_step": 50}, "needs prune_end_step after"),
     ({"algorithm": "gmp", "prune_end_step": 9, "new_entries": "per_entry_bias_correction"}, "changes nothing"),
     ({"algorithm": "rigl", "update_end_step": 9, "exploration_l2": 1e-4}, "exploration_l2 applies"),
+    ({"algorithm": "rigl", "update_end_step": 10, "refresh_interval": 10}, "must exceed refresh_interval"),
 ]
 
 

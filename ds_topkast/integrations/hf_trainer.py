@@ -96,7 +96,7 @@ class TopKASTCallback(TrainerCallback):
             self.runtime = TopKASTRuntime(model, adapter_for_optimizer(optimizer), job_collectives(),
                                           args.gradient_accumulation_steps, ds_config.get("aio"))
         else:  # a later trainer.train() call builds a new optimizer, maybe under other arguments
-            self.runtime.refresher.adapter = adapter_for_optimizer(optimizer)
+            self.runtime.use_optimizer(adapter_for_optimizer(optimizer))
             self.runtime.set_accumulation_steps(args.gradient_accumulation_steps)
         _report_before_integrations(self)
         if state.global_step > 0:
