@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ds_topkast.select import BACKWARD_SET_RULES, Collectives, shard_topk_indices, uniform_hash
+from ds_topkast.select import BACKWARD_SET_RULES, Collectives, shard_mask, shard_topk_indices, uniform_hash
 
 
 @dataclass
@@ -62,9 +62,7 @@ class LayerUpdate:
 
     def old_backward_mask(self) -> Tensor:
         """Which entries of this shard were in B before the update."""
-        mask = torch.zeros(self.theta.numel(), dtype=torch.bool, device=self.theta.device)
-        local = self.old_indices.to(self.theta.device) - self.offset
-        return mask.index_fill_(0, local[(local >= 0) & (local < self.theta.numel())], True)
+        return shard_mask(self.old_indices, self.offset, self.theta.numel(), self.theta.device)
 
 
 def due(step: int, interval: int) -> bool:

@@ -175,6 +175,13 @@ def segment_topk_masks_by_sort(scores: Tensor, sizes: Tensor, ks: Tensor) -> Ten
     return torch.empty_like(chosen).scatter_(0, order, chosen)
 
 
+def shard_mask(indices: Tensor, offset: int, length: int, device: torch.device | str) -> Tensor:
+    """Which of the `length` entries from global index `offset` are among the global `indices` (a bool mask)."""
+    local = indices.to(device) - offset
+    mask = torch.zeros(length, dtype=torch.bool, device=device)
+    return mask.index_fill_(0, local[(local >= 0) & (local < length)], True)
+
+
 def uniform_hash(indices: Tensor, seed: int) -> Tensor:
     """A deterministic pseudo-random value in [0, 1) per global index: the same on any world size."""
     x = ((indices & 0xFFFFFFFF) * 2654435761 + (seed & 0xFFFFFFFF) * 40503 + 12345) & 0xFFFFFFFF

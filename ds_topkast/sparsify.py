@@ -30,7 +30,7 @@ from ds_topkast.layers import TopKASTLinear, sparse_layers
 from ds_topkast.layer_weights import LayerWeights, linear_shape
 from ds_topkast.meta_init import meta_tensor_names
 from ds_topkast.plain_save import save_plain
-from ds_topkast.select import Collectives, gather_sets
+from ds_topkast.select import Collectives, gather_sets, shard_mask
 from ds_topkast.store import CPUDenseStore, shard_range
 
 
@@ -149,10 +149,7 @@ def _refuse_non_finite(name: str, shard: Tensor, comm: Collectives) -> None:
 
 def zero_outside(shard: Tensor, indices: Tensor, offset: int) -> Tensor:
     """`shard` (a layer's flat range from `offset`) with every entry not at one of the global `indices` set to zero."""
-    local = indices.to(shard.device) - offset
-    keep = torch.zeros(shard.numel(), dtype=torch.bool, device=shard.device)
-    keep[local[(local >= 0) & (local < shard.numel())]] = True
-    return shard.masked_fill_(~keep, 0.0)
+    return shard.masked_fill_(~shard_mask(indices, offset, shard.numel(), shard.device), 0.0)
 
 
 def _kept_counts(chosen: Mapping[str, nn.Module], shapes: list[tuple[int, int]], cfg: TopKASTConfig,
