@@ -25,6 +25,10 @@ def core_share(processes: int) -> str:
 
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if os.environ["DS_ACCELERATOR"] == "cpu":
+    # test_kernels.py runs the Triton kernels in Triton's interpreter. The variable must be set before triton is
+    # first imported: triton.language's own jitted helpers (tl.cumsum, ...) are made interpreted or not right then.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("DS_TOPKAST_CACHE", tempfile.mkdtemp(prefix="ds_topkast_corpora_"))  # prepared corpora
 if "PYTEST_XDIST_WORKER" in os.environ:  # each pytest-xdist worker is its own world of one, on its own port
     os.environ["MASTER_PORT"] = _free_port()
