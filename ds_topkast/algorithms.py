@@ -5,8 +5,9 @@ the full weights θ in the sharded dense store, the exact distributed top-K, the
 optimizer-state remap (kept entries keep their moments, new ones start at zero),
 checkpoints and data parallelism. An algorithm only says
 - which entries form B at the start and at each update (`initial_backward`,
-  `backward_indices`: this rank's share of B's global indices, chosen by
-  `shard_topk_indices` so every rank and world size agrees),
+  `backward_bits`: this rank's members of B, as a bitmap of the layer, chosen by the
+  exact sharded top-K `shard_topk_bits`, so every rank and world size agrees; the
+  refresh joins the ranks' bitmaps),
 - how many of them form A (`forward_count`) and whether A is re-selected inside B
   between updates (`reselects_forward`: Top-KAST only),
 - at which steps it updates (`updates_at`),
@@ -39,17 +40,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ds_topkast.select import BACKWARD_SET_RULES, Collectives, shard_mask, shard_topk_indices, uniform_hash
+from ds_topkast.bitmaps import pack_bits_at
+from ds_topkast.select import (BACKWARD_SET_RULES, Collectives, shard_positions, shard_topk_bits, uniform_hash)
 
 
 @dataclass
 class LayerUpdate:
     """What an algorithm sees of one layer at an update, on this rank."""
 
-    theta: Tensor  # this rank's shard of θ (B's trained values written back), flat, on the accelerator
+    theta: Tensor  # this rank's shard of θ (B's trained values written back), flat fp32, on the accelerator
     offset: int  # the shard's first global index
     numel: int  # the layer's entries
-    old_indices: Tensor  # B's ascending global indices before the update (the same on every rank)
+    old_bits: Tensor  # B's bitmap over the layer before the update (the same on every rank)
     k_forward: int
     k_backward: int
     seed: int  # the same on every rank and world size, different per layer and update
@@ -58,11 +60,7 @@ class LayerUpdate:
 
     def positions(self) -> Tensor:
         """The shard's global indices."""
-        return torch.arange(self.offset, self.offset + self.theta.numel(), device=self.theta.device)
-
-    def old_backward_mask(self) -> Tensor:
-        """Which entries of this shard were in B before the update."""
-        return shard_mask(self.old_indices, self.offset, self.theta.numel(), self.theta.device)
+        return shard_positions(self.theta, self.offset)
 
 
 def due(step: int, interval: int) -> bool:
@@ -88,12 +86,14 @@ class Algorithm:
         """k_A at `step` for a layer whose configured (final) k_A is `k_forward`."""
         return k_forward
 
-    def initial_backward(self, magnitude: Tensor, offset: int, k_forward: int, k_backward: int, seed: int,
+    def initial_backward(self, theta: Tensor, offset: int, numel: int, k_forward: int, k_backward: int, seed: int,
                          comm: Collectives) -> Tensor:
-        return BACKWARD_SET_RULES[self.cfg.selection](magnitude, offset, k_forward, k_backward, seed, comm)
+        """This rank's members of the first B (a bitmap of the layer) from its fp32 shard of the initial θ."""
+        return BACKWARD_SET_RULES[self.cfg.selection](theta, offset, numel, k_forward, k_backward, seed, comm)
 
-    def backward_indices(self, update: LayerUpdate, step: int) -> Tensor:
-        return self.initial_backward(update.theta.abs(), update.offset, update.k_forward, update.k_backward,
+    def backward_bits(self, update: LayerUpdate, step: int) -> Tensor:
+        """This rank's members of the new B (a bitmap of the layer), exactly k_backward over all ranks."""
+        return self.initial_backward(update.theta, update.offset, update.numel, update.k_forward, update.k_backward,
                                      update.seed, update.comm)
 
 
@@ -107,10 +107,9 @@ class Static(Algorithm):
     def updates_at(self, step: int) -> bool:
         return False
 
-    def initial_backward(self, magnitude, offset, k_forward, k_backward, seed, comm):
-        if self.cfg.mask_init == "random":
-            magnitude = uniform_hash(torch.arange(offset, offset + magnitude.numel(), device=magnitude.device), seed)
-        return shard_topk_indices(magnitude, offset, k_backward, comm)
+    def initial_backward(self, theta, offset, numel, k_forward, k_backward, seed, comm):
+        scores = uniform_hash(shard_positions(theta, offset), seed) if self.cfg.mask_init == "random" else theta
+        return shard_topk_bits(scores, offset, numel, k_backward, comm)
 
 
 class RigL(Static):
@@ -133,15 +132,15 @@ class RigL(Static):
     def grow_scores(self, update: LayerUpdate) -> Tensor:
         return update.gradient.abs()
 
-    def backward_indices(self, update: LayerUpdate, step: int) -> Tensor:
+    def backward_bits(self, update: LayerUpdate, step: int) -> Tensor:
         """Keep the k - n largest |θ| of B, then grow the n best-scoring entries outside what was kept."""
         grown = int(self.drop_fraction(step) * update.k_backward)  # RigL's own rounding: down
-        old = update.old_backward_mask()
-        kept = shard_topk_indices(update.theta.abs(), update.offset, update.k_backward - grown, update.comm,
-                                  candidates=old)
-        outside = torch.ones_like(old).index_fill_(0, kept - update.offset, False)
-        new = shard_topk_indices(self.grow_scores(update), update.offset, grown, update.comm, candidates=outside)
-        return torch.cat([kept, new]).sort().values
+        kept = shard_topk_bits(update.theta, update.offset, update.numel, update.k_backward - grown, update.comm,
+                               candidates=update.old_bits)
+        outside = torch.bitwise_not(kept)  # this rank's entries not kept (the just dropped ones included)
+        new = shard_topk_bits(self.grow_scores(update), update.offset, update.numel, grown, update.comm,
+                              candidates=outside)
+        return kept | new
 
 
 class SET(RigL):
@@ -180,11 +179,12 @@ class GradualMagnitudePruning(Algorithm):
         sparsity = (1 - k_forward / numel) * (1 - (1 - progress) ** 3)
         return max(k_forward, min(numel, round(numel * (1 - sparsity))))
 
-    def initial_backward(self, magnitude, offset, k_forward, k_backward, seed, comm):
-        return torch.arange(offset, offset + magnitude.numel(), device=magnitude.device)
+    def initial_backward(self, theta, offset, numel, k_forward, k_backward, seed, comm):
+        return pack_bits_at(torch.ones(theta.numel(), dtype=torch.bool, device=theta.device), offset, numel)
 
-    def backward_indices(self, update: LayerUpdate, step: int) -> Tensor:
-        return update.positions()
+    def backward_bits(self, update: LayerUpdate, step: int) -> Tensor:
+        return self.initial_backward(update.theta, update.offset, update.numel, update.k_forward,
+                                     update.k_backward, update.seed, update.comm)
 
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Algorithm, RigL, SET, Static,

@@ -282,10 +282,11 @@ def restore(refresher: Refresher, saved: SavedState) -> None:
     for name in refresher.layers:
         start, end = shard_range(store.numel(name), store.rank, store.world)
         store.load_shard(name, assemble(saved, "store", name, start, end))
-        refresher.ever_in_backward[name] = pack_bits(assemble(saved, "ever_in_backward", name, start, end))
+        refresher.ever_in_backward[name] = refresher.host_bitmap(pack_bits(assemble(saved, "ever_in_backward", name,
+                                                                                    start, end)))
     for name, layer in refresher.layers.items():
         indices, forward_mask = joined_sets(_set_parts(refresher, saved, name), store.numel(name))
-        layer.assign_sets(indices, forward_mask)
+        layer.assign_indices(indices, forward_mask)
         layer.k_forward = int(forward_mask.sum())  # gmp's k_A follows its schedule; the saved A says where it was
         if "values" in saved.first:
             layer.values.data.copy_(saved.first["values"][name])

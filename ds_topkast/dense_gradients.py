@@ -36,7 +36,9 @@ class DenseGradientShards:
         if self.armed:
             return
         for name, layer in self.layers.items():
-            self.shards[name] = torch.zeros(self.store.layout(name)[1], dtype=torch.float32)
+            shard = torch.zeros(self.store.layout(name)[1], dtype=torch.float32)
+            # pinned where an accelerator reads it back at the refresh: the copy then waits for nothing
+            self.shards[name] = shard.pin_memory() if layer.backward_bits.device.type == "cuda" else shard
             layer.dense_gradient_sink = partial(self._add, name)
 
     def disarm(self) -> None:

@@ -15,9 +15,17 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ds_topkast.select import LOCAL, Collectives, _bin_holding_rank, _score_bits
+from ds_topkast.select import LOCAL, Collectives, score_bits
 
-_BINS = 1 << 16
+_BINS = 1 << 16  # 16-bit halves of the float bits: two histogram passes find one threshold over every layer
+
+
+def _bin_holding_rank(counts: Tensor, rank: int) -> tuple[int, int]:
+    """The highest bin b with at least `rank` entries in bins >= b, and the count above b."""
+    at_or_above = counts.flip(0).cumsum(0).flip(0)
+    bin_index = int((at_or_above >= rank).nonzero()[-1])
+    above = int(at_or_above[bin_index + 1]) if bin_index + 1 < counts.numel() else 0
+    return bin_index, above
 
 
 def _erk_densities(shapes: Sequence[tuple[int, int]], density: float) -> list[float]:
@@ -56,14 +64,14 @@ def global_kept_counts(shards: Callable[[], Iterator[Tensor]], numels: Sequence[
     """
     high_counts = None
     for shard in shards():
-        counts = torch.bincount(_score_bits(shard.abs()) >> 16, minlength=_BINS).long()
+        counts = torch.bincount(score_bits(shard.abs()) >> 16, minlength=_BINS).long()
         high_counts = counts if high_counts is None else high_counts + counts
     high_counts = comm.all_reduce_sum(high_counts)
     budgets = [min(sum(numels), max(1, round(d * sum(numels)))) for d in densities]
     high_bins = [_bin_holding_rank(high_counts, k) for k in budgets]
     above, low = [], []  # per layer: per density, entries above the threshold's high bin; low-bit histograms
     for shard in shards():
-        bits = _score_bits(shard.abs())
+        bits = score_bits(shard.abs())
         high = bits >> 16
         above.append([int((high > b).sum()) for b, _ in high_bins])
         low.append([torch.bincount(bits[high == b] & 0xFFFF, minlength=_BINS).int() for b, _ in high_bins])

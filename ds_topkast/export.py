@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ds_topkast.layers import TopKASTLinear, dense_alpha, sparse_layers
+from ds_topkast.kernels import ops
+from ds_topkast.layers import TopKASTLinear, alpha_from_sets, sparse_layers
 from ds_topkast.plain_save import stop_saving_plain
 from ds_topkast.sparsify import set_submodule, topkast_state
 
@@ -64,10 +65,11 @@ def export(engine_or_model, weights: str = "forward") -> nn.Module:
         values = (engine.topkast.refresher.adapter.get_master(layer.values) if engine is not None
                   else layer.values.detach().float())
         if weights == "forward":
-            weight = dense_alpha(values, layer.indices, layer.forward_mask, layer.shape)
+            weight = alpha_from_sets(values, layer.backward_bits, layer.forward_bits, layer.shape)
         else:
             weight = _full_theta(model, name, engine).to(values.device)
-            weight[layer.indices.long()] = values
+            ops.scatter_bits_(weight, values, layer.backward_bits.to(values.device),
+                              layer.block_counts.to(values.device), 0)
             weight = weight.view(layer.shape)
         set_submodule(model, name, _dense_module(layer, weight.to(layer.values.dtype)))
     del model.topkast_state

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from ds_topkast.store import CPUDenseStore, LayerShard, checksum, fsync_path, owned_range, shard_range
+from ds_topkast.store import CPUDenseStore, LayerShard, as_number, checksum, fsync_path, owned_range, shard_range
 
 ALIGN_BYTES = 4096
 _FLOATS_PER_ALIGN = ALIGN_BYTES // 4
@@ -62,6 +62,8 @@ def load_aio():
 
 class NVMeDenseStore:
     """fp32 θ shards in files under `nvme_path/ds_topkast_store/rank<r>/`; same interface as CPUDenseStore."""
+
+    shards_independent = False  # `stream` reuses its buffers: a caller must be done with a shard before the next
 
     def __init__(self, nvme_path: str, rank: int, world: int, settings: AioSettings = AioSettings(), buffers: int = 2):
         root = Path(nvme_path)
@@ -249,8 +251,9 @@ class NVMeDenseStore:
         return entries
 
     def checksums(self) -> dict[str, int]:
-        """CRC-32 of each layer's shard as last written to its file (padding excluded)."""
-        return {name: meta.checksum for name, meta in self._meta.items()}
+        """The checksum of each layer's shard as last written to its file (padding excluded): CRC-32, or sum64
+        where a refresh on an accelerator sealed it."""
+        return {name: as_number(meta.checksum) for name, meta in self._meta.items()}
 
     def nbytes(self) -> int:
         """Host bytes this store holds: its I/O buffers, whatever the size of the store."""

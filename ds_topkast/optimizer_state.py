@@ -10,6 +10,9 @@ DeepSpeed internals.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -58,6 +61,41 @@ def per_entry_state_keys(basic_optimizer: torch.optim.Optimizer) -> tuple[str, .
     return keys
 
 
+@dataclass(frozen=True)
+class MasterFragment:
+    """A piece of a parameter's fp32 master that this rank holds: `length` entries of the flat tensor `source`
+    from `offset`, which are the parameter's flat entries from `position`."""
+
+    source: Tensor
+    offset: int
+    length: int
+    position: int
+
+
+@dataclass
+class MasterViews:
+    """This rank's fragments of several parameters' fp32 masters, read in place every step.
+
+    `partitioned`: each entry is held by one rank (ZeRO's partitions), so per-entry results
+    must be combined over ranks; else every rank holds every entry. `valid()` says, with no
+    device work, whether the views still point at the masters (DeepSpeed or a `.to()` may
+    have replaced a tensor); `prepare()` orders reads after the optimizer's last write.
+    """
+
+    fragments: list[list[MasterFragment]]
+    partitioned: bool
+    valid: Callable[[], bool]
+    prepare: Callable[[], None] = field(default=lambda: None)
+
+
+def _flat_source(fragment: Tensor) -> tuple[Tensor, int]:
+    """The whole flat fp32 tensor a fragment view lies in, and where the fragment starts in it."""
+    storage = fragment.untyped_storage()
+    whole = torch.empty(0, dtype=fragment.dtype, device=fragment.device).set_(
+        storage, 0, (storage.nbytes() // fragment.element_size(),))
+    return whole, fragment.storage_offset()
+
+
 class OptimizerStateAdapter:
     """Full (unpartitioned) views of a compact parameter's training state, for a refresh."""
 
@@ -98,6 +136,11 @@ class OptimizerStateAdapter:
     def get_masters(self, params: list[nn.Parameter]) -> Tensor:
         """The full fp32 masters of several parameters, flat and concatenated in order (the same on every rank)."""
         return torch.cat([self.get_master(param) for param in params])
+
+    def master_views(self, params: list[nn.Parameter]) -> MasterViews | None:
+        """Views of this rank's pieces of the parameters' fp32 masters, valid across steps; None where the masters
+        cannot be read in place (then `get_masters` is the way, a copy each time)."""
+        return None
 
     def set_master(self, param: nn.Parameter, value: Tensor) -> None:
         raise NotImplementedError
@@ -157,6 +200,37 @@ def _zero3_master_without_host_sync(param: nn.Parameter) -> Tensor | None:
     return optimizer._fp32_state_allgather(param, partition)
 
 
+def _zero3_master_views(params: list[nn.Parameter]) -> MasterViews | None:
+    """ZeRO-3: each parameter's partition of its sub-group's flat fp32 master (the padding past the parameter's
+    end left out), read after a device-side wait on DeepSpeed's reduce stream (no host sync)."""
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    fragments, groups = [], set()
+    optimizer = params[0]._z3_optimizer
+    for param in params:
+        group, offset, numel = optimizer.grad_position[optimizer.get_param_id(param)]
+        if param._z3_optimizer is not optimizer or optimizer.offload_optimizer or \
+                optimizer._swappable_optimizer_subgroup(group):
+            return None
+        position = dist.get_rank(group=param.ds_process_group) * numel
+        length = max(0, min(numel, param.ds_numel - position))
+        fragments.append([MasterFragment(optimizer.fp32_partitioned_groups_flat[group], offset, length, position)]
+                         if length else [])
+        groups.add(group)
+    addresses = {group: optimizer.fp32_partitioned_groups_flat[group].data_ptr() for group in groups}
+
+    def valid() -> bool:
+        return all(optimizer.fp32_partitioned_groups_flat[group].data_ptr() == address
+                   for group, address in addresses.items())
+
+    def prepare() -> None:
+        if optimizer.reduce_and_partition_stream is not None:
+            get_accelerator().current_stream().wait_stream(optimizer.reduce_and_partition_stream)
+
+    return MasterViews(fragments, partitioned=True, valid=valid, prepare=prepare)
+
+
 class DeepSpeedManagedState(OptimizerStateAdapter):
     """ZeRO stages 1-3 and BF16_Optimizer: DeepSpeed's safe_{get,set}_full_* API (collectives)."""
 
@@ -189,6 +263,33 @@ class DeepSpeedManagedState(OptimizerStateAdapter):
         dist.all_reduce(buffer, group=params[0]._dp_group)
         return buffer
 
+    def master_views(self, params):
+        """ZeRO-1/2 and BF16_Optimizer: each parameter's fragment of this rank's flat fp32 partition
+        (`_hp_mapping`); ZeRO-3: its partition of the sub-group's flat fp32 tensor. Offloaded or swapped masters
+        are not read in place."""
+        if all(hasattr(param, "ds_id") for param in params):
+            return _zero3_master_views(params)
+        if any(hasattr(param, "ds_id") or not hasattr(param, "_hp_mapping") for param in params):
+            return None
+        mappings = [param._hp_mapping for param in params]
+        if any(mapping is not None and mapping.hp_fragment.device != params[0].device for mapping in mappings):
+            return None  # ZeRO-Offload: the masters are in host memory
+        fragments = []
+        for mapping in mappings:
+            if mapping is None:  # this rank holds none of the parameter
+                fragments.append([])
+                continue
+            source, offset = _flat_source(mapping.hp_fragment)
+            fragments.append([MasterFragment(source, offset, mapping.lp_fragment_address.numel,
+                                             mapping.lp_fragment_address.start)])
+        addresses = [None if m is None else m.hp_fragment.data_ptr() for m in mappings]
+
+        def valid() -> bool:
+            return [None if p._hp_mapping is None else p._hp_mapping.hp_fragment.data_ptr()
+                    for p in params] == addresses
+
+        return MasterViews(fragments, partitioned=True, valid=valid)
+
     def set_master(self, param, value):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
         if hasattr(param, "ds_id"):
@@ -213,6 +314,15 @@ class PlainOptimizerState(OptimizerStateAdapter):
 
     def get_master(self, param):
         return param.detach().float().reshape(-1).clone()
+
+    def master_views(self, params):
+        """The fp32 parameters themselves, replicated on every rank (DDP and ZeRO stage 0 keep them whole)."""
+        if any(param.dtype != torch.float32 or not param.is_contiguous() for param in params):
+            return None
+        fragments = [[MasterFragment(*_flat_source(param.detach()), param.numel(), 0)] for param in params]
+        addresses = [param.data_ptr() for param in params]
+        return MasterViews(fragments, partitioned=False,
+                           valid=lambda: [param.data_ptr() for param in params] == addresses)
 
     def set_master(self, param, value):
         self.set_low_precision(param, value)

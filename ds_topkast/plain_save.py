@@ -21,14 +21,12 @@ import types
 
 from torch import Tensor, nn
 
-from ds_topkast.layers import TopKASTLinear, dense_alpha, indices_from_bits, sparse_layers, unpack_bits
+from ds_topkast.layers import TopKASTLinear, alpha_from_sets, sparse_layers
 
 
 def plain_weight(layer: TopKASTLinear, values: Tensor, backward_bits: Tensor, forward_bits: Tensor) -> Tensor:
     """α of one layer from its state-dict entries, in the layout of the module it replaced."""
-    values = values.reshape(-1)
-    indices = indices_from_bits(backward_bits.to(values.device), layer.in_features * layer.out_features, values.numel())
-    weight = dense_alpha(values, indices, unpack_bits(forward_bits.to(values.device), values.numel()), layer.shape)
+    weight = alpha_from_sets(values, backward_bits, forward_bits, layer.shape)
     return weight.t().contiguous() if layer.source_type == "Conv1D" else weight
 
 

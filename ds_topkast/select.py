@@ -1,26 +1,35 @@
-"""Exact top-K selection, local or over a layer sharded across ranks: exactly K entries, ties by index.
+"""Exact top-K selection, local or over a layer sharded across ranks: exactly K entries, ties by index, no sort.
 
-Top-KAST needs the K largest scores of every layer at every refresh (set B) and the K_A
-largest of B's values at every step (set A). `torch.topk` sorts and is O(n log k); a
-threshold found by two 16-bit histogram passes over the float bits is O(n), and
-"everything above the threshold plus the first ties by flat index" gives exactly K
-entries, which "≥ threshold" alone does not under ties.
+Top-KAST needs the K largest magnitudes of every layer at every refresh (set B) and the
+K_A largest of B's values at every step (set A). Both are a radix select
+(kernels.py): every entry's key is its magnitude's float bits above its reversed
+position, so all keys differ and "the top K, ties by lower index" is "the keys at or
+above the K-th largest". That key is found digit by digit from per-segment histograms,
+all on the device: nothing is read back to the host, so a step never waits for the
+accelerator, and nothing is sorted, so a pass reads each entry's 4 bytes and writes
+nothing but histograms.
 
-For non-negative IEEE floats the bit pattern read as a signed int32 orders like the
-value, so histograms of the high and then the low 16 bits find the K-th largest value
-exactly. Those histograms (and the per-rank tie counts) are the only global quantities,
-so the same code runs over a layer sharded in contiguous flat ranges across ranks: sum
-the histograms, let earlier ranks take their ties first, and concatenate the ranks'
-chosen indices in rank order. No rank ever sees another rank's weights; traffic is two
-histograms per selection plus the chosen entries. `Collectives` is that interface; the
-default is a world of one, so local selection is the same code.
+Histograms of the shards of one segment add up, so the same code runs over a layer
+sharded in contiguous flat ranges across ranks (the dense store), or over a compact
+vector whose pieces live on different ranks (ZeRO's fp32 masters): the ranks all-reduce
+each pass's histograms, never their values, and each writes the bits of the entries it
+holds; since the pieces are disjoint, summing the bitmaps over ranks is their union.
+`Collectives` is that interface; the default is a world of one, so local selection is
+the same code.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-_BINS = 1 << 16
+from ds_topkast.bitmaps import bitmap_bytes, block_counts, indices_from_bits, pack_bits, unpack_bits
+from ds_topkast.kernels import ops
+
+_MAGNITUDE_BITS = 31  # a float's bits without its sign
+_WIDEST_DIGIT = 11  # 2,048 histogram bins per segment and pass
 
 
 class Collectives:
@@ -57,129 +66,118 @@ class Collectives:
 LOCAL = Collectives()
 
 
-def _bin_holding_rank(counts: Tensor, rank: int) -> tuple[int, int]:
-    """The highest bin b with at least `rank` entries in bins >= b, and the count above b."""
-    at_or_above = counts.flip(0).cumsum(0).flip(0)
-    bin_index = int((at_or_above >= rank).nonzero()[-1])
-    above = int(at_or_above[bin_index + 1]) if bin_index + 1 < counts.numel() else 0
-    return bin_index, above
-
-
-def _histogram(values: Tensor, comm: Collectives) -> Tensor:
-    """Counts per 16-bit bin over all ranks; int32 on the wire (a layer has < 2^31 entries)."""
-    return comm.all_reduce_sum(torch.bincount(values, minlength=_BINS).int()).long()
-
-
-def _kth_largest_bits(bits: Tensor, k: int, comm: Collectives) -> tuple[int, int]:
-    """Bit pattern of the k-th largest entry over all ranks and how many lie strictly above it."""
-    high = bits >> 16
-    high_counts = _histogram(high, comm)
-    high_bin, above_high = _bin_holding_rank(high_counts, k)
-    low_counts = _histogram(bits[high == high_bin] & 0xFFFF, comm)
-    low_bin, above_low = _bin_holding_rank(low_counts, k - above_high)
-    return (high_bin << 16) | low_bin, above_high + above_low
-
-
-_INFINITY_BITS = 0x7F800000
-
-
 class NonFiniteScoresError(ValueError):
     """Selection was asked to rank NaN, infinite or negative scores."""
 
 
-def _score_bits(scores: Tensor) -> Tensor:
-    """The float32 bits as int32; one pass checks that all are finite and >= +0.0."""
+def digit_widths(key_bits: int) -> list[int]:
+    """The radix passes' digit widths, most significant first: as few passes as 2,048 bins allow, equally wide."""
+    passes = -(-key_bits // _WIDEST_DIGIT)
+    narrow, wide = divmod(key_bits, passes)
+    return [narrow + 1] * wide + [narrow] * (passes - wide)
+
+
+def position_bits(entries: int) -> int:
+    """Bits of the position field of the keys of segments of up to `entries` entries."""
+    return max(1, (entries - 1).bit_length())
+
+
+def radix_topk_bits_(out_bits: Tensor, sources: list[tuple[Tensor, list[int]]], ks: Tensor, key_positions: int,
+                     comm: Collectives | None = None, candidates: Tensor | None = None) -> None:
+    """Set, in `out_bits`, the bit of every entry among its segment's top k (by magnitude, ties by lower position).
+
+    `sources` pairs flat fp32 tensors with the rows of the table (kernels.ROW_FIELDS) of
+    what this rank holds of each segment in them; `ks` (int64, on the sources' device) is
+    each segment's k over all ranks; `key_positions` is `position_bits` of the longest
+    segment. With `comm`, the segments' entries are spread over its ranks (each entry on
+    one rank) and the histograms are summed over them; without, this rank holds them all.
+    `candidates` (a bitmap each row indexes from its candidate offset) excludes the
+    entries whose bit is unset; k must not exceed a segment's candidates. Every rank
+    writes only its own entries' bits. Nothing is read back to the host.
+    """
+    widths = digit_widths(_MAGNITUDE_BITS + key_positions)
+    device = ks.device
+    histograms = torch.zeros(ks.numel() * sum(1 << w for w in widths), dtype=torch.int32, device=device)
+    parts = histograms.split([ks.numel() << w for w in widths])
+    prefix, remaining = torch.zeros_like(ks), ks
+    shift = _MAGNITUDE_BITS + key_positions
+    for width, histogram in zip(widths, parts):
+        shift -= width
+        histogram = histogram.view(ks.numel(), 1 << width)
+        for source, rows in sources:
+            ops.radix_histogram_(histogram, source, rows, prefix, candidates, key_positions, shift, width)
+        if comm is not None and comm.world > 1:
+            histogram = comm.all_reduce_sum(histogram)
+        prefix, remaining = ops.radix_step(histogram, prefix, remaining, width)
+    for source, rows in sources:
+        ops.radix_select_bits_(out_bits, source, rows, prefix, ks, candidates, key_positions)
+
+
+def _device_count(value: int, device) -> Tensor:
+    """A one-entry int64 tensor on `device`, filled there (no copy from the host)."""
+    return torch.full((1,), value, dtype=torch.int64, device=device)
+
+
+def padded_bitmap(numel: int, device) -> Tensor:
+    """A zeroed bitmap of `numel` entries, padded to whole int32 words (so that ranks can sum it)."""
+    return torch.zeros(-(-numel // 32) * 4, dtype=torch.uint8, device=device)
+
+
+def union_over_ranks(bits: Tensor, numel: int, comm: Collectives) -> Tensor:
+    """The bitmap of `numel` entries whose members are every rank's members (disjoint across ranks): their sum,
+    in int32 words (no carry: every bit is set on one rank at most)."""
+    if comm.world > 1:
+        words = F.pad(bits, (0, -bits.numel() % 4)).view(torch.int32)
+        bits = comm.all_reduce_sum(words).view(torch.uint8)
+    return bits[:bitmap_bytes(numel)]
+
+
+def shard_topk_bits(scores: Tensor, offset: int, numel: int, k: int, comm: Collectives = LOCAL,
+                    candidates: Tensor | None = None) -> Tensor:
+    """This rank's members of the global top-k of |scores| over a layer sharded across ranks, as a bitmap.
+
+    `scores` (fp32) is this rank's contiguous slice, from global index `offset`, of a layer
+    of `numel` entries; ranks hold consecutive slices. Every rank calls this with the same
+    k. The bitmap has the layer's `numel` entries (padded to int32 words) and only this
+    rank's members set; `union_over_ranks` makes it the whole set. `candidates`, a bitmap of
+    the layer's entries, restricts the choice to its members (k must not exceed their
+    number). Ties go to the lowest global index. No host sync.
+    """
+    out = padded_bitmap(numel, scores.device)
+    rows = [0, scores.numel(), 0, offset, offset, offset]
+    sources = [(scores.detach().reshape(-1).float(), rows)] if scores.numel() else []  # an empty shard still sums
+    radix_topk_bits_(out, sources, _device_count(k, scores.device), position_bits(numel), comm, candidates)
+    return out
+
+
+def topk_bits(scores: Tensor, k: int) -> Tensor:
+    """The bitmap (`bitmap_bytes(len)` bytes) of the top k of |scores|, ties by lower index; no host sync."""
+    return shard_topk_bits(scores, 0, scores.numel(), k)[:bitmap_bytes(scores.numel())]
+
+
+def score_bits(scores: Tensor) -> Tensor:
+    """The float32 bits of scores as int32 (ordered like the scores), after one pass that checks them all finite
+    and >= +0.0 (a host read: for selections outside the training step)."""
     bits = scores.detach().reshape(-1).float().contiguous().view(torch.int32)
     if bits.numel():
         low, high = torch.aminmax(bits)
-        if int(low) < 0 or int(high) >= _INFINITY_BITS:
+        if int(low) < 0 or int(high) >= 0x7F800000:
             raise NonFiniteScoresError("top-K scores must be finite and non-negative (|θ| of a layer that holds NaN "
                                        "or inf?).")
     return bits
 
 
-def shard_topk_indices(scores: Tensor, offset: int, k: int, comm: Collectives = LOCAL,
-                       candidates: Tensor | None = None) -> Tensor:
-    """Ascending global flat indices, within this rank's shard, of the global top-k scores.
-
-    `scores` is this rank's contiguous slice starting at global index `offset`; ranks hold
-    consecutive slices in rank order. Every rank must call this with the same k. With
-    `candidates` (a bool mask over the slice) only those entries compete: the others rank
-    below every candidate (their bits become 0, a candidate's its own bits plus one, which
-    keeps the order of non-negative floats), so k must not exceed the candidates' count.
-    """
-    bits = _score_bits(scores)
-    if candidates is not None:
-        bits = torch.where(candidates, bits + 1, torch.zeros_like(bits))
-    threshold, above = _kth_largest_bits(bits, k, comm) if k > 0 else (0x7FFFFFFF, 0)
-    chosen = bits > threshold
-    ties = (bits == threshold).nonzero().squeeze(1)
-    ties_before = sum(comm.all_gather_ints(ties.numel())[:comm.rank])
-    chosen[ties[:max(0, k - above - ties_before)]] = True
-    return chosen.nonzero().squeeze(1) + offset
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask (shape of `scores`) of its k largest entries (>= 0), ties by lower flat index."""
+    if not 0 <= k <= scores.numel():
+        raise ValueError(f"k={k} must lie in [0, {scores.numel()}] for a tensor of {scores.numel()} entries.")
+    score_bits(scores)
+    return unpack_bits(topk_bits(scores.reshape(-1), k), scores.numel()).view(scores.shape)
 
 
 def topk_indices(scores: Tensor, k: int) -> Tensor:
     """Ascending flat indices of the k largest entries of `scores` (>= 0), ties by lower index."""
-    if not 0 <= k <= scores.numel():
-        raise ValueError(f"k={k} must lie in [0, {scores.numel()}] for a tensor of {scores.numel()} entries.")
-    return shard_topk_indices(scores, 0, k)
-
-
-def topk_mask(scores: Tensor, k: int) -> Tensor:
-    """Boolean mask (shape of `scores`) of its k largest entries, ties by lower flat index."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    mask[topk_indices(scores, k)] = True
-    return mask.view(scores.shape)
-
-
-def segment_topk_masks(scores: Tensor, sizes: Tensor, ks: Tensor) -> Tensor:
-    """For consecutive segments of a flat tensor of scores >= 0, a mask of each segment's top k; no host sync.
-
-    `sizes` and `ks` (int64, on the scores' device, one entry per segment) give each
-    segment's length and k. Exact, ties by lower position, and nothing is read back to the
-    host (the histogram selection above reads its bins). On an accelerator one stable sort
-    serves every segment (`segment_topk_masks_by_sort`), so a step pays a few launches
-    instead of a `torch.topk` per layer; on the CPU, where nothing syncs, `torch.topk` per
-    segment's int64 keys is faster than a full sort. Non-finite scores are not refused here
-    (that needs a host read): NaN and infinity rank above every finite score.
-    """
-    if scores.device.type != "cpu":
-        return segment_topk_masks_by_sort(scores, sizes, ks)
-    bits = scores.detach().reshape(-1).float().view(torch.int32).to(torch.int64)
-    masks = []
-    for part, k in zip(bits.split(sizes.tolist()), ks.tolist()):
-        keys = (part << 32) | torch.arange(part.numel() - 1, -1, -1)  # reversed position: lower index wins ties
-        chosen = torch.topk(keys, k, sorted=False).indices
-        masks.append(torch.zeros(part.numel(), dtype=torch.bool).index_fill_(0, chosen, True))
-    return torch.cat(masks)
-
-
-def segment_topk_masks_by_sort(scores: Tensor, sizes: Tensor, ks: Tensor) -> Tensor:
-    """`segment_topk_masks` by one stable sort of int64 keys (segment << 31) | (0x7FFFFFFF - float bits).
-
-    The sort puts every segment's entries in order of falling score (the float bits of
-    scores >= +0.0 order like the values) with ties in position order; an entry is chosen
-    if its rank in its segment is below the segment's k.
-    """
-    flat = scores.detach().reshape(-1).float()
-    bits = flat.view(torch.int32).to(torch.int64)
-    segment = torch.repeat_interleave(torch.arange(sizes.numel(), device=flat.device), sizes,
-                                      output_size=flat.numel())
-    order = torch.sort((segment << 31) | (0x7FFFFFFF - bits), stable=True).indices
-    del bits
-    starts = torch.cumsum(sizes, 0) - sizes
-    # sorted by segment first, position p of the sorted order lies in segment[p] (segments are contiguous)
-    rank = torch.arange(flat.numel(), device=flat.device) - starts[segment]
-    chosen = rank < ks[segment]
-    return torch.empty_like(chosen).scatter_(0, order, chosen)
-
-
-def shard_mask(indices: Tensor, offset: int, length: int, device: torch.device | str) -> Tensor:
-    """Which of the `length` entries from global index `offset` are among the global `indices` (a bool mask)."""
-    local = indices.to(device) - offset
-    mask = torch.zeros(length, dtype=torch.bool, device=device)
-    return mask.index_fill_(0, local[(local >= 0) & (local < length)], True)
+    return topk_mask(scores, k).reshape(-1).nonzero().squeeze(1)
 
 
 def uniform_hash(indices: Tensor, seed: int) -> Tensor:
@@ -190,24 +188,51 @@ def uniform_hash(indices: Tensor, seed: int) -> Tensor:
     return ((x ^ (x >> 16)).double() / 2**32).float()
 
 
-def _topk_backward_set(magnitude, offset, k_forward, k_backward, seed, comm):
-    return shard_topk_indices(magnitude, offset, k_backward, comm)
+def shard_positions(shard: Tensor, offset: int) -> Tensor:
+    """The global indices of a shard's entries."""
+    return torch.arange(offset, offset + shard.numel(), device=shard.device)
 
 
-def _random_backward_set(magnitude, offset, k_forward, k_backward, seed, comm):
+def _topk_backward_set(theta, offset, numel, k_forward, k_backward, seed, comm):
+    return shard_topk_bits(theta, offset, numel, k_backward, comm)
+
+
+def _random_backward_set(theta, offset, numel, k_forward, k_backward, seed, comm):
     """A by magnitude; B\\A drawn uniformly from the rest (the paper's random-B ablation)."""
-    forward = shard_topk_indices(magnitude, offset, k_forward, comm)
-    scores = uniform_hash(torch.arange(offset, offset + magnitude.numel(), device=magnitude.device), seed)
-    scores[forward - offset] = 2.0  # above every hash value: A is always in B
-    return shard_topk_indices(scores, offset, k_backward, comm)
+    forward = shard_topk_bits(theta, offset, numel, k_forward, comm)
+    scores = torch.where(unpack_bits(forward, theta.numel(), offset), 2.0,  # above every hash value: A is in B
+                         uniform_hash(shard_positions(theta, offset), seed))
+    return shard_topk_bits(scores, offset, numel, k_backward, comm)
 
 
 BACKWARD_SET_RULES = {"topk": _topk_backward_set, "random": _random_backward_set}
 
 
+@dataclass
+class LayerSets:
+    """One layer's sets as every rank holds them: B as a bitmap with its block counts, θ on B, and A over B."""
+
+    backward_bits: Tensor
+    counts: Tensor
+    values: Tensor  # fp32, B's members in index order
+    forward_bits: Tensor  # k_B bits: which of B's members are in A
+
+
+def assemble_sets(local: Tensor, theta: Tensor, offset: int, numel: int, k_forward: int, k_backward: int,
+                  comm: Collectives = LOCAL) -> LayerSets:
+    """B from every rank's members (`local`: this rank's, from `shard_topk_bits`), θ on B from the shards, and A as
+    the top k_forward of |θ| over B; identical on every rank, with no host sync."""
+    bits = union_over_ranks(local, numel, comm)
+    counts = block_counts(bits, numel)
+    values = torch.zeros(k_backward, dtype=torch.float32, device=theta.device)
+    ops.gather_bits_(values, theta.detach().reshape(-1).float(), bits, counts, offset, None, None, 0.0, 1.0, True)
+    values = comm.all_reduce_sum(values)
+    return LayerSets(bits, counts, values, topk_bits(values, k_forward))
+
+
 def select_sets(theta: Tensor, k_forward: int, k_backward: int, rule: str = "topk", seed: int = 0, *,
                 offset: int = 0, numel: int | None = None, comm: Collectives = LOCAL) -> tuple[Tensor, Tensor, Tensor]:
-    """Sets B and A of one layer whose flat fp32 θ may be sharded across ranks.
+    """Sets B and A of one layer whose flat fp32 θ may be sharded across ranks, as indices.
 
     `theta` is this rank's slice starting at `offset` of a layer of `numel` entries (the
     whole layer by default). Returns, identically on every rank: B's ascending global
@@ -218,16 +243,8 @@ def select_sets(theta: Tensor, k_forward: int, k_backward: int, rule: str = "top
         raise ValueError(f"Unknown selection rule {rule!r}; use one of {sorted(BACKWARD_SET_RULES)}.")
     if not 0 < k_forward <= k_backward <= numel:
         raise ValueError(f"Need 0 < k_forward ({k_forward}) <= k_backward ({k_backward}) <= n ({numel}).")
-    flat = theta.detach().reshape(-1)
-    local = BACKWARD_SET_RULES[rule](flat.abs(), offset, k_forward, k_backward, seed, comm)
-    return gather_sets(local, flat, k_forward, offset, numel, comm)
-
-
-def gather_sets(local: Tensor, theta: Tensor, k_forward: int, offset: int, numel: int,
-                comm: Collectives = LOCAL) -> tuple[Tensor, Tensor, Tensor]:
-    """Every rank's chosen B indices (`local`: this rank's, global and ascending) joined in rank order, θ at
-    them, and A as the top k_forward of |θ| over B; identical on every rank."""
-    wire = torch.int32 if numel < 2**31 else torch.long  # half the index traffic for every real layer
-    indices = comm.all_gather_varlen(local.to(wire)).long()
-    values = comm.all_gather_varlen(theta.reshape(-1)[local - offset].float())
-    return indices, values, topk_mask(values.abs(), k_forward)
+    flat = theta.detach().reshape(-1).float()
+    local = BACKWARD_SET_RULES[rule](flat, offset, numel, k_forward, k_backward, seed, comm)
+    sets = assemble_sets(local, flat, offset, numel, k_forward, k_backward, comm)
+    return (indices_from_bits(sets.backward_bits, numel, k_backward), sets.values,
+            unpack_bits(sets.forward_bits, k_backward))

@@ -30,7 +30,8 @@ from ds_topkast.layers import TopKASTLinear, sparse_layers
 from ds_topkast.layer_weights import LayerWeights, linear_shape
 from ds_topkast.meta_init import meta_tensor_names
 from ds_topkast.plain_save import save_plain
-from ds_topkast.select import Collectives, gather_sets, shard_mask
+from ds_topkast.kernels import ops
+from ds_topkast.select import Collectives, assemble_sets
 from ds_topkast.store import CPUDenseStore, shard_range
 
 
@@ -147,11 +148,6 @@ def _refuse_non_finite(name: str, shard: Tensor, comm: Collectives) -> None:
                                  "initialise or load the model correctly before sparsifying it.")
 
 
-def zero_outside(shard: Tensor, indices: Tensor, offset: int) -> Tensor:
-    """`shard` (a layer's flat range from `offset`) with every entry not at one of the global `indices` set to zero."""
-    return shard.masked_fill_(~shard_mask(indices, offset, shard.numel(), shard.device), 0.0)
-
-
 def _kept_counts(chosen: Mapping[str, nn.Module], shapes: list[tuple[int, int]], cfg: TopKASTConfig,
                  weights: LayerWeights, comm: Collectives) -> list[tuple[int, int]]:
     """(k_A, k_B) of every chosen layer under the configured distribution; k_A is the final one under gmp."""
@@ -249,18 +245,20 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
         start, end = shard_range(numel, comm.rank, comm.world)
         replaced = module.weight
         with weights.full(name, module) as weight:
-            shard = weight.detach().reshape(-1)[start:end]
+            shard = weight.detach().reshape(-1)[start:end].float()
             _refuse_non_finite(name, shard, comm)
-            local = algorithm.initial_backward(shard.abs(), start, k_forward, k_backward,
+            local = algorithm.initial_backward(shard, start, numel, k_forward, k_backward,
                                                selection_seed(cfg, 0, index), comm)
-            indices, values, forward_mask = gather_sets(local, shard, k_forward, start, numel, comm)
+            sets = assemble_sets(local, shard, start, numel, k_forward, k_backward, comm)
             if algorithm.masked:  # the store holds zero outside A: grown entries start there, pruned ones stay
-                shard = zero_outside(shard.clone(), indices[forward_mask], start)
+                shard = ops.expand_bits(sets.values, sets.backward_bits, sets.counts, sets.forward_bits, start,
+                                        end - start, torch.float32)
             store.add_shard(name, shard, numel)
             dtype = weight.dtype
         del weight, shard
-        layer = TopKASTLinear(in_f, out_f, values.to(dtype), indices, forward_mask, module.bias, k_forward=k_forward,
-                              exploration_l2=cfg.exploration_l2, source_type=type(module).__name__)
+        layer = TopKASTLinear(in_f, out_f, sets.values.to(dtype), sets.backward_bits, sets.forward_bits, module.bias,
+                              k_forward=k_forward, exploration_l2=cfg.exploration_l2,
+                              source_type=type(module).__name__)
         layer.layer_name = name
         layer.straight_through = not algorithm.masked
         state.forward_targets[name] = k_target

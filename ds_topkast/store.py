@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
@@ -48,6 +48,9 @@ def owned_range(name: str, shard: Tensor, numel: int, rank: int, world: int) -> 
     return start, end
 
 
+Checksum = int | Tensor  # a recorded checksum: a number, or a sum64 still on the accelerator (not read back yet)
+
+
 def checksum(values: Tensor) -> int:
     """A checksum of a tensor's bytes, computed where the tensor lives: changes if any entry or their order changes.
 
@@ -60,9 +63,30 @@ def checksum(values: Tensor) -> int:
     return _crc32(values) if values.device.type == "cpu" else sum64(values)
 
 
-def matches(values: Tensor, recorded: int) -> bool:
+def checksum_where(values: Tensor) -> Checksum:
+    """`checksum` without a host read: CRC-32 on the host, the sum64 as a tensor on an accelerator (`as_number`
+    reads it when a checkpoint needs it)."""
+    return _crc32(values) if values.device.type == "cpu" else sum64_tensor(values)
+
+
+def as_number(recorded: Checksum) -> int:
+    return int(recorded) if isinstance(recorded, Tensor) else recorded
+
+
+def matches(values: Tensor, recorded: Checksum) -> bool:
     """Whether `values` still has the checksum `recorded` (of either kind)."""
+    recorded = as_number(recorded)
     return (sum64(values) if recorded >= _SUM64_TAG else _crc32(values)) == recorded
+
+
+def changed_since(host: Tensor, on_device: Tensor, recorded: Checksum) -> Tensor:
+    """Whether a shard no longer has its recorded checksum, as a bool tensor where `on_device` is (no host read):
+    a sum64 is recomputed on the device copy, a CRC-32 on the host copy."""
+    if isinstance(recorded, Tensor):
+        return sum64_tensor(on_device) != recorded.to(on_device.device)
+    if recorded >= _SUM64_TAG:
+        return sum64_tensor(on_device) != torch.full((), recorded, dtype=torch.int64, device=on_device.device)
+    return torch.full((), _crc32(host) != recorded, device=on_device.device)
 
 
 def _crc32(values: Tensor) -> int:
@@ -76,6 +100,11 @@ def sum64(values: Tensor) -> int:
     word changes the sum (an odd multiplier is invertible modulo 2^64), and so does moving one. Tagged into
     [2^62, 2^63). One read of the tensor, in chunks of 2^22 words (about 100 MiB of transient memory).
     """
+    return int(sum64_tensor(values))
+
+
+def sum64_tensor(values: Tensor) -> Tensor:
+    """`sum64` as a 0-dim int64 tensor where `values` live: nothing is read back to the host."""
     flat = values.detach().reshape(-1).contiguous().view(torch.uint8)
     words = flat.view(torch.int32) if flat.numel() % 4 == 0 else flat
     total = torch.zeros((), dtype=torch.int64, device=flat.device)
@@ -83,7 +112,7 @@ def sum64(values: Tensor) -> int:
         part = words[start:start + _SUM64_CHUNK].to(torch.int64).add_(1)
         multipliers = torch.arange(start, start + part.numel(), dtype=torch.int64, device=flat.device)
         total += part.mul_(multipliers.mul_(_SUM64_MULTIPLIER).bitwise_or_(1)).sum()
-    return (int(total) ^ words.numel()) % _SUM64_TAG + _SUM64_TAG
+    return torch.remainder(total.bitwise_xor_(words.numel()), _SUM64_TAG).add_(_SUM64_TAG)
 
 
 def available_host_memory() -> int | None:
@@ -115,21 +144,13 @@ class LayerShard:
     theta: Tensor
     offset: int
     numel: int
-    checksum: int = 0
-
-    def write_back(self, indices: Tensor, values: Tensor) -> None:
-        """θ[i] = v for the global indices i that fall in this shard (a refresh's write-back), on θ's device."""
-        indices = indices.to(self.theta.device, torch.long)
-        mine = (indices >= self.offset) & (indices < self.offset + self.theta.numel())
-        self.theta[indices[mine] - self.offset] = values.detach().to(self.theta.device, torch.float32)[mine]
-
-    def on(self, device: torch.device) -> "LayerShard":
-        """The same shard with θ copied to `device` (θ itself when it is already there)."""
-        return replace(self, theta=self.theta.to(device, non_blocking=True))
+    checksum: Checksum = 0
 
 
 class CPUDenseStore:
     """fp32 θ per layer, flat, in host memory; each rank keeps its shard. Keyed by module name."""
+
+    shards_independent = True  # `stream` hands out the shards themselves: a caller may hold several at once
 
     def __init__(self, rank: int = 0, world: int = 1):
         self._pin = False
@@ -199,7 +220,8 @@ class CPUDenseStore:
         """The shards one after another for a read-modify-write pass.
 
         The caller writes θ and records its new `checksum` (computed where it worked on
-        it, see `checksum`) before moving on. A pass that raises leaves its shard with the
+        it, see `checksum_where`); the shards are the store's own tensors, so it may take
+        the next before it is done with one. A pass that raises leaves its shard with the
         old checksum, so the next refresh reports it until a checkpoint is loaded.
         """
         for name in names:
@@ -225,8 +247,9 @@ class CPUDenseStore:
         return {name: layer.theta.clone() for name, layer in self._layers.items()}
 
     def checksums(self) -> dict[str, int]:
-        """CRC-32 of each layer's shard as last written (what a checkpoint of it must hold)."""
-        return {name: layer.checksum for name, layer in self._layers.items()}
+        """The checksum of each layer's shard as last written (what a checkpoint of it must hold): CRC-32, or sum64
+        where a refresh on an accelerator sealed it."""
+        return {name: as_number(layer.checksum) for name, layer in self._layers.items()}
 
     def nbytes(self) -> int:
         """Host bytes this rank holds."""

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 import ds_topkast
-from ds_topkast import refresh
 from ds_topkast.layers import sparse_layers
 from models import batches, ds_config, tiny_gpt2
 
@@ -50,7 +49,7 @@ def perturb_sets(engine) -> None:
     indices = layer.indices
     outside[indices] = False
     indices[-1] = int(outside.nonzero()[0])
-    layer.assign_sets(indices.sort().values, layer.forward_mask)
+    layer.assign_indices(indices.sort().values, layer.forward_mask)
 
 
 PERTURBATIONS = {"perturb": perturb_store, "diverge": perturb_sets}
@@ -109,7 +108,6 @@ def main() -> None:
     parser.add_argument("--nvme", help="keep the dense store in files under this folder")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    refresh.SELECTION_GROUP = 256  # every layer its own group of A's re-selection: both ranks select some
     out = Path(args.out)
     if args.mode == "algorithms":
         for stage in args.stages:

@@ -21,6 +21,13 @@ def topk_by_sort(scores: Tensor, k: int) -> Tensor:
     return mask
 
 
+def dense_alpha(values: Tensor, indices: Tensor, forward_mask: Tensor, shape: tuple[int, int]) -> Tensor:
+    """α from sets given as indices: the values of A scattered at their flat indices, zero elsewhere."""
+    weight = values.new_zeros(shape[0] * shape[1])
+    weight[indices] = torch.where(forward_mask, values, torch.zeros_like(values))
+    return weight.view(shape)
+
+
 def uniform_hash(indices: Tensor, seed: int) -> Tensor:
     """The documented pseudo-random value in [0, 1) of a flat index (murmur-style integer mixing)."""
     x = ((indices & 0xFFFFFFFF) * 2654435761 + (seed & 0xFFFFFFFF) * 40503 + 12345) & 0xFFFFFFFF

@@ -3,9 +3,10 @@ import torch
 
 import pytest
 
-from ds_topkast.layers import (SparseLinearFunction, TopKASTLinear, dense_alpha, exploration_penalty, index_bits,
-                               pack_bits, unpack_bits)
-from ds_topkast.select import segment_topk_masks, segment_topk_masks_by_sort
+from ds_topkast.bitmaps import block_counts
+from ds_topkast.layers import SparseLinearFunction, TopKASTLinear, exploration_penalty, index_bits, pack_bits, unpack_bits
+from ds_topkast.select import radix_topk_bits_
+from reference_topkast import dense_alpha
 
 
 def layer_inputs(dtype=torch.float64):
@@ -20,8 +21,9 @@ def layer_inputs(dtype=torch.float64):
 
 def sparse_linear(x, values, indices, mask, out_f, in_f, *args):
     """The layer's function on B given as indices and A as a mask (it takes them as bitmaps)."""
-    return SparseLinearFunction.apply(x, values, index_bits(indices, out_f * in_f), pack_bits(mask), out_f, in_f,
-                                      *args)
+    bits = index_bits(indices, out_f * in_f)
+    return SparseLinearFunction.apply(x, values, None, bits, block_counts(bits, out_f * in_f), pack_bits(mask), out_f,
+                                      in_f, *args)
 
 
 @pytest.mark.parametrize("count", [1, 7, 8, 9, 64, 1001])
@@ -67,21 +69,33 @@ def test_forward_ignores_b_minus_a():
 
 def make_layer(l2: float = 0.1, dtype=torch.float32) -> TopKASTLinear:
     _, values, indices, mask, out_f, in_f = layer_inputs(dtype)
-    return TopKASTLinear(in_f, out_f, values.detach(), indices, mask, None, k_forward=3, exploration_l2=l2)
+    return TopKASTLinear.from_indices(in_f, out_f, values.detach(), indices, mask, None, k_forward=3,
+                                      exploration_l2=l2)
 
 
-@pytest.mark.parametrize("select", [segment_topk_masks, segment_topk_masks_by_sort], ids=["host", "accelerator"])
-def test_segment_topk_is_exact_per_segment_with_ties_by_lower_position(select):
+def segment_topk_masks(scores, sizes, ks):
+    """Each segment's top k of |scores| by one radix select over all of them (as A's re-selection makes it), each
+    segment's bits from a byte of their own."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    out_starts = [8 * sum(-(-size // 8) for size in sizes[:i]) for i in range(len(sizes))]
+    rows = [value for segment, (start, size, out_start) in enumerate(zip(starts, sizes, out_starts))
+            for value in (start, size, segment, 0, 0, out_start)]
+    out = torch.zeros(out_starts[-1] // 8 + -(-sizes[-1] // 8), dtype=torch.uint8)
+    radix_topk_bits_(out, [(scores, rows)], torch.tensor(ks), max(1, (max(sizes) - 1).bit_length()))
+    return torch.cat([unpack_bits(out, size, out_start) for size, out_start in zip(sizes, out_starts)])
+
+
+def test_segment_topk_is_exact_per_segment_with_ties_by_lower_position():
     scores = torch.tensor([0.5, 2.0, 0.5, 0.0, 2.0, 0.5, 1.0,   3.0, 0.0, 3.0])
-    masks = select(scores, torch.tensor([7, 3]), torch.tensor([4, 1]))
+    masks = segment_topk_masks(scores, [7, 3], [4, 1])
     assert torch.equal(masks, torch.tensor([True, True, False, False, True, False, True, True, False, False]))
     gen = torch.Generator().manual_seed(3)
     sizes, ks = [1000, 1, 5000, 37], [1, 1, 1234, 36]
-    scores = torch.randint(0, 20, (sum(sizes),), generator=gen).float() / 4  # many ties
-    masks = select(scores, torch.tensor(sizes), torch.tensor(ks))
+    scores = torch.randint(-20, 20, (sum(sizes),), generator=gen).float() / 4  # many ties, and signs
+    masks = segment_topk_masks(scores, sizes, ks)
     for part, mask, k in zip(scores.split(sizes), masks.split(sizes), ks):
         expected = torch.zeros(part.numel(), dtype=torch.bool)
-        expected[torch.sort(-part, stable=True).indices[:k]] = True
+        expected[torch.sort(-part.abs(), stable=True).indices[:k]] = True
         assert torch.equal(mask, expected), (part.numel(), k)
 
 

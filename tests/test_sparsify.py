@@ -5,9 +5,9 @@ from torch import nn
 
 import ds_topkast
 from ds_topkast.distributions import layer_densities
-from ds_topkast.layers import TopKASTLinear, dense_alpha, sparse_layers
+from ds_topkast.layers import TopKASTLinear, sparse_layers
 from models import MLP, VOCAB, tiny_gpt2, tiny_llama, tiny_neox
-from reference_topkast import topk_by_sort
+from reference_topkast import dense_alpha, topk_by_sort
 
 FAMILIES = {
     "gpt2": (tiny_gpt2, 8, "Conv1D"),

@@ -51,10 +51,10 @@ def inject_fault(point: str, step: int, rank: int) -> None:
     elif point == "refresh":
         real_layer = Refresher._refresh_layer
 
-        def refresh_layer_then_die(self, index, layer, shard, at_step):
-            if at_step == step and index == 1:
+        def refresh_layer_then_die(self, index, *args):  # args end with the refresh's step
+            if args[-1] == step and index == 1:
                 die()
-            return real_layer(self, index, layer, shard, at_step)
+            return real_layer(self, index, *args)
 
         Refresher._refresh_layer = refresh_layer_then_die
     elif point == "checkpoint":

@@ -40,6 +40,7 @@ from ds_topkast.checkpoint import load_file
 from ds_topkast.collectives import ProcessGroupCollectives, release_cpu_shm_buffer
 from ds_topkast.config import SECTION, TopKASTConfigError, load_deepspeed_config, validate_section
 from ds_topkast.dense_weights import tag_folder
+from ds_topkast.layers import exploration_penalty
 from ds_topkast.lm.corpus_cache import PreparedCorpus, open_corpus, prepare_corpus
 from ds_topkast.lm.corpus_sources import CorpusError, DataConfig
 from ds_topkast.lm.model_runners import make_runner
@@ -208,24 +209,15 @@ class TrainingLoop:
             (bar.write if bar is not None else print)(message)
 
     def train_step(self, step: int) -> torch.Tensor:
-        """One optimizer step; returns [loss, exploration penalty] on the device, unsynchronised.
-
-        The loss is this rank's mean over its micro-batches divided by the world size (the
-        log interval sums them over ranks); the penalty, whose gradient the sparse layers
-        apply in their backward, is its value at the last micro-batch, the same on every rank.
-        """
-        from ds_topkast.layers import exploration_penalty
-
+        """One optimizer step; returns the loss on the device, unsynchronised: this rank's mean over its
+        micro-batches divided by the world size (the log interval sums it over ranks)."""
         losses = []
         for micro in range(self.accumulation):
             loss = self.runner.train_loss(self.engine, step, micro, self.rank, self.world)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())
-        total = torch.stack(losses).double().sum() / (self.world * self.accumulation)
-        penalty = exploration_penalty(self.engine.module)
-        penalty = penalty.double() / self.world if torch.is_tensor(penalty) else total.new_zeros(())
-        return torch.stack([total, penalty])
+        return torch.stack(losses).double().sum() / (self.world * self.accumulation)
 
     def evaluate(self, split: str, count: int | None) -> tuple[float, int]:
         """(mean loss in nats, predicted tokens) over every rank's share of the split."""
@@ -330,7 +322,8 @@ class TrainingLoop:
             bar.update(1)
             seen = self.report_refreshes(seen, bar)
             if done % self.cfg.log_interval == 0 or done == self.stop:
-                loss, penalty = (self.comm.all_reduce_sum(pending) / timed).tolist()  # waits for the steps
+                loss = float(self.comm.all_reduce_sum(pending) / timed)  # waits for the steps
+                penalty = float(exploration_penalty(self.engine.module))  # at the last step, the same on every rank
                 elapsed += time.perf_counter() - tick
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.engine.get_lr()[0]:.2e}")
                 self.log({"kind": "train", "step": done, "loss": loss, "exploration_penalty": penalty,
