@@ -1,6 +1,6 @@
 """Memory, step time and refresh cost: dense DeepSpeed, ZeRO-Offload and ds_topkast side by side.
 
-    python bench/bench_training.py [--size tiny|cpu|gpt2-small|gpt2-medium] [--steps 8] [--interval 100]
+    python bench/bench_training.py [--size tiny|cpu|cpu-24|gpt2-small|gpt2-medium] [--steps 8] [--interval 100]
                                    [--variants dense,offload,80/0,90/80,95/90] [--out runs/bench]
 
 One process, one GPT-2-style model (same seed, same batches), five engines built one
@@ -15,11 +15,17 @@ is ~16x slower than fp32 on our CI cores), which would hide every other cost, so
   steps (activations and transients included), both above what was allocated before the
   variant was built (earlier variants leave some behind); host bytes of the store and
   of offloaded state;
+- what one step between refreshes asks of the host side (bench/op_counts.py): ATen ops
+  dispatched, those that launch a kernel, those that sync the host on CUDA; at the sizes
+  users train a GPU step is host-bound and its time follows these counts. `--size cpu-24`
+  is the 24-block proxy of docs/RESULTS.md where they decide the CPU step time too;
 - median step time between refreshes (and, of it, A's re-selection in every layer),
   and amortised with one refresh every
   `--interval` steps (step + refresh / interval), as ratios to dense and to ZeRO-Offload;
-- one refresh against one read+write pass over the same store (the floor), and the
-  store's traffic: bytes streamed between refreshes (must be 0) and per refresh.
+- one refresh against one read+write pass over the same store (the floor) and, on a
+  GPU, against copying every shard to the accelerator and back (the host-link floor);
+  its host syncs per sparsified layer (syncing ops, values read back, waits for a
+  copy); the store's traffic: bytes streamed between refreshes (must be 0) and per refresh.
 Prints the table and writes training.json to --out.
 """
 from __future__ import annotations
@@ -35,10 +41,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
 from common import median_seconds, single_rank_environment, synchronize  # noqa: E402
+from op_counts import OpCounter  # noqa: E402
 
 SIZES = {  # GPT-2 shapes: layers, width, heads, tokens per row, rows per step
     "tiny": dict(n_layer=2, n_embd=64, n_head=4, seq=32, micro=2),
     "cpu": dict(n_layer=4, n_embd=256, n_head=4, seq=128, micro=4),
+    "cpu-24": dict(n_layer=24, n_embd=64, n_head=4, seq=32, micro=2),  # host-bound: 96 small sparsified layers
     "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, seq=256, micro=4),
     "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, seq=1024, micro=4),
 }
@@ -122,7 +130,7 @@ def measure(name: str, variant, shape: dict, steps: int, interval: int, bf16: bo
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 256, (shape["micro"], shape["seq"]), generator=gen).to(engine.device)
-               for _ in range(steps + 2)]
+               for _ in range(steps + 3)]
 
     def step(batch):
         engine.backward(engine(input_ids=batch, labels=batch).loss)
@@ -137,9 +145,12 @@ def measure(name: str, variant, shape: dict, steps: int, interval: int, bf16: bo
         torch.cuda.reset_peak_memory_stats()
     sparse = hasattr(engine, "topkast")
     streamed_before = engine.topkast.state.store.streamed_bytes if sparse else 0
-    times = [median_seconds(lambda: step(batch), 1) for batch in batches[2:]]
+    times = [median_seconds(lambda: step(batch), 1) for batch in batches[3:]]
+    with OpCounter() as counter:
+        step(batches[2])
     row = {"variant": name, "step_s": statistics.median(times), "allocated_between_steps": allocated,
-           "max_memory_allocated": torch.cuda.max_memory_allocated() - baseline if gpu else None}
+           "max_memory_allocated": torch.cuda.max_memory_allocated() - baseline if gpu else None,
+           **{f"{key}_per_step": value for key, value in counter.totals().items()}}
     if profile:
         print(f"\n{name}: the ops that took the most time over 2 steps", flush=True)
         profile_steps(step, batches[2:4])
@@ -149,8 +160,15 @@ def measure(name: str, variant, shape: dict, steps: int, interval: int, bf16: bo
         row["streamed_between_refreshes"] = store.streamed_bytes - streamed_before
         row["reselect_s"] = median_seconds(engine.topkast.refresher.reselect_forward_sets, 5, warm_up=True)
         before = store.streamed_bytes
-        row["refresh_s"] = median_seconds(lambda: engine.topkast.refresher.refresh(engine.global_steps), 3)
+        refresher = engine.topkast.refresher
+        row["refresh_s"] = median_seconds(lambda: refresher.refresh(engine.global_steps), 3)
         row["streamed_per_refresh"] = (store.streamed_bytes - before) // 3
+        reads, waits = refresher.host_reads, refresher.copies.host_waits
+        with OpCounter() as counter:
+            refresher.refresh(engine.global_steps)
+        row["refresh_syncs_per_layer"] = (counter.totals()["syncs"] + refresher.host_reads - reads
+                                          + refresher.copies.host_waits - waits) / len(refresher.layers)
+        row["refresh_ops_per_layer"] = counter.totals()["ops"] / len(refresher.layers)
         row["floor_s"] = store_floor_seconds(store)
         row["transfer_floor_s"] = transfer_floor_seconds(store, engine.device) if gpu else None
         row.update(sparsified_bytes=report.sparse_total, sparsified_dense_bytes=report.dense_total,
@@ -185,9 +203,18 @@ def print_table(rows: list[dict], interval: int) -> None:
               f"{r['refresh_s']:>10.3f}{floor:>8}{share:>10.2%}")
     print(f"sparsified: accelerator bytes of the sparsified layers / the same layers trained dense; "
           f"refresh %: share of training time at one refresh per {interval} steps")
+    print(f"\n{'variant':<16}{'ops/step':>9}{'/dense':>8}{'kernels':>9}{'/dense':>8}{'syncs':>7}"
+          f"{'reselect ms':>12}{'refresh ops/layer':>18}{'refresh syncs/layer':>20}")
     for r in rows:
-        if "reselect_s" in r:
-            print(f"{r['variant']}: A re-selected in every layer (part of each step) in {r['reselect_s'] * 1e3:.2f} ms")
+        reselect = f"{r['reselect_s'] * 1e3:.2f}" if "reselect_s" in r else "-"
+        refresh_ops = f"{r['refresh_ops_per_layer']:.0f}" if "refresh_ops_per_layer" in r else "-"
+        refresh_syncs = f"{r['refresh_syncs_per_layer']:.2f}" if "refresh_syncs_per_layer" in r else "-"
+        print(f"{r['variant']:<16}{r['ops_per_step']:>9}{ratio(r['ops_per_step'], dense, 'ops_per_step'):>8}"
+              f"{r['kernels_per_step']:>9}{ratio(r['kernels_per_step'], dense, 'kernels_per_step'):>8}"
+              f"{r['syncs_per_step']:>7}{reselect:>12}{refresh_ops:>18}{refresh_syncs:>20}")
+    print("ops/kernels/syncs: ATen ops one step between refreshes dispatches, those launching a kernel, those "
+          "syncing the host on CUDA (bench/op_counts.py); reselect: A re-selected in every layer (part of each "
+          "step); refresh syncs: syncing ops + values read back + waits for a copy, per sparsified layer")
     if rows[0]["max_memory_allocated"] is not None:
         print(f"\n{'variant':<16}{'predicted MiB':>14}{'allocated MiB':>14}{'peak MiB':>10}{'peak/dense':>11}"
               f"{'transfer floor s':>17}")
@@ -206,7 +233,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=list(SIZES), default="cpu")
-    parser.add_argument("--steps", type=int, default=8, help="Timed steps per variant (after 2 warm-up steps).")
+    parser.add_argument("--steps", type=int, default=8,
+                        help="Timed steps per variant (after 2 warm-up steps and one counted).")
     parser.add_argument("--interval", type=int, default=100, help="Refresh interval for the amortised time.")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 on a GPU, fp32 on the CPU accelerator.")

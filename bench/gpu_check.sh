@@ -9,16 +9,20 @@
 # libaio into .whl/; this script installs them there (bench/gpu_env.sh) unless --smoke.
 # Then, each step with its own time limit and its whole output in DIR/gpu_check.txt:
 #   1. the machine: GPU, driver, torch, deepspeed, DeepSpeed's op report;
-#   2. the GPU tests, `pytest -m gpu` (tests/test_gpu.py): the compact engine against
-#      the independent fp32 reference in fp32 and bf16, host syncs against dense
-#      DeepSpeed, autocast, the training command (both model families, eval, resume), the
-#      NVMe store, the Hugging Face Trainer callback;
+#   2. the GPU tests, `pytest -m gpu` (tests/test_gpu.py, tests/test_kernels.py): the
+#      compact engine against the independent fp32 reference in fp32 and bf16, host syncs
+#      against dense DeepSpeed, autocast, the training command (both model families,
+#      eval, resume), the NVMe store, the Hugging Face Trainer callback; the Triton
+#      kernels against their torch references;
 #   3. bench_training.py at GPT-2-medium shape in bf16: step time of dense DeepSpeed
-#      (ZeRO-2), ZeRO-Offload and ds_topkast 90/80, and accelerator memory measured
-#      (memory_allocated between steps, max_memory_allocated) next to memory_report's;
+#      (ZeRO-2), ZeRO-Offload and ds_topkast 90/80 with the ATen ops, kernels and syncs
+#      of a step, accelerator memory measured (memory_allocated between steps,
+#      max_memory_allocated) next to memory_report's, and the refresh against its
+#      host-link floor (every shard copied to the GPU and back);
 #   4. bench_clm.py: examples/run_clm.py (the Hugging Face Trainer, ZeRO-2 bf16) at
-#      GPT-2-small shape, 150 steps with Top-KAST 80/60 and dense: tokens/s, the
-#      Trainer's peak accelerator memory, eval loss;
+#      GPT-2-small shape, 150 steps with Top-KAST 80/60 and dense: tokens/s between
+#      refreshes (each step timed with CUDA events) and over the run, the refresh apart,
+#      peak accelerator memory, eval loss;
 #   5. bench_lm.py: the training command on the 69M Transformer-XL paper setup
 #      (configs/paper/enwik8_txl69m_90_80.json) on the embedded corpus, dense and 90/80,
 #      about 150 s each: tokens/s and peak accelerator memory side by side.
@@ -77,7 +81,7 @@ print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"deepspeed\",
       \"transformers\", transformers.__version__)
 print(\"device:\", torch.cuda.get_device_name() if torch.cuda.is_available() else \"CPU accelerator\")
 '; $python -m deepspeed.env_report 2>&1 | tail -n 40"
-run_step gpu_tests 200 "$python" -m pytest -m gpu -q -p no:xdist -p no:randomly -rs --durations=12 tests/test_gpu.py
+run_step gpu_tests 200 "$python" -m pytest -m gpu -q -p no:xdist -p no:randomly -rs --durations=12 tests/test_gpu.py tests/test_kernels.py
 run_step bench_training 320 "$python" bench/bench_training.py --size "$size" --precision "$precision" \
   --steps "$steps" --variants "$variants" --out "$out"
 run_step run_clm 300 "$python" bench/bench_clm.py "${clm_flags[@]}" --out "$out/clm"
