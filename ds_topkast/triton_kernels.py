@@ -78,11 +78,11 @@ def _gather_kernel(dense, bits, counts, forward_bits, values, out, start, length
 
 
 @triton.jit
-def _remap_kernel(old_bits, old_counts, new_bits, new_counts, out, bit_count, BLOCK: tl.constexpr):
+def _remap_kernel(old_bits, old_counts, new_bits, new_counts, out, count, bit_count, BLOCK: tl.constexpr):
     block = tl.program_id(0)
     _, old, old_rank = _block_members(old_bits, old_counts, block, bit_count, BLOCK)
     _, new, new_rank = _block_members(new_bits, new_counts, block, bit_count, BLOCK)
-    tl.store(out + new_rank, tl.where(old, old_rank, -1), mask=new)
+    tl.store(out + new_rank, tl.where(old, old_rank, -1), mask=new & (new_rank < count))
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def _row(rows, chunks, ROW_SIZE: tl.constexpr):
 @triton.jit
 def _keys(source, offset, index, mask, position_base, position_bits, position_max):
     """Distinct int64 keys: |x|'s float bits above the reversed position (a lower position ranks higher)."""
-    x = tl.load(source + offset + index, mask=mask, other=0.0)
+    x = tl.load(source + offset + index, mask=mask, other=0.0).to(tl.float32)
     magnitude = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
     return (magnitude << position_bits) | (position_max - (position_base + index))
 
@@ -117,8 +117,9 @@ def _radix_histogram_kernel(histogram, source, rows, chunks, prefix, candidates,
     mask = mask & ((key >> (shift + WIDTH)) == tl.load(prefix + segment))
     digit = tl.where(mask, ((key >> shift) & ((1 << WIDTH) - 1)).to(tl.int32), 1 << WIDTH)  # the rest: a spare bin
     bins = tl.arange(0, 2 << WIDTH)
-    tl.atomic_add(histogram + segment * (1 << WIDTH) + bins, tl.histogram(digit, 2 << WIDTH),
-                  mask=bins < (1 << WIDTH))
+    counts = tl.histogram(digit, 2 << WIDTH)
+    # Only the bins this chunk fills: after the first pass almost every entry misses the prefix.
+    tl.atomic_add(histogram + segment * (1 << WIDTH) + bins, counts, mask=(bins < (1 << WIDTH)) & (counts > 0))
 
 
 @triton.jit
@@ -135,19 +136,20 @@ def _radix_step_kernel(histogram, prefix, remaining, prefix_out, remaining_out, 
 
 
 @triton.jit
-def _radix_select_kernel(out_bits, source, rows, chunks, threshold, k, candidates, position_bits, position_max,
+def _radix_select_kernel(out_words, source, rows, chunks, threshold, k, candidates, position_bits, position_max,
                          HAS_CANDIDATES: tl.constexpr, ROW_SIZE: tl.constexpr, CHUNK_SIZE: tl.constexpr):
     first, offset, length, segment, base, candidate_offset, out_offset = _row(rows, chunks, ROW_SIZE)
-    index = first + tl.arange(0, CHUNK_SIZE)  # out_offset + first is a multiple of 8: whole output bytes
+    index = first + tl.arange(0, CHUNK_SIZE)  # out_offset + first is a multiple of 32: whole output words
     mask = (index >= 0) & (index < length)
     key = _keys(source, offset, index, mask, base, position_bits, position_max)
     chosen = mask & (key >= tl.load(threshold + segment)) & (tl.load(k + segment) > 0)
     if HAS_CANDIDATES:
         chosen = chosen & (_bit_at(candidates, candidate_offset + index, mask) == 1)
-    weighted = tl.reshape(chosen.to(tl.int32), (CHUNK_SIZE // 8, 8)) << tl.arange(0, 8)[None, :]
-    byte = (out_offset + first) // 8 + tl.arange(0, CHUNK_SIZE // 8)
-    inside = (byte >= out_offset // 8) & (byte < (out_offset + length + 7) // 8)
-    tl.store(out_bits + byte, tl.sum(weighted, axis=1).to(tl.uint8), mask=inside)
+    weighted = tl.reshape(chosen.to(tl.int32), (CHUNK_SIZE // 32, 32)) << tl.arange(0, 32)[None, :]
+    bits = tl.sum(weighted, axis=1)  # distinct powers of two: the sum is their OR
+    word = (out_offset + first) // 32 + tl.arange(0, CHUNK_SIZE // 32)
+    # OR, not store: a word at a row's edge may hold another row's bits, or bits already set.
+    tl.atomic_or(out_words + word, bits, mask=(bits != 0) & (word >= 0))
 
 
 def _blocks(start: int, length: int) -> int:
@@ -182,10 +184,10 @@ def gather_bits_(out, dense, bits, counts, start, forward_bits, values, l2_scale
 
 
 def remap_positions(old_bits, old_counts, new_bits, new_counts, numel, count):
-    out = torch.empty(count, dtype=torch.int64, device=old_bits.device)
+    out = torch.full((count,), -1, dtype=torch.int64, device=old_bits.device)
     if numel:
-        _remap_kernel[(_blocks(0, numel),)](old_bits, old_counts, new_bits, new_counts, out, 8 * old_bits.numel(),
-                                            BLOCK=BLOCK_BITS)
+        _remap_kernel[(_blocks(0, numel),)](old_bits, old_counts, new_bits, new_counts, out, count,
+                                            8 * old_bits.numel(), BLOCK=BLOCK_BITS)
     return out
 
 
@@ -194,15 +196,15 @@ _TABLES_KEPT = 256
 
 
 def _tables(rows: list[int], device: torch.device) -> tuple[Tensor, Tensor, int]:
-    """The rows and their chunks (row, first entry; the first of a row aligned so that its output starts on a
-    byte) on the device, made once per table and device (copied from pinned memory: no host sync)."""
+    """The rows and their chunks (row, first entry; the first of a row aligned so that its output starts on an
+    int32 word) on the device, made once per table and device (copied from pinned memory: no host sync)."""
     key = (device, tuple(rows))
     if key in _TABLES:
         _TABLES.move_to_end(key)
         return _TABLES[key]
     chunks = []
     for index, (_, length, _, _, _, out_offset) in enumerate(row_tuples(rows)):
-        chunks += [value for first in range(-(out_offset % 8), length, CHUNK) for value in (index, first)]
+        chunks += [value for first in range(-(out_offset % 32), length, CHUNK) for value in (index, first)]
 
     def upload(values: list[int]) -> Tensor:
         host = torch.tensor(values or [0], dtype=torch.int64)
@@ -233,10 +235,13 @@ def radix_step(histogram, prefix, remaining, width):
 
 
 def radix_select_bits_(out_bits, source, rows, threshold, k, candidates, position_bits):
+    if out_bits.numel() % 4:
+        raise ValueError(f"radix_select_bits_ on CUDA ORs whole int32 words into its output; got a bitmap of "
+                         f"{out_bits.numel()} bytes: pad it to whole words (select.padded_bitmap).")
     row_table, chunk_table, programs = _tables(rows, source.device)
     if programs:
         _radix_select_kernel[(programs,)](
-            out_bits, source, row_table, chunk_table, threshold, k, source if candidates is None else candidates,
+            out_bits.view(torch.int32), source, row_table, chunk_table, threshold, k, source if candidates is None else candidates,
             position_bits, (1 << position_bits) - 1, HAS_CANDIDATES=candidates is not None, ROW_SIZE=ROW,
             CHUNK_SIZE=CHUNK)
 

@@ -185,6 +185,24 @@ def test_radix_select_matches_the_reference_and_a_stable_sort(where, device, ops
         assert torch.equal(chosen[out:out + length], expected), segment
 
 
+@pytest.mark.parametrize("where", where_params())
+def test_radix_select_bits_ors_into_bytes_rows_share_and_bits_already_set(where, device, ops):
+    """Rows whose outputs share a byte, an empty row starting mid-byte, and an output with bits already set: every
+    row's chosen bits are OR-ed in, nothing else changes."""
+    source = torch.randn(40, generator=torch.Generator().manual_seed(5))
+    rows = [0, 5, 0, 0, 0, 0,  # output bits 0-4
+            5, 15, 1, 0, 0, 5,  # bits 5-19: shares byte 0 with the row before
+            20, 0, 2, 0, 0, 37,  # empty, mid-byte
+            20, 20, 2, 0, 0, 43]  # bits 43-62
+    everything, one = torch.zeros(3, dtype=torch.int64), torch.ones(3, dtype=torch.int64)  # threshold 0: all chosen
+    for fill in (0x00, 0xA5):
+        expected = torch.full((8,), fill, dtype=torch.uint8)
+        got = expected.to(device)
+        REFERENCES["radix_select_bits_"](expected, source, rows, everything, one, None, 6)
+        ops["radix_select_bits_"](got, *on(device, source), rows, *on(device, everything, one), None, 6)
+        assert torch.equal(got.cpu(), expected), (got.cpu(), expected)
+
+
 def test_the_layer_calls_triton_on_cuda_and_the_reference_elsewhere():
     """The ops are registered for CUDA (Triton) and for every other device (the torch reference)."""
     for name in REFERENCES:
