@@ -1,10 +1,13 @@
 """`ds_topkast.initialize`: `deepspeed.initialize` plus Top-KAST, with the same arguments and returns.
 
-The returned engine is DeepSpeed's own engine with three methods extended (its class is
+The returned engine is DeepSpeed's own engine with four methods extended (its class is
 swapped for a subclass, so `isinstance(engine, DeepSpeedEngine)` still holds):
 - `step()` runs the refresh after every `refresh_interval`-th optimizer step and
   re-selects set A inside B every `forward_interval` steps;
-- `save_checkpoint` / `load_checkpoint` also carry the dense store and the sets.
+- `save_checkpoint` / `load_checkpoint` also carry the dense store and the sets;
+- `save_16bit_model` writes the plain model (each sparse layer's `weight`, α, in the
+  layout of the layer it replaced), which plain PyTorch and transformers load; DeepSpeed's
+  checkpoints keep the sparse form.
 The public methods hold the guards; `TopKASTRuntime` (runtime.py) does the work.
 
 Checkpoints are made safe to resume from. DeepSpeed's rank 0 writes `latest` as soon as
@@ -30,6 +33,7 @@ from ds_topkast.checkpoint import CheckpointError, load_file
 from ds_topkast.collectives import ProcessGroupCollectives
 from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, refuse_loss_scaling, topkast_section
 from ds_topkast.optimizer_state import adapter_for, per_entry_state_keys, refuse_unknown_config_optimizer
+from ds_topkast.plain_save import plain_state_dict
 from ds_topkast.runtime import TopKASTRuntime
 from ds_topkast.sparsify import TopKASTState, sparsify, topkast_state
 from ds_topkast.store import fsync_path
@@ -71,6 +75,24 @@ class TopKASTEngineMixin:
                 _commit_latest(Path(save_dir), tag)
             dist.barrier()
         return saved
+
+    def save_16bit_model(self, save_dir, save_filename="pytorch_model.bin", exclude_frozen_parameters=False):
+        """DeepSpeed's 16-bit model save (every rank calls it; under ZeRO-3 it gathers the weights), of the plain
+        model: the state dict DeepSpeed builds has each sparse layer's values and bitmaps turned into its `weight`."""
+        self._saving_plain = True
+        try:
+            return super().save_16bit_model(save_dir, save_filename, exclude_frozen_parameters)
+        finally:
+            self._saving_plain = False
+
+    def module_state_dict(self, *args, **kwargs):
+        state = super().module_state_dict(*args, **kwargs)
+        return plain_state_dict(self.module, state) if getattr(self, "_saving_plain", False) else state
+
+    def _zero3_consolidated_16bit_state_dict(self, *args, **kwargs):
+        state = super()._zero3_consolidated_16bit_state_dict(*args, **kwargs)  # None on ranks other than 0
+        saving_plain = getattr(self, "_saving_plain", False) and state is not None
+        return plain_state_dict(self.module, state) if saving_plain else state
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         tag = _latest_tag(Path(load_dir)) if tag is None else str(tag)

@@ -58,8 +58,9 @@ def export(engine_or_model, weights: str = "forward") -> nn.Module:
     if (engine is not None and engine.zero_optimization_stage() == 3) or any(
             hasattr(p, "ds_id") for p in model.parameters()):
         raise ValueError("export does not gather ZeRO-3 partitioned parameters. Save the model instead: "
-                         "trainer.save_model() (with zero_optimization.stage3_gather_16bit_weights_on_model_save) "
-                         "writes the plain model, as save_pretrained does for a sparsified model; or export from an "
+                         "engine.save_16bit_model(dir) on every rank, or trainer.save_model() (either with "
+                         "zero_optimization.stage3_gather_16bit_weights_on_model_save), writes the plain model, as "
+                         "save_pretrained does for a sparsified model; or export from an "
                          "engine with zero_optimization.stage 0-2 that loads the checkpoint, with the same world size.")
     for name, layer in sparse_layers(model).items():
         values = (engine.topkast.refresher.adapter.get_master(layer.values) if engine is not None

@@ -69,3 +69,28 @@ def test_a_sparsified_models_save_pretrained_writes_the_plain_model_that_loads_b
     wrong["transformer.h.0.mlp.c_fc.weight"] = wrong["transformer.h.0.mlp.c_fc.weight"].t()
     with pytest.raises(RuntimeError, match="size mismatch for transformer.h.0.mlp.c_fc.weight"):
         model.load_state_dict(wrong)
+
+
+@pytest.mark.parametrize("stage,bf16", [(0, False), (2, True), (3, True)])
+def test_save_16bit_model_writes_the_plain_model_and_checkpoints_stay_sparse(tmp_path, stage, bf16):
+    """DeepSpeed's documented way out of an engine loads into the plain model with nothing missing or unexpected
+    and computes what the engine computes; the engine's own checkpoint still holds the sparse layers."""
+    cfg = ds_config(stage=stage, bf16=bf16, refresh_interval=2)
+    if stage == 3:
+        cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=cfg)
+    train(engine, 3)
+    x = batches(1)[0]
+    engine.eval()
+    with torch.no_grad():
+        expected = engine(input_ids=x).logits.float()
+    assert engine.save_16bit_model(str(tmp_path))
+    plain = tiny_gpt2(seed=1).to(torch.bfloat16 if bf16 else torch.float32).eval()
+    result = plain.load_state_dict(torch.load(tmp_path / "pytorch_model.bin", weights_only=True), strict=False)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=x).logits.float(), expected, rtol=1e-5, atol=1e-5)
+    engine.save_checkpoint(str(tmp_path / "checkpoint"))
+    if stage < 3:  # ZeRO-3 keeps the module's partitions in its optimizer files
+        module = torch.load(next((tmp_path / "checkpoint").rglob("*model_states.pt")), weights_only=False)["module"]
+        assert "transformer.h.0.attn.c_attn.values" in module and "transformer.h.0.attn.c_attn.weight" not in module
