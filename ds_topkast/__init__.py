@@ -13,10 +13,12 @@ from ds_topkast.export import export
 from ds_topkast.dense_weights import load_dense_weights
 from ds_topkast.layers import TopKASTLinear, exploration_penalty
 from ds_topkast.memory_accounting import memory_report
+from ds_topkast.plain_save import plain_state_dict
 from ds_topkast.sparsify import sparsify
 
 __all__ = ["CheckpointError", "TopKASTCallback", "TopKASTConfig", "TopKASTConfigError", "TopKASTLinear",
-           "exploration_penalty", "export", "initialize", "load_dense_weights", "memory_report", "sparsify"]
+           "exploration_penalty", "export", "initialize", "load_dense_weights", "memory_report", "plain_state_dict",
+           "sparsify"]
 
 
 def __getattr__(name: str):

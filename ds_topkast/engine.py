@@ -33,7 +33,7 @@ from ds_topkast.checkpoint import CheckpointError, load_file
 from ds_topkast.collectives import ProcessGroupCollectives
 from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, refuse_loss_scaling, topkast_section
 from ds_topkast.optimizer_state import adapter_for, per_entry_state_keys, refuse_unknown_config_optimizer
-from ds_topkast.plain_save import plain_state_dict
+from ds_topkast.plain_save import as_plain
 from ds_topkast.runtime import TopKASTRuntime
 from ds_topkast.sparsify import TopKASTState, sparsify, topkast_state
 from ds_topkast.store import fsync_path
@@ -87,12 +87,12 @@ class TopKASTEngineMixin:
 
     def module_state_dict(self, *args, **kwargs):
         state = super().module_state_dict(*args, **kwargs)
-        return plain_state_dict(self.module, state) if getattr(self, "_saving_plain", False) else state
+        return as_plain(self.module, state) if getattr(self, "_saving_plain", False) else state
 
     def _zero3_consolidated_16bit_state_dict(self, *args, **kwargs):
         state = super()._zero3_consolidated_16bit_state_dict(*args, **kwargs)  # None on ranks other than 0
         saving_plain = getattr(self, "_saving_plain", False) and state is not None
-        return plain_state_dict(self.module, state) if saving_plain else state
+        return as_plain(self.module, state) if saving_plain else state
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         tag = _latest_tag(Path(load_dir)) if tag is None else str(tag)

@@ -18,10 +18,12 @@ resumes without DeepSpeed) keeps each layer's sets and takes the weight's entrie
 from __future__ import annotations
 
 import types
+from contextlib import nullcontext
 
 from torch import Tensor, nn
 
 from ds_topkast.layers import TopKASTLinear, alpha_from_sets, sparse_layers
+from ds_topkast.zero_init import gathered, is_partitioned
 
 
 def plain_weight(layer: TopKASTLinear, values: Tensor, backward_bits: Tensor, forward_bits: Tensor) -> Tensor:
@@ -30,7 +32,7 @@ def plain_weight(layer: TopKASTLinear, values: Tensor, backward_bits: Tensor, fo
     return weight.t().contiguous() if layer.source_type == "Conv1D" else weight
 
 
-def plain_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+def as_plain(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """`state_dict` with every Top-KAST layer's entries replaced by the plain `weight` of the layer it replaced.
 
     Layers whose values the dict lacks (DeepSpeed's empty dict under ZeRO-3 without
@@ -45,10 +47,39 @@ def plain_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[st
     return plain
 
 
+def plain_state_dict(engine_or_model: nn.Module) -> dict[str, Tensor]:
+    """The state dict of the plain model a sparsified model (or a DeepSpeed engine or DDP wrapper of one) computes:
+    each Top-KAST layer's `weight` (α, in the layout of the layer it replaced) in place of its values and bitmaps,
+    every other entry as the model's own `state_dict()` has it, on the host.
+
+    Under ZeRO-3 it is a collective (every rank calls it): the model is gathered one module
+    at a time and rank 0 gets the whole dict, the other ranks an empty one.
+    """
+    model = engine_or_model
+    while isinstance(getattr(model, "module", None), nn.Module):  # DeepSpeedEngine, DistributedDataParallel
+        model = model.module
+    if not any(is_partitioned(p) for p in model.parameters()):
+        return as_plain(model, {key: value.detach().cpu() for key, value in model.state_dict().items()})
+    import torch.distributed as dist
+
+    keep = not dist.is_initialized() or dist.get_rank() == 0
+    state: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        own = list(module.parameters(recurse=False))
+        with gathered(module) if any(is_partitioned(p) for p in own) else nullcontext():
+            if keep:
+                entries = [*module.named_parameters(recurse=False), *(
+                    (key, b) for key, b in module.named_buffers(recurse=False)
+                    if key not in module._non_persistent_buffers_set)]
+                state.update({prefix + key: tensor.detach().cpu().clone() for key, tensor in entries})
+    return as_plain(model, state) if keep else {}
+
+
 def _save_pretrained_plain(self, save_directory, *args, state_dict=None, **kwargs):
     """The model's own save_pretrained, given the plain state dict (see ds_topkast.plain_save)."""
     state_dict = self.state_dict() if state_dict is None else state_dict
-    return type(self).save_pretrained(self, save_directory, *args, state_dict=plain_state_dict(self, state_dict),
+    return type(self).save_pretrained(self, save_directory, *args, state_dict=as_plain(self, state_dict),
                                       **kwargs)
 
 

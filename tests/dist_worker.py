@@ -32,6 +32,8 @@ def build(stage: int, world: int, algorithm: str | None = None, **topkast):
     cfg = ds_config(stage=stage, micro_batch=GLOBAL_BATCH // world, lr=1e-2, refresh_interval=2,
                     **section, **topkast)
     cfg["optimizer"]["params"]["eps"] = 1e-4  # see test_reference_equivalence.EPS
+    if stage == 3:
+        cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # save_16bit_model
     engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=cfg)
     return engine
 
@@ -132,7 +134,11 @@ def main() -> None:
         losses = train(engine, args.start, args.steps)
         if args.mode == "save":
             engine.save_checkpoint(str(out / f"ckpt_stage{stage}"))
-        torch.save(state_of(engine, losses), out / f"{args.mode}_stage{stage}_rank{rank}.pt")
+        state = state_of(engine, losses)
+        if args.mode == "roundtrip":  # the plain model, both ways out of the engine (collectives)
+            state["plain"] = ds_topkast.plain_state_dict(engine)
+            engine.save_16bit_model(str(out / f"plain_stage{stage}"))
+        torch.save(state, out / f"{args.mode}_stage{stage}_rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,30 @@ def test_two_rank_checkpoint_resumes_on_two_ranks(tmp_path):
         for rank, got in enumerate(ranks):
             assert_same_training(got, expected, f"ZeRO-{stage} 2 ranks saved and resumed, rank {rank}")
         assert (tmp_path / f"ckpt_stage{stage}" / "global_step3" / "topkast_rank00001.pt").is_file()
+        assert_plain_model(ranks, expected, tmp_path / f"plain_stage{stage}" / "pytorch_model.bin", stage)
+
+
+def assert_plain_model(ranks: list[dict], expected: dict, saved, stage: int) -> None:
+    """plain_state_dict (under ZeRO-3 on rank 0 only, the others empty; else on every rank) and save_16bit_model's
+    file: α of every sparse layer, in the replaced Conv1D's layout, and every other parameter, as the 1-rank run
+    trained them; loadable into the plain model with nothing missing or unexpected."""
+    from reference_topkast import dense_alpha
+
+    plain, other = ranks[0]["plain"], ranks[1]["plain"]
+    if stage == 3:
+        assert other == {}, "under ZeRO-3 only rank 0 receives the plain state dict"
+    else:
+        assert other.keys() == plain.keys() and all(torch.equal(other[k], plain[k]) for k in plain)
+    result = tiny_gpt2().load_state_dict(plain, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys, f"ZeRO-{stage}: {result}"
+    for name, indices in expected["indices"].items():
+        shape = plain[f"{name}.weight"].t().shape  # GPT-2's Conv1D holds (in, out)
+        alpha = dense_alpha(expected["compact"][name], indices, expected["forward_mask"][name], shape).t()
+        torch.testing.assert_close(plain[f"{name}.weight"].float(), alpha, rtol=1e-5, atol=1e-6, msg=name)
+    for name, value in expected["params"].items():
+        torch.testing.assert_close(plain[name].float().reshape(-1), value, rtol=1e-5, atol=1e-6, msg=name)
+    from_file = torch.load(saved, weights_only=True)
+    assert from_file.keys() == plain.keys() and all(torch.equal(from_file[k], plain[k]) for k in plain)
 
 
 # DeepSpeed itself refuses to load ZeRO-partitioned optimizer state on another world size

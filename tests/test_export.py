@@ -94,3 +94,21 @@ def test_save_16bit_model_writes_the_plain_model_and_checkpoints_stay_sparse(tmp
     if stage < 3:  # ZeRO-3 keeps the module's partitions in its optimizer files
         module = torch.load(next((tmp_path / "checkpoint").rglob("*model_states.pt")), weights_only=False)["module"]
         assert "transformer.h.0.attn.c_attn.values" in module and "transformer.h.0.attn.c_attn.weight" not in module
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_plain_state_dict_of_an_engine_or_a_model_loads_into_the_plain_model(stage):
+    """ds_topkast.plain_state_dict gives what the trained engine computes, at any stage (ZeRO-3: gathered layer by
+    layer); the same for a bare sparsified model."""
+    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=ds_config(stage=stage, refresh_interval=2))
+    train(engine, 3)
+    x = batches(1)[0]
+    engine.eval()
+    with torch.no_grad():
+        expected = engine(input_ids=x).logits
+    for source in (engine, engine.module) if stage < 3 else (engine,):
+        plain = tiny_gpt2(seed=1).eval()
+        result = plain.load_state_dict(ds_topkast.plain_state_dict(source), strict=False)
+        assert not result.missing_keys and not result.unexpected_keys, result
+        with torch.no_grad():
+            torch.testing.assert_close(plain(input_ids=x).logits, expected, rtol=1e-5, atol=1e-5)
