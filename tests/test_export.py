@@ -9,14 +9,28 @@ from models import MLP, batches, ds_config, tiny_gpt2, tiny_llama
 from test_engine import train
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_exported_gpt2_saves_loads_and_matches_the_sparse_model(tmp_path, stage):
-    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=ds_config(stage=stage, refresh_interval=2))
+def trained(cfg: dict):
+    """An engine over tiny_gpt2 trained 3 steps, a batch, and the engine's logits on it (in eval mode)."""
+    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=cfg)
     train(engine, 3)
     x = batches(1)[0]
     engine.eval()
     with torch.no_grad():
-        expected = engine(input_ids=x).logits
+        return engine, x, engine(input_ids=x).logits.float()
+
+
+def assert_plain_model_computes(state_dict: dict, x, expected, dtype=torch.float32) -> None:
+    """state_dict loads into the plain tiny_gpt2 with nothing missing or unexpected and gives `expected` on x."""
+    plain = tiny_gpt2(seed=1).to(dtype).eval()
+    result = plain.load_state_dict(state_dict, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=x).logits.float(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_exported_gpt2_saves_loads_and_matches_the_sparse_model(tmp_path, stage):
+    engine, x, expected = trained(ds_config(stage=stage, refresh_interval=2))
     model = ds_topkast.export(engine)
     assert not sparse_layers(model) and not hasattr(model, "topkast_state")
     model.save_pretrained(tmp_path)
@@ -78,18 +92,10 @@ def test_save_16bit_model_writes_the_plain_model_and_checkpoints_stay_sparse(tmp
     cfg = ds_config(stage=stage, bf16=bf16, refresh_interval=2)
     if stage == 3:
         cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=cfg)
-    train(engine, 3)
-    x = batches(1)[0]
-    engine.eval()
-    with torch.no_grad():
-        expected = engine(input_ids=x).logits.float()
+    engine, x, expected = trained(cfg)
     assert engine.save_16bit_model(str(tmp_path))
-    plain = tiny_gpt2(seed=1).to(torch.bfloat16 if bf16 else torch.float32).eval()
-    result = plain.load_state_dict(torch.load(tmp_path / "pytorch_model.bin", weights_only=True), strict=False)
-    assert not result.missing_keys and not result.unexpected_keys, result
-    with torch.no_grad():
-        torch.testing.assert_close(plain(input_ids=x).logits.float(), expected, rtol=1e-5, atol=1e-5)
+    assert_plain_model_computes(torch.load(tmp_path / "pytorch_model.bin", weights_only=True), x, expected,
+                                torch.bfloat16 if bf16 else torch.float32)
     engine.save_checkpoint(str(tmp_path / "checkpoint"))
     if stage < 3:  # ZeRO-3 keeps the module's partitions in its optimizer files
         module = torch.load(next((tmp_path / "checkpoint").rglob("*model_states.pt")), weights_only=False)["module"]
@@ -99,16 +105,7 @@ def test_save_16bit_model_writes_the_plain_model_and_checkpoints_stay_sparse(tmp
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_plain_state_dict_of_an_engine_or_a_model_loads_into_the_plain_model(stage):
     """ds_topkast.plain_state_dict gives what the trained engine computes, at any stage (ZeRO-3: gathered layer by
-    layer); the same for a bare sparsified model."""
-    engine, *_ = ds_topkast.initialize(model=tiny_gpt2(), config=ds_config(stage=stage, refresh_interval=2))
-    train(engine, 3)
-    x = batches(1)[0]
-    engine.eval()
-    with torch.no_grad():
-        expected = engine(input_ids=x).logits
+    layer); at ZeRO 0-2 the same from the engine's module."""
+    engine, x, expected = trained(ds_config(stage=stage, refresh_interval=2))
     for source in (engine, engine.module) if stage < 3 else (engine,):
-        plain = tiny_gpt2(seed=1).eval()
-        result = plain.load_state_dict(ds_topkast.plain_state_dict(source), strict=False)
-        assert not result.missing_keys and not result.unexpected_keys, result
-        with torch.no_grad():
-            torch.testing.assert_close(plain(input_ids=x).logits, expected, rtol=1e-5, atol=1e-5)
+        assert_plain_model_computes(ds_topkast.plain_state_dict(source), x, expected)
