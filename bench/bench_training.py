@@ -41,7 +41,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
 from common import median_seconds, single_rank_environment, synchronize  # noqa: E402
-from op_counts import OpCounter  # noqa: E402
+from op_counts import OpCounter, counted_refresh  # noqa: E402
 
 SIZES = {  # GPT-2 shapes: layers, width, heads, tokens per row, rows per step
     "tiny": dict(n_layer=2, n_embd=64, n_head=4, seq=32, micro=2),
@@ -163,11 +163,9 @@ def measure(name: str, variant, shape: dict, steps: int, interval: int, bf16: bo
         refresher = engine.topkast.refresher
         row["refresh_s"] = median_seconds(lambda: refresher.refresh(engine.global_steps), 3)
         row["streamed_per_refresh"] = (store.streamed_bytes - before) // 3
-        reads, waits = refresher.host_reads, refresher.copies.host_waits
-        with OpCounter() as counter:
-            refresher.refresh(engine.global_steps)
-        row["refresh_syncs_per_layer"] = (counter.totals()["syncs"] + refresher.host_reads - reads
-                                          + refresher.copies.host_waits - waits) / len(refresher.layers)
+        counter, undispatched = counted_refresh(refresher, engine.global_steps)
+        row["refresh_syncs_per_layer"] = ((counter.totals()["syncs"] + sum(undispatched.values()))
+                                          / len(refresher.layers))
         row["refresh_ops_per_layer"] = counter.totals()["ops"] / len(refresher.layers)
         row["floor_s"] = store_floor_seconds(store)
         row["transfer_floor_s"] = transfer_floor_seconds(store, engine.device) if gpu else None

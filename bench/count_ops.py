@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import median_seconds, single_rank_environment  # noqa: E402
-from op_counts import OpCounter, counted_steps, lm_step  # noqa: E402
+from op_counts import OpCounter, counted_refresh, counted_steps, lm_step  # noqa: E402
 
 
 def engine_for(blocks: int, width: int, stage: int, sparse: bool):
@@ -71,16 +71,11 @@ def main() -> None:
     print("most added kernels:", (sparse.kernels - dense.kernels).most_common(6))
     refresher = engine.topkast.refresher
     layers = len(refresher.layers)
-    undispatched = {"values read back": (refresher, "host_reads"),
-                    "copy waits": (getattr(refresher, "copies", None), "host_waits")}
-    before = {name: getattr(owner, attribute, 0) for name, (owner, attribute) in undispatched.items()}
-    with OpCounter() as refresh:
-        refresher.refresh(engine.global_steps)
+    refresh, extra = counted_refresh(refresher, engine.global_steps)
     totals = refresh.totals()
     print(f"one refresh, per sparsified layer ({layers}): {totals['ops'] / layers:.1f} ops, "
           f"{totals['kernels'] / layers:.1f} kernels, {totals['syncs'] / layers:.2f} syncing ops")
     print("  syncing ops:", refresh.syncs.most_common(6))
-    extra = {name: getattr(owner, attribute, 0) - before[name] for name, (owner, attribute) in undispatched.items()}
     print("  not dispatched, but each a host sync on a GPU (counted by the refresher, 0 where it does not count):",
           extra)
 

@@ -96,6 +96,18 @@ def count(fn, *args, **kwargs) -> OpCounter:
     return counter
 
 
+def counted_refresh(refresher, step: int) -> tuple[OpCounter, dict[str, int]]:
+    """The ops of one refresh, and the host syncs no op shows (each one on a GPU): values the refresher read back
+    and waits for a copy (0 where a refresher, e.g. an older checkout's, does not count them)."""
+    undispatched = {"values read back": (refresher, "host_reads"),
+                    "copy waits": (getattr(refresher, "copies", None), "host_waits")}
+    before = {name: getattr(owner, attribute, 0) for name, (owner, attribute) in undispatched.items()}
+    with OpCounter() as counter:
+        refresher.refresh(step)
+    return counter, {name: getattr(owner, attribute, 0) - before[name]
+                     for name, (owner, attribute) in undispatched.items()}
+
+
 def lm_step(engine, batch) -> None:
     """One training step of a causal LM engine on a batch of token ids (its own labels)."""
     engine.backward(engine(input_ids=batch, labels=batch).loss)

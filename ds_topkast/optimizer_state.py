@@ -215,8 +215,9 @@ def _zero3_master_views(params: list[nn.Parameter]) -> MasterViews | None:
             return None
         position = dist.get_rank(group=param.ds_process_group) * numel
         length = max(0, min(numel, param.ds_numel - position))
-        fragments.append([MasterFragment(optimizer.fp32_partitioned_groups_flat[group], offset, length, position)]
-                         if length else [])
+        # Offsets into the group tensor's whole storage, as at ZeRO-1/2: fragments of one storage share one source.
+        source, base = _flat_source(optimizer.fp32_partitioned_groups_flat[group])
+        fragments.append([MasterFragment(source, base + offset, length, position)] if length else [])
         groups.add(group)
     addresses = {group: optimizer.fp32_partitioned_groups_flat[group].data_ptr() for group in groups}
 
