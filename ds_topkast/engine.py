@@ -1,13 +1,13 @@
 """`ds_topkast.initialize`: `deepspeed.initialize` plus Top-KAST, with the same arguments and returns.
 
-The returned engine is DeepSpeed's own engine with four methods extended (its class is
+The returned engine is DeepSpeed's own engine with five methods extended (its class is
 swapped for a subclass, so `isinstance(engine, DeepSpeedEngine)` still holds):
 - `step()` runs the refresh after every `refresh_interval`-th optimizer step and
   re-selects set A inside B every `forward_interval` steps;
 - `save_checkpoint` / `load_checkpoint` also carry the dense store and the sets;
-- `save_16bit_model` writes the plain model (each sparse layer's `weight`, α, in the
-  layout of the layer it replaced), which plain PyTorch and transformers load; DeepSpeed's
-  checkpoints keep the sparse form.
+- `save_16bit_model` and the consolidated ZeRO-3 state dict are the plain model (each
+  sparse layer's `weight`, α, in the layout of the layer it replaced), which plain PyTorch
+  and transformers load; DeepSpeed's checkpoints keep the sparse form.
 The public methods hold the guards; `TopKASTRuntime` (runtime.py) does the work.
 
 Checkpoints are made safe to resume from. DeepSpeed's rank 0 writes `latest` as soon as
@@ -33,7 +33,7 @@ from ds_topkast.checkpoint import CheckpointError, load_file
 from ds_topkast.collectives import ProcessGroupCollectives
 from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, refuse_loss_scaling, topkast_section
 from ds_topkast.optimizer_state import adapter_for, per_entry_state_keys, refuse_unknown_config_optimizer
-from ds_topkast.plain_save import as_plain
+from ds_topkast.plain_save import as_plain, state_dict_form
 from ds_topkast.runtime import TopKASTRuntime
 from ds_topkast.sparsify import TopKASTState, sparsify, topkast_state
 from ds_topkast.store import fsync_path
@@ -67,7 +67,8 @@ class TopKASTEngineMixin:
     def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, **kwargs):
         tag = str(f"global_step{self.global_steps}" if tag is None else tag)
         self.topkast.save(os.path.join(save_dir, tag), self.global_steps)
-        saved = super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False, **kwargs)
+        with state_dict_form(self.module, plain=False):  # the module's values and sets, to resume exactly
+            saved = super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False, **kwargs)
         if save_latest:  # DeepSpeed's save ends with a barrier: every rank's files are written by now
             import deepspeed.comm as dist
 
@@ -78,21 +79,15 @@ class TopKASTEngineMixin:
 
     def save_16bit_model(self, save_dir, save_filename="pytorch_model.bin", exclude_frozen_parameters=False):
         """DeepSpeed's 16-bit model save (every rank calls it; under ZeRO-3 it gathers the weights), of the plain
-        model: the state dict DeepSpeed builds has each sparse layer's values and bitmaps turned into its `weight`."""
-        self._saving_plain = True
-        try:
+        model: each sparse layer's values and bitmaps become its `weight`."""
+        with state_dict_form(self.module, plain=True):
             return super().save_16bit_model(save_dir, save_filename, exclude_frozen_parameters)
-        finally:
-            self._saving_plain = False
-
-    def module_state_dict(self, *args, **kwargs):
-        state = super().module_state_dict(*args, **kwargs)
-        return as_plain(self.module, state) if getattr(self, "_saving_plain", False) else state
 
     def _zero3_consolidated_16bit_state_dict(self, *args, **kwargs):
-        state = super()._zero3_consolidated_16bit_state_dict(*args, **kwargs)  # None on ranks other than 0
-        saving_plain = getattr(self, "_saving_plain", False) and state is not None
-        return as_plain(self.module, state) if saving_plain else state
+        """DeepSpeed's gathered ZeRO-3 state dict (None on ranks other than 0), of the plain model: every caller
+        (save_16bit_model, the Trainer's and accelerate's get_state_dict) saves a model from it."""
+        state = super()._zero3_consolidated_16bit_state_dict(*args, **kwargs)
+        return None if state is None else as_plain(self.module, state)
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         tag = _latest_tag(Path(load_dir)) if tag is None else str(tag)

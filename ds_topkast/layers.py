@@ -152,6 +152,8 @@ class TopKASTLinear(nn.Module):
         self.register_buffer("_block_counts", block_counts(self.backward_bits, self.numel), persistent=False)
         self._counted = self._bitmap_version()
         self.layer_name = ""  # its name in the model, for error messages (set by sparsify)
+        self.saves_plain = True  # state_dict() gives the replaced layer's `weight`; False while checkpoints save
+        self.register_state_dict_post_hook(_state_dict_as_plain)
 
     @classmethod
     def from_indices(cls, in_features: int, out_features: int, values: Tensor, indices: Tensor,
@@ -253,9 +255,44 @@ class TopKASTLinear(nn.Module):
                                       error_msgs)
         self.block_counts  # the bitmap may have been loaded: recount now, not at the next forward
 
+    def plain_weight(self, values: Tensor, backward_bits: Tensor, forward_bits: Tensor) -> Tensor:
+        """α from this layer's state-dict entries, in the layout of the module it replaced (Conv1D's is (in, out))."""
+        weight = alpha_from_sets(values, backward_bits, forward_bits, self.shape)
+        return weight.t().contiguous() if self.source_type == "Conv1D" else weight
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"k_forward={self.k_forward}, k_backward={self.k_backward}, from={self.source_type}")
+
+
+_SPARSE_ENTRIES = ("values", "backward_bits", "forward_bits")
+
+
+def _state_dict_as_plain(layer: TopKASTLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """The layer's state-dict entries as the layer it replaced has them: `weight` (α, on the host) and `bias`.
+
+    So that `model.state_dict()`, `torch.save` of it and everything built on it give the
+    plain model. Left sparse: while a checkpoint saves (`saves_plain` False, see
+    ds_topkast.plain_save.sparse_state_dict), with `keep_vars=True` (the caller wants the
+    module's own tensors), and under ZeRO-3 outside `GatheredParameters`, where the values
+    are partitions that make no weight (a warning names the calls that gather and convert).
+    """
+    values = state_dict.get(prefix + "values")
+    if not layer.saves_plain or values is None or isinstance(values, nn.Parameter):
+        return
+    if values.numel() != layer.k_backward:  # a ZeRO-3 partition outside GatheredParameters: empty, as DeepSpeed's
+        import warnings
+
+        warnings.warn(
+            f"state_dict() of a ZeRO-3 partitioned Top-KAST model holds each rank's partitions, not the model (as "
+            f"DeepSpeed's does for any partitioned parameter; {prefix}values is one). To save the plain model call "
+            "ds_topkast.plain_state_dict(engine) or engine.save_16bit_model(dir) on every rank.", stacklevel=3)
+        return
+    entries = [state_dict.pop(prefix + key).detach().cpu() for key in _SPARSE_ENTRIES]
+    bias = state_dict.pop(prefix + "bias", None)
+    state_dict[prefix + "weight"] = layer.plain_weight(*entries)  # built on the host: never dense on the accelerator
+    if bias is not None:
+        state_dict[prefix + "bias"] = bias
 
 
 def sparse_layers(model: nn.Module) -> dict[str, TopKASTLinear]:

@@ -1,49 +1,65 @@
 """A sparsified model saves as the plain model it computes, so `from_pretrained` loads it with no ds_topkast.
 
-`sparsify` gives a Hugging Face model a `save_pretrained` that turns each Top-KAST layer's
-entries of the state dict (values, set bitmaps) into the weight of the layer it replaced:
-α, A's values at their positions and zeros elsewhere, in the replaced layer's layout
-(Conv1D's (in, out) too) and the values' dtype. Everything that saves the model through
-`save_pretrained` therefore writes an ordinary checkpoint: the Trainer's `save_model`, the
-model files of each `checkpoint-N/`, a user's own call. The state dict may be the model's
-own or one the caller gathered (the Trainer under ZeRO-3 passes DeepSpeed's consolidated
-16-bit one): only its tensors are read, so partitioned parameters do not matter.
+Every way a user saves gives the plain model: each Top-KAST layer's state-dict entries
+become the `weight` of the layer it replaced (α: A's values at their positions, zeros
+elsewhere, in the replaced layer's layout, Conv1D's (in, out) too, and the values' dtype):
+- `model.state_dict()` itself (each layer's state-dict hook, layers.py), so `torch.save`
+  of it, DDP's and accelerate's `state_dict()` and `engine.save_16bit_model()` at ZeRO 0-2;
+- `save_pretrained` (made to convert the dict it is given, which may be one the caller
+  gathered: the Trainer under ZeRO-3 passes DeepSpeed's consolidated 16-bit one), so the
+  Trainer's `save_model` and the model files of each `checkpoint-N/`;
+- `plain_state_dict(engine_or_model)` at any stage, and under ZeRO-3 DeepSpeed's
+  consolidated 16-bit state dict (engine.py).
 
-The sparse state itself (B's values outside A, the sets, the dense store, the optimizer)
-is not in these files: checkpoints keep it in DeepSpeed's files and `topkast_rankN.pt`.
-Loading a plain state dict back into a sparsified model (what the Trainer does when it
-resumes without DeepSpeed) keeps each layer's sets and takes the weight's entries on B
-(`TopKASTLinear._load_from_state_dict`); the callback then restores the saved values.
+Checkpoints that resume a run keep the sparse form (values, bitmaps): DeepSpeed's
+`save_checkpoint`, the Trainer's and accelerate's `save_state` take the module's state
+dict inside `state_dict_form(model, plain=False)`. The rest of the sparse state (the dense
+store, the sets' history) is in `topkast_rankN.pt`. Loading a plain state dict back into a
+sparsified model keeps each layer's sets and takes the weight's entries on B
+(`TopKASTLinear._load_from_state_dict`): B's entries outside A come back as zeros, which
+is why checkpoints do not use it.
 """
 from __future__ import annotations
 
 import types
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
 
 from torch import Tensor, nn
 
-from ds_topkast.layers import TopKASTLinear, alpha_from_sets, sparse_layers
+from ds_topkast.layers import sparse_layers
 from ds_topkast.zero_init import gathered, is_partitioned
 
 
-def plain_weight(layer: TopKASTLinear, values: Tensor, backward_bits: Tensor, forward_bits: Tensor) -> Tensor:
-    """α of one layer from its state-dict entries, in the layout of the module it replaced."""
-    weight = alpha_from_sets(values, backward_bits, forward_bits, layer.shape)
-    return weight.t().contiguous() if layer.source_type == "Conv1D" else weight
+@contextmanager
+def state_dict_form(model: nn.Module, plain: bool) -> Iterator[None]:
+    """Inside the block the model's Top-KAST layers give state-dict entries in the form asked: `plain` (the
+    replaced layer's `weight`, as outside any block) or sparse (values and bitmaps, what checkpoints save so that a
+    run resumes exactly). The form before the block comes back after it."""
+    layers = list(sparse_layers(model).values())
+    before = [layer.saves_plain for layer in layers]
+    for layer in layers:
+        layer.saves_plain = plain
+    try:
+        yield
+    finally:
+        for layer, form in zip(layers, before):
+            layer.saves_plain = form
 
 
 def as_plain(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """`state_dict` with every Top-KAST layer's entries replaced by the plain `weight` of the layer it replaced.
 
     Layers whose values the dict lacks (DeepSpeed's empty dict under ZeRO-3 without
-    gathering) are left out, as the dense model's weights would be.
+    gathering) are left out, as the dense model's weights would be; a dict that is plain
+    already comes back as it is.
     """
     plain = dict(state_dict)
     for name, layer in sparse_layers(model).items():
         prefix = f"{name}." if name else ""
         entries = [plain.pop(prefix + key, None) for key in ("values", "backward_bits", "forward_bits")]
         if all(entry is not None for entry in entries):  # built on the host: never a dense copy on the accelerator
-            plain[prefix + "weight"] = plain_weight(layer, *(entry.detach().cpu() for entry in entries))
+            plain[prefix + "weight"] = layer.plain_weight(*(entry.detach().cpu() for entry in entries))
     return plain
 
 
@@ -59,7 +75,8 @@ def plain_state_dict(engine_or_model: nn.Module) -> dict[str, Tensor]:
     while isinstance(getattr(model, "module", None), nn.Module):  # DeepSpeedEngine, DistributedDataParallel
         model = model.module
     if not any(is_partitioned(p) for p in model.parameters()):
-        return as_plain(model, {key: value.detach().cpu() for key, value in model.state_dict().items()})
+        with state_dict_form(model, plain=True):
+            return {key: value.detach().cpu() for key, value in model.state_dict().items()}
     import torch.distributed as dist
 
     keep = not dist.is_initialized() or dist.get_rank() == 0

@@ -102,6 +102,37 @@ def test_save_16bit_model_writes_the_plain_model_and_checkpoints_stay_sparse(tmp
         assert "transformer.h.0.attn.c_attn.values" in module and "transformer.h.0.attn.c_attn.weight" not in module
 
 
+@pytest.mark.parametrize("stage,bf16", [(0, False), (2, True)])
+def test_the_state_dict_a_user_takes_and_saves_is_the_plain_model(tmp_path, stage, bf16):
+    """A custom loop's commonest saves (`torch.save(model.state_dict())`, of the engine's module too) write the
+    plain model; the engine's checkpoint taken next is still sparse and the form stays plain after it."""
+    engine, x, expected = trained(ds_config(stage=stage, bf16=bf16, refresh_interval=2))
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    torch.save(engine.module.state_dict(), tmp_path / "model.pt")
+    assert_plain_model_computes(torch.load(tmp_path / "model.pt", weights_only=True), x, expected, dtype)
+    engine.save_checkpoint(str(tmp_path / "checkpoint"))
+    module = torch.load(next((tmp_path / "checkpoint").rglob("*model_states.pt")), weights_only=False)["module"]
+    assert "transformer.h.0.attn.c_attn.values" in module and "transformer.h.0.attn.c_attn.weight" not in module
+    assert_plain_model_computes(engine.module.state_dict(), x, expected, dtype)
+    assert all(isinstance(v, torch.nn.Parameter) for k, v in engine.module.state_dict(keep_vars=True).items()
+               if k.endswith(".values")), "keep_vars asks for the module's own tensors"
+
+
+def test_a_zero3_state_dict_warns_outside_a_gather_and_is_plain_inside_one():
+    import deepspeed
+
+    cfg = ds_config(stage=3, refresh_interval=2)
+    cfg["zero_optimization"].update(  # else the tiny model's layers stay whole between forward passes
+        stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0, stage3_max_live_parameters=0)
+    engine, x, expected = trained(cfg)
+    with pytest.warns(UserWarning, match="ds_topkast.plain_state_dict"):
+        partitions = engine.module.state_dict()
+    assert "transformer.h.0.attn.c_attn.values" in partitions
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        state = {key: value.clone() for key, value in engine.module.state_dict().items()}
+    assert_plain_model_computes(state, x, expected)
+
+
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_plain_state_dict_of_an_engine_or_a_model_loads_into_the_plain_model(stage):
     """ds_topkast.plain_state_dict gives what the trained engine computes, at any stage (ZeRO-3: gathered layer by

@@ -24,7 +24,9 @@ collectives. Then, through one `TopKASTRuntime`:
   values (`on_train_end`);
 - the model files the Trainer writes are the plain model (see ds_topkast.plain_save), so
   without DeepSpeed, whose checkpoint holds the values, B's values go into the
-  `topkast_rankN.pt` files too;
+  `topkast_rankN.pt` files too; with DeepSpeed, the model's state dict is the sparse form
+  from `on_train_begin` to `on_train_end`, so that DeepSpeed's checkpoints resume exactly;
+  the plain form is back after training;
 - each refresh's mask dynamics and, at the first log, the memory report go into the
   Trainer's logs (`on_log`) as `topkast/...`: the console, `trainer_state.json` and the
   reporting integrations (TensorBoard, W&B, ...) receive them.
@@ -34,6 +36,7 @@ from __future__ import annotations
 import gc
 import logging
 import re
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,7 @@ from ds_topkast.config import (SECTION, TopKASTConfigError, load_deepspeed_confi
 from ds_topkast.optimizer_state import adapter_for_optimizer
 from ds_topkast.runtime import TopKASTRuntime
 from ds_topkast.memory_accounting import trainer_memory_report
+from ds_topkast.plain_save import state_dict_form
 from ds_topkast.sparsify import topkast_state
 
 logger = logging.getLogger("ds_topkast")
@@ -82,6 +86,7 @@ class TopKASTCallback(TrainerCallback):
         self._optimizer = None
         self._model: nn.Module | None = None
         self._saved_step: int | None = None  # the step this callback last wrote checkpoint files for
+        self._sparse_saves: ExitStack | None = None  # holds the sparse state-dict form while training with DeepSpeed
 
     def on_train_begin(self, args, state, control, model: nn.Module = None, optimizer=None, **kwargs):
         ds_config = _deepspeed_config(args)
@@ -99,6 +104,9 @@ class TopKASTCallback(TrainerCallback):
             self.runtime.use_optimizer(adapter_for_optimizer(optimizer))
             self.runtime.set_accumulation_steps(args.gradient_accumulation_steps)
         _report_before_integrations(self)
+        if self._deepspeed and self._sparse_saves is None:  # DeepSpeed's checkpoints hold the module's values
+            self._sparse_saves = ExitStack()
+            self._sparse_saves.enter_context(state_dict_form(model, plain=False))
         if state.global_step > 0:
             self.runtime.load(self._resume_folder(args, state.global_step), state.global_step)
 
@@ -137,6 +145,9 @@ class TopKASTCallback(TrainerCallback):
         if args.load_best_model_at_end and best is not None and Path(best).is_dir():
             found = re.search(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)$", str(best).rstrip("/"))
             self.runtime.load(best, int(found.group(1)) if found else state.global_step)
+        if self._sparse_saves is not None:  # after training, model.state_dict() is the plain model again
+            self._sparse_saves.close()
+            self._sparse_saves = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Each refresh's mask dynamics since the last log, and once the memory report, as topkast/... entries."""
