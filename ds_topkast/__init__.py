@@ -3,6 +3,7 @@
     engine, optimizer, loader, scheduler = ds_topkast.initialize(model=model, config="ds_config.json")
     trainer = Trainer(model=ds_topkast.sparsify(model, "ds_config.json"), ...,
                       callbacks=[ds_topkast.TopKASTCallback()])   # Hugging Face Trainer
+    ds_topkast.TopKASTAccelerate(accelerator, model, optimizer)     # a custom accelerate loop, after prepare
 
 See README.md for the workflow and DESIGN.md / docs/ for how it is built.
 """
@@ -16,15 +17,20 @@ from ds_topkast.memory_accounting import memory_report
 from ds_topkast.plain_save import plain_state_dict
 from ds_topkast.sparsify import sparsify
 
-__all__ = ["CheckpointError", "TopKASTCallback", "TopKASTConfig", "TopKASTConfigError", "TopKASTLinear",
+__all__ = ["CheckpointError", "TopKASTAccelerate", "TopKASTCallback", "TopKASTConfig", "TopKASTConfigError", "TopKASTLinear",
            "exploration_penalty", "export", "initialize", "load_dense_weights", "memory_report", "plain_state_dict",
            "sparsify"]
 
 
 def __getattr__(name: str):
-    """TopKASTCallback is imported on first use: it pulls in transformers' Trainer, which plain users never need."""
+    """The integrations are imported on first use: they pull in transformers' Trainer or accelerate, which plain users
+    never need."""
     if name == "TopKASTCallback":
         from ds_topkast.integrations.hf_trainer import TopKASTCallback
 
         return TopKASTCallback
+    if name == "TopKASTAccelerate":
+        from ds_topkast.integrations.accelerate_loop import TopKASTAccelerate
+
+        return TopKASTAccelerate
     raise AttributeError(f"module 'ds_topkast' has no attribute {name!r}")

@@ -157,7 +157,8 @@ def _read_checkpoints_weights_only(engine) -> None:
 _ENGINE_CLASSES: dict[type, type] = {}
 
 
-def _with_topkast(engine, model: nn.Module, ds_config: dict[str, Any]):
+def extend_engine(engine, model: nn.Module, ds_config: dict[str, Any]):
+    """Extend a DeepSpeed engine over the sparsified `model` with Top-KAST (see the module docstring), in place."""
     base = type(engine)
     if base not in _ENGINE_CLASSES:
         _ENGINE_CLASSES[base] = type(f"TopKAST{base.__name__}", (TopKASTEngineMixin, base), {})
@@ -165,6 +166,12 @@ def _with_topkast(engine, model: nn.Module, ds_config: dict[str, Any]):
     engine.topkast = _runtime(engine, model, ds_config)
     _read_checkpoints_weights_only(engine)
     return engine
+
+
+def check_engine_config(ds_config: dict[str, Any]) -> None:
+    """Refuse, before any engine is built, the DeepSpeed settings whose optimizer state ds_topkast cannot rewrite."""
+    _refuse_unsupported_precision(ds_config)
+    refuse_unknown_config_optimizer(ds_config)
 
 
 def _refuse_unsupported_precision(ds_config: dict[str, Any]) -> None:
@@ -242,8 +249,7 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
         raise TopKASTConfigError("ds_topkast.initialize needs model=...; there is nothing to sparsify.")
     ds_config = load_deepspeed_config(_config_source(args, config, config_params))
     cfg = topkast_section(ds_config)
-    _refuse_unsupported_precision(ds_config)
-    refuse_unknown_config_optimizer(ds_config)
+    check_engine_config(ds_config)
     if getattr(model, "topkast_state", None) is None:
         _init_distributed(kwargs)  # first: sparsify keeps only this rank's shard of each layer
         sparsify(model, ds_config)  # the whole config: an NVMe store takes its "aio" section
@@ -257,4 +263,4 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
         training_data=training_data, lr_scheduler=lr_scheduler, config=config, config_params=config_params,
         **kwargs)
-    return _with_topkast(engine, model, ds_config), ds_optimizer, loader, scheduler
+    return extend_engine(engine, model, ds_config), ds_optimizer, loader, scheduler

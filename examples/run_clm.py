@@ -109,8 +109,9 @@ def build_model(model_args: ModelArguments, vocab_size: int):
     return AutoModelForCausalLM.from_config(config)
 
 
-def grouped_blocks(raw: datasets.DatasetDict, tokenizer, block_size: int, args: TrainingArguments):
-    """Tokenize, concatenate and cut into blocks of block_size tokens, labels = inputs (as run_clm.py)."""
+def grouped_blocks(raw: datasets.DatasetDict, tokenizer, block_size: int):
+    """Tokenize, concatenate and cut into blocks of block_size tokens, labels = inputs (as run_clm.py); call it on
+    the main process first, so that the other ranks read its cached results."""
     def tokenize(examples):
         return tokenizer(examples["text"])
 
@@ -121,9 +122,8 @@ def grouped_blocks(raw: datasets.DatasetDict, tokenizer, block_size: int, args: 
         blocks["labels"] = blocks["input_ids"].copy()
         return blocks
 
-    with args.main_process_first(desc="tokenizing and grouping texts"):
-        tokenized = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names)
-        return tokenized.map(group_texts, batched=True)
+    tokenized = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names)
+    return tokenized.map(group_texts, batched=True)
 
 
 def main() -> None:
@@ -153,7 +153,8 @@ def main() -> None:
 
     block_size = min(data_args.block_size or 1024, model.config.max_position_embeddings
                      if hasattr(model.config, "max_position_embeddings") else 1024)
-    blocks = grouped_blocks(raw, tokenizer, block_size, training_args)
+    with training_args.main_process_first(desc="tokenizing and grouping texts"):
+        blocks = grouped_blocks(raw, tokenizer, block_size)
     train_dataset, eval_dataset = blocks["train"], blocks["validation"]
     if data_args.max_train_samples is not None:
         train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))

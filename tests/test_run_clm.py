@@ -63,6 +63,11 @@ def assert_same_files(got, expected, ranks: int) -> None:
     assert got_model.keys() == expected_model.keys()
     for key, tensor in expected_model.items():
         assert torch.equal(got_model[key], tensor), key
+    assert_same_topkast_files(got, expected, ranks)
+
+
+def assert_same_topkast_files(got, expected, ranks: int) -> None:
+    """Every rank's Top-KAST file (store, sets, history) of two checkpoint folders is equal."""
     for rank in range(ranks):
         name = f"topkast_rank{rank:05d}.pt"
         got_state, expected_state = (torch.load(f / name, weights_only=True) for f in (got, expected))
@@ -89,7 +94,7 @@ def plain_eval_loss(folder, train_file: str, validation_file: str) -> float:
     args = TrainingArguments(output_dir=str(folder / "plain_eval"), per_device_eval_batch_size=4, use_cpu=True,
                              report_to="none")
     raw = run_clm.load_texts(run_clm.DataTrainingArguments(train_file=train_file, validation_file=validation_file))
-    blocks = run_clm.grouped_blocks(raw, tokenizer, BLOCK, args)["validation"].select(range(16))
+    blocks = run_clm.grouped_blocks(raw, tokenizer, BLOCK)["validation"].select(range(16))
     trainer = Trainer(model=model, args=args, eval_dataset=blocks, data_collator=default_data_collator)
     return trainer.evaluate()["eval_loss"]
 
