@@ -24,7 +24,8 @@ setup(
     ],
     extras_require={
         "lm": ["datasets>=4", "matplotlib", "tqdm"],  # the training application, ds_topkast.lm
-        "test": ["ds_topkast[lm]", "pytest", "pytest-xdist", "tensorboard",
+        "compressed": ["compressed-tensors>=0.15,<0.21"],  # save_compressed: the sparse-bitmask format
+        "test": ["ds_topkast[lm,compressed]", "pytest", "pytest-xdist", "tensorboard",
                  "triton==3.6.0"],  # the kernels' tests run their Triton code in its interpreter
         "bench": ["ds_topkast[lm]", "sparsimony==0.1.0"],  # bench/: the peer library bench_sparsimony.py compares with
     },

@@ -8,6 +8,7 @@
 See README.md for the workflow and DESIGN.md / docs/ for how it is built.
 """
 from ds_topkast.checkpoint import CheckpointError
+from ds_topkast.compressed_save import from_compressed, load_compressed, save_compressed
 from ds_topkast.config import TopKASTConfig, TopKASTConfigError
 from ds_topkast.engine import initialize
 from ds_topkast.export import export
@@ -18,8 +19,8 @@ from ds_topkast.plain_save import plain_state_dict
 from ds_topkast.sparsify import sparsify
 
 __all__ = ["CheckpointError", "TopKASTAccelerate", "TopKASTCallback", "TopKASTConfig", "TopKASTConfigError", "TopKASTLinear",
-           "exploration_penalty", "export", "initialize", "load_dense_weights", "memory_report", "plain_state_dict",
-           "sparsify"]
+           "exploration_penalty", "export", "from_compressed", "initialize", "load_compressed", "load_dense_weights",
+           "memory_report", "plain_state_dict", "save_compressed", "sparsify"]
 
 
 def __getattr__(name: str):
