@@ -7,6 +7,7 @@ moved to the accelerator for the call (NCCL needs them there) and back to the ho
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from torch import Tensor
@@ -82,3 +83,39 @@ def release_cpu_shm_buffer() -> None:
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{os.environ.get('RANK', '')}")
     (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
+class CollectiveCallError(RuntimeError):
+    """A collective ds_topkast call was made on some ranks only (e.g. inside `if rank == 0:`)."""
+
+
+JOIN_TIMEOUT_ENV = "DS_TOPKAST_JOIN_TIMEOUT"  # seconds a rank waits for the others to enter a collective save
+_joins: dict[str, int] = {}
+
+
+def require_every_rank(call: str, fix: str) -> None:
+    """Wait until every rank has entered `call` (a collective: a gather of partitioned weights), or raise naming it.
+
+    DeepSpeed's own gathers hang for good when one rank calls them alone (the commonest
+    slip: a save inside `if rank == 0:`). Each rank counts its calls of `call` in the job's
+    store, so this costs no collective; a rank that waits more than `DS_TOPKAST_JOIN_TIMEOUT`
+    seconds (default 120) for the others raises before anything is gathered or written,
+    and the launcher ends the job. `fix` says what to call instead.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    store = dist.distributed_c10d._get_default_store()  # the rendezvous store every rank already holds
+    _joins[call] = _joins.get(call, 0) + 1
+    key = f"ds_topkast/joined/{call}/{_joins[call]}"
+    world, timeout = dist.get_world_size(), float(os.environ.get(JOIN_TIMEOUT_ENV, "120"))
+    joined = store.add(key, 1)
+    deadline = time.monotonic() + timeout
+    while joined < world:
+        if time.monotonic() > deadline:
+            raise CollectiveCallError(
+                f"{call} is a collective under ZeRO-3 (it gathers partitioned weights): every rank must call it, but "
+                f"only {joined} of {world} ranks did within {timeout:g} s ({JOIN_TIMEOUT_ENV}). {fix}")
+        time.sleep(0.05)
+        joined = store.add(key, 0)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ds_topkast.checkpoint import CheckpointError, load_file
-from ds_topkast.collectives import ProcessGroupCollectives
+from ds_topkast.collectives import ProcessGroupCollectives, require_every_rank
 from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, refuse_loss_scaling, topkast_section
 from ds_topkast.optimizer_state import adapter_for, per_entry_state_keys, refuse_unknown_config_optimizer
 from ds_topkast.plain_save import as_plain, state_dict_form
@@ -80,6 +80,9 @@ class TopKASTEngineMixin:
     def save_16bit_model(self, save_dir, save_filename="pytorch_model.bin", exclude_frozen_parameters=False):
         """DeepSpeed's 16-bit model save (every rank calls it; under ZeRO-3 it gathers the weights), of the plain
         model: each sparse layer's values and bitmaps become its `weight`."""
+        if self.zero_optimization_partition_weights():
+            require_every_rank("save_16bit_model", "Call engine.save_16bit_model(dir) on every rank (DeepSpeed's rank "
+                               "0 writes the file), not inside `if rank == 0:`.")
         with state_dict_form(self.module, plain=True):
             return super().save_16bit_model(save_dir, save_filename, exclude_frozen_parameters)
 

@@ -27,6 +27,7 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
+from ds_topkast.collectives import require_every_rank
 from ds_topkast.layers import sparse_layers
 from ds_topkast.zero_init import gathered, is_partitioned
 
@@ -79,6 +80,8 @@ def plain_state_dict(engine_or_model: nn.Module) -> dict[str, Tensor]:
             return {key: value.detach().cpu() for key, value in model.state_dict().items()}
     import torch.distributed as dist
 
+    require_every_rank("plain_state_dict", "Call it on every rank and write on rank 0 only: state = "
+                       "ds_topkast.plain_state_dict(engine); then if rank == 0: torch.save(state, path).")
     keep = not dist.is_initialized() or dist.get_rank() == 0
     state: dict[str, Tensor] = {}
     for name, module in model.named_modules():

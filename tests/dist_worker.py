@@ -102,7 +102,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["equivalence", "perturb", "diverge", "save", "resume", "roundtrip",
-                                         "algorithms"])
+                                         "algorithms", "one_rank_save"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--stages", type=int, nargs="+", default=[2])
     parser.add_argument("--steps", type=int, default=5)
@@ -122,6 +122,12 @@ def main() -> None:
         store = {"dense_store": {"device": "nvme", "nvme_path": args.nvme}} if args.nvme else {}
         engine = build(stage, int(os.environ["WORLD_SIZE"]), **store)
         rank = dist.get_rank()
+        if args.mode == "one_rank_save":  # the slip of a custom loop: a ZeRO-3 save inside `if rank == 0:`
+            train(engine, 0, 1)
+            if rank == 0:
+                engine.save_16bit_model(str(out / "plain"))
+            dist.barrier()
+            raise SystemExit("a save on one rank was not caught")
         if args.mode in PERTURBATIONS:
             train(engine, 0, args.steps, PERTURBATIONS[args.mode], perturb_at=3)
             raise SystemExit(f"the {args.mode} perturbation was not caught")

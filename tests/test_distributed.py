@@ -68,6 +68,15 @@ def test_a_store_or_masks_changed_on_one_rank_stop_every_rank(tmp_path, mode, me
     assert "perturbation was not caught" not in output
 
 
+def test_a_zero3_save_on_one_rank_stops_with_the_call_to_make_and_writes_nothing(tmp_path):
+    result = deepspeed_launch(2, "tests/dist_worker.py", "one_rank_save", "--out", str(tmp_path), "--stages", "3",
+                              check=False, env={"DS_TOPKAST_JOIN_TIMEOUT": "3"})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "save_16bit_model is a collective under ZeRO-3" in output and "only 1 of 2 ranks" in output, output[-3000:]
+    assert "not caught" not in output and not (tmp_path / "plain").exists()
+
+
 def test_two_rank_checkpoint_resumes_on_two_ranks(tmp_path):
     deepspeed_launch(2, "tests/dist_worker.py", "roundtrip", "--out", str(tmp_path), "--start", "3", "--steps", "6",
                      "--stages", "1", "3")
