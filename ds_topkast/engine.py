@@ -116,6 +116,17 @@ class TopKASTEngineMixin:
                 "stage 0 checkpoints resume on any world size).")
 
 
+def detach_engine(engine) -> None:
+    """Take a finished engine off its module (export): ZeRO's parameter and gradient hooks (`engine.destroy()`) and
+    the engine's own forward hooks, which would otherwise run in the module's forward and keep the engine alive."""
+    engine.destroy()
+    for handle in ("module_forward_pre_hook", "module_forward_post_hook"):
+        hook = getattr(engine, handle, None)
+        if hook is not None:
+            hook.remove()
+            setattr(engine, handle, None)
+
+
 def _latest_tag(load_dir: Path) -> str | None:
     """The tag `latest` names, as DeepSpeed reads it; None when there is no `latest` (DeepSpeed then warns)."""
     latest = load_dir / "latest"

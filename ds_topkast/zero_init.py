@@ -30,6 +30,14 @@ def gathered(module: nn.Module) -> Iterator[None]:
         yield
 
 
+def forget_partitions(module: nn.Module) -> None:
+    """Drop what ZeRO-3 keeps in a module whose parameters were made whole (export): its `_parameters` dict type
+    and its references to the partitioned parameters, which would hold them in accelerator memory."""
+    module._parameters = dict(module._parameters)
+    module.__dict__.pop("_original_parameters", None)
+    getattr(module, "_external_params", {}).clear()
+
+
 def partition_like(template: nn.Parameter, params: list[nn.Parameter]) -> None:
     """Partition `params` with the `zero.Init` settings (device, process group) that partitioned `template`."""
     template.convert_to_zero_parameters(param_list=params)

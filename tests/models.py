@@ -81,6 +81,15 @@ def ds_config(stage: int = 0, bf16: bool = False, gas: int = 1, micro_batch: int
     return config
 
 
+def partitioned_zero3_config(**kwargs) -> dict:
+    """ds_config at ZeRO-3, refreshing every 2 steps, with every layer really partitioned between passes (else
+    ZeRO-3 keeps a tiny model's parameters whole)."""
+    cfg = ds_config(stage=3, **{"refresh_interval": 2, **kwargs})
+    cfg["zero_optimization"].update(
+        stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0, stage3_max_live_parameters=0)
+    return cfg
+
+
 def batches(n: int, micro_batch: int = 4, seq: int = 16, seed: int = 1) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (micro_batch, seq), generator=gen) for _ in range(n)]
