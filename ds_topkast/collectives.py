@@ -90,32 +90,47 @@ class CollectiveCallError(RuntimeError):
 
 
 JOIN_TIMEOUT_ENV = "DS_TOPKAST_JOIN_TIMEOUT"  # seconds a rank waits for the others to enter a collective save
+JOIN_WARNING_SECONDS = 60.0
 _joins: dict[str, int] = {}
 
 
-def require_every_rank(call: str, fix: str) -> None:
-    """Wait until every rank has entered `call` (a collective: a gather of partitioned weights), or raise naming it.
+def require_every_rank(call: str, fix: str, group=None) -> None:
+    """Wait until every rank of `group` (default: the job's) has entered `call`, a collective (a gather of
+    partitioned weights), or raise naming it.
 
     DeepSpeed's own gathers hang for good when one rank calls them alone (the commonest
     slip: a save inside `if rank == 0:`). Each rank counts its calls of `call` in the job's
-    store, so this costs no collective; a rank that waits more than `DS_TOPKAST_JOIN_TIMEOUT`
-    seconds (default 120) for the others raises before anything is gathered or written,
-    and the launcher ends the job. `fix` says what to call instead.
+    rendezvous store, so this costs no collective. A rank that has waited a minute warns;
+    one that waits `DS_TOPKAST_JOIN_TIMEOUT` seconds (default 600) raises before anything
+    is gathered or written, and marks the call failed, so that a rank arriving later
+    raises too instead of entering a gather the others will never join.
     """
+    import logging
+
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
     store = dist.distributed_c10d._get_default_store()  # the rendezvous store every rank already holds
-    _joins[call] = _joins.get(call, 0) + 1
-    key = f"ds_topkast/joined/{call}/{_joins[call]}"
-    world, timeout = dist.get_world_size(), float(os.environ.get(JOIN_TIMEOUT_ENV, "120"))
-    joined = store.add(key, 1)
-    deadline = time.monotonic() + timeout
+    ranks = ",".join(map(str, dist.get_process_group_ranks(group or dist.group.WORLD)))
+    _joins[f"{call}/{ranks}"] = count = _joins.get(f"{call}/{ranks}", 0) + 1
+    key = f"ds_topkast/joined/{call}/{ranks}/{count}"
+    world, timeout = dist.get_world_size(group), float(os.environ.get(JOIN_TIMEOUT_ENV, "600"))
+    joined, start, warned = store.add(key, 1), time.monotonic(), False
     while joined < world:
-        if time.monotonic() > deadline:
+        waited = time.monotonic() - start
+        if waited > timeout:
+            store.set(key + "/failed", "1")
             raise CollectiveCallError(
                 f"{call} is a collective under ZeRO-3 (it gathers partitioned weights): every rank must call it, but "
                 f"only {joined} of {world} ranks did within {timeout:g} s ({JOIN_TIMEOUT_ENV}). {fix}")
+        if waited > JOIN_WARNING_SECONDS and not warned:
+            logging.getLogger("ds_topkast").warning(
+                "%s: %d of %d ranks have called it after %.0f s; it is a collective: every rank must call it. %s",
+                call, joined, world, waited, fix)
+            warned = True
         time.sleep(0.05)
         joined = store.add(key, 0)
+    if store.check([key + "/failed"]):
+        raise CollectiveCallError(f"{call}: another rank gave up waiting for this call earlier (it was called on some "
+                                  f"ranks only); the ranks no longer make the same calls. {fix}")

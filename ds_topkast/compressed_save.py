@@ -181,7 +181,9 @@ def save_compressed(engine_or_model: nn.Module, save_directory: str | os.PathLik
     if not targets:
         raise ValueError("save_compressed: the model has no Top-KAST layers to compress (sparsify it first; a dense "
                          "model saves with save_pretrained).")
-    plain = plain_state_dict(engine_or_model)  # every rank, before any rank can fail alone
+    if not _is_writer() and not any(is_partitioned(p) for p in model.parameters()):
+        return  # nothing to gather: only the writer builds the plain model
+    plain = plain_state_dict(engine_or_model)  # under ZeRO-3 every rank, before any rank can fail alone
     if not _is_writer():
         return
     _retie(model, plain)

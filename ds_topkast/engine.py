@@ -37,6 +37,7 @@ from ds_topkast.plain_save import as_plain, state_dict_form
 from ds_topkast.runtime import TopKASTRuntime
 from ds_topkast.sparsify import TopKASTState, sparsify, topkast_state
 from ds_topkast.store import fsync_path
+from ds_topkast.zero_init import partition_group
 
 
 def _runtime(engine, model: nn.Module, ds_config: dict[str, Any]) -> TopKASTRuntime:
@@ -80,9 +81,9 @@ class TopKASTEngineMixin:
     def save_16bit_model(self, save_dir, save_filename="pytorch_model.bin", exclude_frozen_parameters=False):
         """DeepSpeed's 16-bit model save (every rank calls it; under ZeRO-3 it gathers the weights), of the plain
         model: each sparse layer's values and bitmaps become its `weight`."""
-        if self.zero_optimization_partition_weights():
+        if self.zero_optimization_partition_weights() and self.zero_gather_16bit_weights_on_model_save():
             require_every_rank("save_16bit_model", "Call engine.save_16bit_model(dir) on every rank (DeepSpeed's rank "
-                               "0 writes the file), not inside `if rank == 0:`.")
+                               "0 writes the file), not inside `if rank == 0:`.", partition_group(self.module))
         with state_dict_form(self.module, plain=True):
             return super().save_16bit_model(save_dir, save_filename, exclude_frozen_parameters)
 

@@ -32,7 +32,7 @@ from ds_topkast.kernels import ops
 from ds_topkast.layers import TopKASTLinear, alpha_from_sets, sparse_layers
 from ds_topkast.plain_save import stop_saving_plain
 from ds_topkast.sparsify import set_submodule, topkast_state
-from ds_topkast.zero_init import forget_partitions, gathered, is_partitioned
+from ds_topkast.zero_init import forget_partitions, gathered, is_partitioned, partition_group
 
 WEIGHTS = ("forward", "theta")
 
@@ -112,9 +112,9 @@ def export(engine_or_model, weights: str = "forward") -> nn.Module:
                          "ds_topkast.initialize returned, or save the plain model with trainer.save_model() or "
                          "engine.save_16bit_model(dir) (with "
                          "zero_optimization.stage3_gather_16bit_weights_on_model_save).")
-    if partitioned:
+    if engine is not None:  # its masters (and under ZeRO-3 every parameter) are gathered across the ranks
         require_every_rank("export", "Call ds_topkast.export(engine) on every rank (each gets the model; save it on "
-                           "rank 0 only).")
+                           "rank 0 only).", partition_group(model))
     copies: dict[int, nn.Parameter] = {}
     for name, layer in sparse_layers(model).items():
         bias = _whole(layer, ["bias"], copies).get("bias")

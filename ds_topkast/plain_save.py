@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ds_topkast.collectives import require_every_rank
 from ds_topkast.layers import sparse_layers
-from ds_topkast.zero_init import gathered, is_partitioned
+from ds_topkast.zero_init import gathered, is_partitioned, partition_group
 
 
 @contextmanager
@@ -60,6 +60,10 @@ def as_plain(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tenso
         prefix = f"{name}." if name else ""
         entries = [plain.pop(prefix + key, None) for key in ("values", "backward_bits", "forward_bits")]
         if all(entry is not None for entry in entries):  # built on the host: never a dense copy on the accelerator
+            if entries[0].numel() != layer.k_backward:
+                raise ValueError(f"{prefix}values holds {entries[0].numel()} of the layer's {layer.k_backward} values: "
+                                 "a ZeRO-3 partition, which makes no weight. Take the state dict with "
+                                 "ds_topkast.plain_state_dict(engine) or engine.save_16bit_model(dir) on every rank.")
             plain[prefix + "weight"] = layer.plain_weight(*(entry.detach().cpu() for entry in entries))
     return plain
 
@@ -81,7 +85,8 @@ def plain_state_dict(engine_or_model: nn.Module) -> dict[str, Tensor]:
     import torch.distributed as dist
 
     require_every_rank("plain_state_dict", "Call it on every rank and write on rank 0 only: state = "
-                       "ds_topkast.plain_state_dict(engine); then if rank == 0: torch.save(state, path).")
+                       "ds_topkast.plain_state_dict(engine); then if rank == 0: torch.save(state, path).",
+                       partition_group(model))
     keep = not dist.is_initialized() or dist.get_rank() == 0
     state: dict[str, Tensor] = {}
     for name, module in model.named_modules():
@@ -97,10 +102,14 @@ def plain_state_dict(engine_or_model: nn.Module) -> dict[str, Tensor]:
 
 
 def _save_pretrained_plain(self, save_directory, *args, state_dict=None, **kwargs):
-    """The model's own save_pretrained, given the plain state dict (see ds_topkast.plain_save)."""
-    state_dict = self.state_dict() if state_dict is None else state_dict
-    return type(self).save_pretrained(self, save_directory, *args, state_dict=as_plain(self, state_dict),
-                                      **kwargs)
+    """The model's own save_pretrained, given the plain state dict (see ds_topkast.plain_save). On a rank that does
+    not write (`is_main_process=False`, as accelerate's and the Trainer's other ranks call it; their state dict is
+    None or partitions under ZeRO-3) nothing is converted."""
+    if not kwargs.get("is_main_process", True):  # writes nothing: the sparse form costs nothing and warns of nothing
+        with state_dict_form(self, plain=False):
+            return type(self).save_pretrained(self, save_directory, *args, state_dict=state_dict, **kwargs)
+    state_dict = as_plain(self, self.state_dict() if state_dict is None else state_dict)
+    return type(self).save_pretrained(self, save_directory, *args, state_dict=state_dict, **kwargs)
 
 
 def save_plain(model: nn.Module) -> None:

@@ -21,6 +21,11 @@ def is_partitioned(param: nn.Parameter | None) -> bool:
     return param is not None and hasattr(param, "ds_id")
 
 
+def partition_group(model: nn.Module):
+    """The process group ZeRO-3 partitioned the model's parameters over (None, the job's, when none is partitioned)."""
+    return next((getattr(p, "ds_process_group", None) for p in model.parameters() if is_partitioned(p)), None)
+
+
 @contextmanager
 def gathered(module: nn.Module) -> Iterator[None]:
     """The module's own parameters in full on every rank inside the block, partitioned again after it."""

@@ -22,8 +22,10 @@ def write_config(folder, stage: int | None) -> str:
     """configs/accelerate_zero2.json at this stage, refreshing every 2 steps, with the regulariser on."""
     cfg = json.loads((REPO / "configs" / "accelerate_zero2.json").read_text())
     cfg["zero_optimization"] = {"stage": stage or 0}
-    if stage == 3:
-        cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if stage == 3:  # every layer really partitioned between passes, as a large model's are
+        cfg["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=True,
+                                        stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0,
+                                        stage3_max_live_parameters=0)
     cfg["topkast"].update(refresh_interval=2, exploration_l2=1e-3)
     path = folder / "ds_config.json"
     path.write_text(json.dumps(cfg))

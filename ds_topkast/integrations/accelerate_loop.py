@@ -13,17 +13,18 @@ ZeRO stage), `prepare` returns DeepSpeed's engine and accelerate steps it inside
 `load_checkpoint`, which `save_state` / `load_state` call, carry the dense store and the
 sets. Without DeepSpeed (one process or DDP), the prepared optimizer's `step` is hooked:
 each step that really updated the weights (gradients synchronised, not skipped by the
-fp16 scaler) counts and drives the schedule; `save_state` writes the model's sparse state
-dict in place of the plain one accelerate took (so that the run resumes exactly) and each
-rank's store shard next to it, and `load_state` restores them after the model, as the
-object registered for checkpointing is loaded last.
+fp16 scaler) counts and drives the schedule; `save_state` and `load_state` run with the
+model's state dict in its sparse form (so that the run resumes exactly), `save_state`
+writes each rank's store shard next to it and `load_state` restores them after the model,
+as the object registered for checkpointing is loaded last.
 
 Whatever saves the model for use (`save_pretrained`, `get_state_dict`, `save_model`)
-writes the plain model (ds_topkast.plain_save).
+writes the plain model (ds_topkast.plain_save); `get_state_dict` builds it on the main
+process only (the other ranks get the compact sparse form, which they do not save).
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -53,24 +54,45 @@ class TopKASTAccelerate:
             raise TopKASTConfigError("TopKASTAccelerate needs a sparsified model: call ds_topkast.sparsify(model, "
                                      "config) before building the optimizer and accelerator.prepare.")
         self.module = module
+        accelerator.get_state_dict = self._sparse_off_the_main_process(accelerator.get_state_dict)
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         if plugin is not None:
             ds_config = plugin.deepspeed_config
             _refuse_another_section(ds_config, module)
             check_engine_config(ds_config)
             self.runtime = extend_engine(model, module, ds_config).topkast
-            self._deepspeed = True
             return
-        self._deepspeed = False
         self.steps = 0
         self.runtime = TopKASTRuntime(module, adapter_for_optimizer(optimizer), job_collectives(),
                                       accelerator.gradient_accumulation_steps)
         self._hook_step(optimizer)
-        self._loading = ExitStack()
         self._load_dir: Path | None = None
-        accelerator.register_save_state_pre_hook(self._save_sparse_state)
-        accelerator.register_load_state_pre_hook(self._load_sparse_state)
+        accelerator.save_state = self._in_sparse_form(accelerator.save_state)
+        accelerator.load_state = self._in_sparse_form(accelerator.load_state)
+        accelerator.register_save_state_pre_hook(self._save_store)
+        accelerator.register_load_state_pre_hook(self._remember_load_dir)
         accelerator.register_for_checkpointing(self)
+
+    def _in_sparse_form(self, method):
+        """`method` (save_state, load_state) with the model's state dict in its sparse form, to resume exactly."""
+        @functools.wraps(method)
+        def sparse(*args, **kwargs):
+            with state_dict_form(self.module, plain=False):
+                return method(*args, **kwargs)
+
+        return sparse
+
+    def _sparse_off_the_main_process(self, get_state_dict):
+        """accelerate's get_state_dict, plain on the main process; on the others, which save nothing from it, the
+        compact sparse form (at 7B a plain copy per rank is 13 GB of host memory built for nothing)."""
+        @functools.wraps(get_state_dict)
+        def state_dict_for_saving(*args, **kwargs):
+            if self.accelerator.is_main_process:
+                return get_state_dict(*args, **kwargs)
+            with state_dict_form(self.module, plain=False):
+                return get_state_dict(*args, **kwargs)
+
+        return state_dict_for_saving
 
     @property
     def history(self):
@@ -91,18 +113,13 @@ class TopKASTAccelerate:
 
         optimizer.step = step_and_refresh
 
-    def _save_sparse_state(self, models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
-        """accelerate's save-state hook (every rank): the model's sparse state dict and this rank's store files."""
-        for i, model in enumerate(models):
-            if self.accelerator.unwrap_model(model) is self.module:
-                with state_dict_form(self.module, plain=False):
-                    weights[i] = model.state_dict()
+    def _save_store(self, models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+        """accelerate's save-state hook (every rank): this rank's store shard and sets next to the sparse model."""
         self.runtime.save(output_dir, self.steps)
 
-    def _load_sparse_state(self, models: list[nn.Module], input_dir: str) -> None:
-        """accelerate's load-state hook, before the models load: they load the sparse form, then `load_state_dict`."""
+    def _remember_load_dir(self, models: list[nn.Module], input_dir: str) -> None:
+        """accelerate's load-state hook, before the models load: where `load_state_dict` finds the store."""
         self._load_dir = Path(input_dir)
-        self._loading.enter_context(state_dict_form(self.module, plain=False))
 
     def state_dict(self) -> dict[str, Any]:
         """What accelerate pickles for this object (rank 0's file): the count of optimizer steps."""
@@ -110,7 +127,6 @@ class TopKASTAccelerate:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Called by `load_state` after the model, optimizer and schedulers: restore the store and sets."""
-        self._loading.close()
         if self._load_dir is None:
             raise TopKASTConfigError("TopKASTAccelerate.load_state_dict is called by accelerator.load_state(dir); "
                                      "load the checkpoint folder with it, not by hand.")

@@ -104,7 +104,8 @@ class TopKASTCallback(TrainerCallback):
             self.runtime.use_optimizer(adapter_for_optimizer(optimizer))
             self.runtime.set_accumulation_steps(args.gradient_accumulation_steps)
         _report_before_integrations(self)
-        if self._deepspeed and self._sparse_saves is None:  # DeepSpeed's checkpoints hold the module's values
+        self._restore_plain_form()  # left on by a train() that raised, maybe for another model (model_init)
+        if self._deepspeed:  # DeepSpeed's checkpoints hold the module's values
             self._sparse_saves = ExitStack()
             self._sparse_saves.enter_context(state_dict_form(model, plain=False))
         if state.global_step > 0:
@@ -145,7 +146,11 @@ class TopKASTCallback(TrainerCallback):
         if args.load_best_model_at_end and best is not None and Path(best).is_dir():
             found = re.search(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)$", str(best).rstrip("/"))
             self.runtime.load(best, int(found.group(1)) if found else state.global_step)
-        if self._sparse_saves is not None:  # after training, model.state_dict() is the plain model again
+        self._restore_plain_form()  # after training, model.state_dict() is the plain model again
+
+    def _restore_plain_form(self) -> None:
+        """End the sparse state-dict form this callback entered, if it did."""
+        if self._sparse_saves is not None:
             self._sparse_saves.close()
             self._sparse_saves = None
 
