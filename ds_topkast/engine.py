@@ -32,12 +32,13 @@ from torch import nn
 from ds_topkast.checkpoint import CheckpointError, load_file
 from ds_topkast.collectives import ProcessGroupCollectives, require_every_rank
 from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, refuse_loss_scaling, topkast_section
+from ds_topkast.layers import sparse_layers
 from ds_topkast.optimizer_state import adapter_for, per_entry_state_keys, refuse_unknown_config_optimizer
 from ds_topkast.plain_save import as_plain, state_dict_form
 from ds_topkast.runtime import TopKASTRuntime
 from ds_topkast.sparsify import TopKASTState, sparsify, topkast_state
 from ds_topkast.store import fsync_path
-from ds_topkast.zero_init import partition_group
+from ds_topkast.zero_init import is_partitioned, partition_group, quiet_gathers, warn_when_gathered_by_hand
 
 
 def _runtime(engine, model: nn.Module, ds_config: dict[str, Any]) -> TopKASTRuntime:
@@ -90,7 +91,8 @@ class TopKASTEngineMixin:
     def _zero3_consolidated_16bit_state_dict(self, *args, **kwargs):
         """DeepSpeed's gathered ZeRO-3 state dict (None on ranks other than 0), of the plain model: every caller
         (save_16bit_model, the Trainer's and accelerate's get_state_dict) saves a model from it."""
-        state = super()._zero3_consolidated_16bit_state_dict(*args, **kwargs)
+        with quiet_gathers():
+            state = super()._zero3_consolidated_16bit_state_dict(*args, **kwargs)
         return None if state is None else as_plain(self.module, state)
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
@@ -179,6 +181,9 @@ def extend_engine(engine, model: nn.Module, ds_config: dict[str, Any]):
         _ENGINE_CLASSES[base] = type(f"TopKAST{base.__name__}", (TopKASTEngineMixin, base), {})
     engine.__class__ = _ENGINE_CLASSES[base]
     engine.topkast = _runtime(engine, model, ds_config)
+    for name, layer in sparse_layers(model).items():
+        if is_partitioned(layer.values):  # a custom loop's hand-gathered save would miss the positions
+            warn_when_gathered_by_hand(name, layer.values)
     _read_checkpoints_weights_only(engine)
     return engine
 

@@ -10,10 +10,14 @@ ds_topkast touches DeepSpeed's ZeRO-3 parameters.
 """
 from __future__ import annotations
 
+import contextvars
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
 from torch import nn
+
+_quiet = contextvars.ContextVar("ds_topkast_quiet_gathers", default=False)
 
 
 def is_partitioned(param: nn.Parameter | None) -> bool:
@@ -31,8 +35,42 @@ def gathered(module: nn.Module) -> Iterator[None]:
     """The module's own parameters in full on every rank inside the block, partitioned again after it."""
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)), modifier_rank=None):
+    with quiet_gathers(), deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)),
+                                                            modifier_rank=None):
         yield
+
+
+@contextmanager
+def quiet_gathers() -> Iterator[None]:
+    """Gathers of Top-KAST values inside the block are ds_topkast's or DeepSpeed's own: no warning (see below)."""
+    token = _quiet.set(True)
+    try:
+        yield
+    finally:
+        _quiet.reset(token)
+
+
+def warn_when_gathered_by_hand(name: str, values: nn.Parameter) -> None:
+    """Warn when a user's `deepspeed.zero.GatheredParameters` gathers a Top-KAST layer's values (ZeRO-3).
+
+    The usual ZeRO-3 save of a custom loop gathers `named_parameters()` one by one and
+    saves them; for a sparse layer that is B's values without their positions, a file that
+    is not the model and cannot be made into it, so the warning names the calls that save
+    the plain model. DeepSpeed's GatheredParameters is the one caller of a parameter's
+    `all_gather` that passes `param_list=` (its own fetches, persistent parameters and
+    checkpoint hooks do not), which is what tells a user's gather from DeepSpeed's.
+    """
+    gather = values.all_gather
+
+    def all_gather(*args, **kwargs):
+        if "param_list" in kwargs and not _quiet.get():
+            warnings.warn(f"{name}.values was gathered by hand (deepspeed.zero.GatheredParameters): a Top-KAST layer's "
+                          "values are B's entries without their positions, so saving gathered parameters does not "
+                          "save the model. Save the plain model with ds_topkast.plain_state_dict(engine) or "
+                          "engine.save_16bit_model(dir), on every rank.", stacklevel=3)
+        return gather(*args, **kwargs)
+
+    values.all_gather = all_gather
 
 
 def forget_partitions(module: nn.Module) -> None:

@@ -115,7 +115,11 @@ def test_the_state_dict_a_user_takes_and_saves_is_the_plain_model(tmp_path, stag
                if k.endswith(".values")), "keep_vars asks for the module's own tensors"
 
 
-def test_a_zero3_state_dict_warns_outside_a_gather_and_is_plain_inside_one():
+def test_a_zero3_state_dict_warns_outside_a_gather_and_is_plain_inside_one(tmp_path):
+    """Under ZeRO-3 a custom loop's hand-taken saves that cannot be plain warn, naming the calls that are; those
+    calls (and DeepSpeed's own gathers while training) warn of nothing."""
+    import warnings
+
     import deepspeed
 
     engine, x, expected = trained(partitioned_zero3_config())
@@ -125,6 +129,19 @@ def test_a_zero3_state_dict_warns_outside_a_gather_and_is_plain_inside_one():
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         state = {key: value.clone() for key, value in engine.module.state_dict().items()}
     assert_plain_model_computes(state, x, expected)
+    with pytest.warns(UserWarning, match=r"transformer.h.0.attn.c_attn.values was gathered by hand.*plain_state_dict"):
+        for name, param in engine.module.named_parameters():  # DeepSpeed-Chat's save_zero_three_model
+            with deepspeed.zero.GatheredParameters([param]):
+                param.data.cpu()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.train()
+        train(engine, 1)
+        engine.save_checkpoint(str(tmp_path / "checkpoint"))
+        engine.load_checkpoint(str(tmp_path / "checkpoint"))
+        assert "transformer.h.0.attn.c_attn.weight" in ds_topkast.plain_state_dict(engine)
+        engine.save_16bit_model(str(tmp_path))
+    assert not [w for w in caught if "plain_state_dict" in str(w.message)], [str(w.message) for w in caught]
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
