@@ -18,9 +18,9 @@ from ds_topkast.memory_accounting import memory_report
 from ds_topkast.plain_save import plain_state_dict
 from ds_topkast.sparsify import sparsify
 
-__all__ = ["CheckpointError", "TopKASTAccelerate", "TopKASTCallback", "TopKASTConfig", "TopKASTConfigError", "TopKASTLinear",
-           "exploration_penalty", "export", "from_compressed", "initialize", "load_compressed", "load_dense_weights",
-           "memory_report", "plain_state_dict", "save_compressed", "sparsify"]
+__all__ = ["CheckpointError", "TopKASTAccelerate", "TopKASTCallback", "TopKASTConfig", "TopKASTConfigError",
+           "TopKASTLinear", "exploration_penalty", "export", "from_compressed", "initialize", "load_compressed",
+           "load_dense_weights", "memory_report", "plain_state_dict", "save_compressed", "sparsify"]
 
 
 def __getattr__(name: str):

@@ -6,6 +6,7 @@ moved to the accelerator for the call (NCCL needs them there) and back to the ho
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -105,8 +106,6 @@ def require_every_rank(call: str, fix: str, group=None) -> None:
     is gathered or written, and marks the call failed, so that a rank arriving later
     raises too instead of entering a gather the others will never join.
     """
-    import logging
-
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size(group) == 1:

@@ -53,8 +53,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ds_topkast.layers import sparse_layers
-from ds_topkast.plain_save import plain_state_dict
+from ds_topkast.layers import SPARSE_ENTRIES, sparse_layers
+from ds_topkast.plain_save import plain_state_dict, unwrapped, writes_on_this_rank
 from ds_topkast.zero_init import is_partitioned
 
 SINGLE_FILE = "model.safetensors"
@@ -86,18 +86,6 @@ def _compressed_tensors() -> types.SimpleNamespace:
         sparse_bitmask=CompressionFormat.sparse_bitmask.value, pack_bitmasks=pack_bitmasks,
         unpack_bitmasks=unpack_bitmasks, quantization_key=QUANTIZATION_CONFIG_NAME, sparsity_key=SPARSITY_CONFIG_NAME,
         transform_key=TRANSFORM_CONFIG_NAME, version_key=COMPRESSION_VERSION_NAME, method_key=QUANTIZATION_METHOD_NAME)
-
-
-def _unwrap(engine_or_model: nn.Module) -> nn.Module:
-    while isinstance(getattr(engine_or_model, "module", None), nn.Module):  # DeepSpeedEngine, DistributedDataParallel
-        engine_or_model = engine_or_model.module
-    return engine_or_model
-
-
-def _is_writer() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _bitmask_entries(prefix: str, weight: Tensor, pack_bitmasks) -> dict[str, Tensor]:
@@ -172,7 +160,7 @@ def save_compressed(engine_or_model: nn.Module, save_directory: str | os.PathLik
     gathered. `max_shard_size` is `save_pretrained`'s (the size of one safetensors file).
     """
     ct = _compressed_tensors()
-    model = _unwrap(engine_or_model)
+    model = unwrapped(engine_or_model)
     if not (callable(getattr(type(model), "save_pretrained", None)) and hasattr(model, "config")):
         raise TypeError(f"save_compressed writes a Hugging Face model folder (config.json and safetensors); "
                         f"{type(model).__name__} has no save_pretrained. Use ds_topkast.plain_state_dict for its "
@@ -181,10 +169,10 @@ def save_compressed(engine_or_model: nn.Module, save_directory: str | os.PathLik
     if not targets:
         raise ValueError("save_compressed: the model has no Top-KAST layers to compress (sparsify it first; a dense "
                          "model saves with save_pretrained).")
-    if not _is_writer() and not any(is_partitioned(p) for p in model.parameters()):
+    if not writes_on_this_rank() and not any(is_partitioned(p) for p in model.parameters()):
         return  # nothing to gather: only the writer builds the plain model
     plain = plain_state_dict(engine_or_model)  # under ZeRO-3 every rank, before any rank can fail alone
-    if not _is_writer():
+    if not writes_on_this_rank():
         return
     _retie(model, plain)
     sparsity_config = ct.BitmaskConfig(targets=targets, global_sparsity=_global_sparsity(model, plain, set(targets)),
@@ -268,10 +256,10 @@ def _plain_layout(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[st
     identity = {key: id(tensor) for key, tensor in state.items()}
     for name, layer in sparse_layers(model).items():
         prefix = f"{name}." if name else ""
-        for key in ("values", "backward_bits", "forward_bits"):
+        for key in SPARSE_ENTRIES:
             shapes.pop(prefix + key, None)
             identity.pop(prefix + key, None)
-        shapes[prefix + "weight"] = layer.shape[::-1] if layer.source_type == "Conv1D" else layer.shape
+        shapes[prefix + "weight"] = layer.plain_shape
         identity[prefix + "weight"] = id(layer)
     return shapes, identity
 

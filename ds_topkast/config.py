@@ -245,3 +245,11 @@ def topkast_section(ds_config: Mapping[str, Any]) -> TopKASTConfig:
             f'The DeepSpeed config has no "{SECTION}" section; add one, e.g. '
             '"topkast": {"forward_sparsity": 0.9, "backward_sparsity": 0.8, "refresh_interval": 100}.')
     return TopKASTConfig.from_section(ds_config[SECTION])
+
+
+def refuse_another_section(ds_config: Mapping[str, Any], sparsified_with: TopKASTConfig, whose: str) -> None:
+    """Refuse a DeepSpeed config whose "topkast" section differs from the one the model was sparsified with (one
+    without a section is fine: the model's is used). `whose` names the config, e.g. "the Trainer's"."""
+    if SECTION in ds_config and topkast_section(ds_config) != sparsified_with:
+        raise TopKASTConfigError(f'The model was sparsified with a different "{SECTION}" section than {whose} '
+                                 "DeepSpeed config holds; sparsify with the same config file.")

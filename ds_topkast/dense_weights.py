@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from ds_topkast.checkpoint import (CheckpointError, assemble, checkpoint_file, every_rank, joined_sets, load_file,
                                    read_verified)
 from ds_topkast.layer_weights import in_module_layout, linear_weight
+from ds_topkast.layers import SPARSE_ENTRIES
 
 _MODEL_STATES = "mp_rank_00_model_states.pt"
-_SPARSE_KEYS = ("values", "backward_bits", "forward_bits")
 
 
 def tag_folder(path: str | os.PathLike) -> Path:
@@ -67,7 +67,7 @@ def load_dense_weights(model: nn.Module, checkpoint: str | os.PathLike) -> nn.Mo
     module_state = load_file(tag_dir / _MODEL_STATES)["module"]
     theta = _dense_theta(tag_dir, module_state) if checkpoint_file(tag_dir, 0).is_file() else {}
     state = {key: value for key, value in module_state.items()
-             if key.rsplit(".", 1)[0] not in theta or key.rsplit(".", 1)[1] not in _SPARSE_KEYS}
+             if key.rsplit(".", 1)[0] not in theta or key.rsplit(".", 1)[1] not in SPARSE_ENTRIES}
     for name, flat in theta.items():
         module = model.get_submodule(name)
         if flat.numel() != module.weight.numel():

@@ -21,6 +21,7 @@ optimizer: refresh.py rewrites its sets from outside, between steps.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -241,7 +242,7 @@ class TopKASTLinear(nn.Module):
         values become the weight's entries on B. A dict with the layer's own entries loads as usual."""
         dense = state_dict.pop(prefix + "weight", None)
         if dense is not None and prefix + "values" not in state_dict:
-            expected = self.shape[::-1] if self.source_type == "Conv1D" else self.shape
+            expected = self.plain_shape
             if tuple(dense.shape) != expected:
                 error_msgs.append(f"size mismatch for {prefix}weight: copying a param with shape {tuple(dense.shape)}, "
                                   f"the layer it replaced has shape {expected}.")
@@ -255,17 +256,27 @@ class TopKASTLinear(nn.Module):
                                       error_msgs)
         self.block_counts  # the bitmap may have been loaded: recount now, not at the next forward
 
-    def plain_weight(self, values: Tensor, backward_bits: Tensor, forward_bits: Tensor) -> Tensor:
-        """α from this layer's state-dict entries, in the layout of the module it replaced (Conv1D's is (in, out))."""
+    @property
+    def plain_shape(self) -> tuple[int, int]:
+        """The shape of the replaced module's weight: (out, in), Conv1D's (in, out)."""
+        return self.shape[::-1] if self.source_type == "Conv1D" else self.shape
+
+    def make_entries_plain(self, state_dict: dict, prefix: str) -> None:
+        """Replace this layer's sparse entries of `state_dict` (`prefix` + SPARSE_ENTRIES) by the replaced module's
+        `weight`: α, built on the host (never dense on the accelerator), in that module's layout, before `bias`."""
+        values, backward_bits, forward_bits = (state_dict.pop(prefix + key).detach().cpu() for key in SPARSE_ENTRIES)
         weight = alpha_from_sets(values, backward_bits, forward_bits, self.shape)
-        return weight.t().contiguous() if self.source_type == "Conv1D" else weight
+        bias = state_dict.pop(prefix + "bias", None)
+        state_dict[prefix + "weight"] = weight.t().contiguous() if self.source_type == "Conv1D" else weight
+        if bias is not None:
+            state_dict[prefix + "bias"] = bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"k_forward={self.k_forward}, k_backward={self.k_backward}, from={self.source_type}")
 
 
-_SPARSE_ENTRIES = ("values", "backward_bits", "forward_bits")
+SPARSE_ENTRIES = ("values", "backward_bits", "forward_bits")  # a layer's state-dict entries in the sparse form
 
 
 def _state_dict_as_plain(layer: TopKASTLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -273,7 +284,7 @@ def _state_dict_as_plain(layer: TopKASTLinear, state_dict: dict, prefix: str, lo
 
     So that `model.state_dict()`, `torch.save` of it and everything built on it give the
     plain model. Left sparse: while a checkpoint saves (`saves_plain` False, see
-    ds_topkast.plain_save.sparse_state_dict), with `keep_vars=True` (the caller wants the
+    ds_topkast.plain_save.state_dict_form), with `keep_vars=True` (the caller wants the
     module's own tensors), and under ZeRO-3 outside `GatheredParameters`, where the values
     are partitions that make no weight (a warning names the calls that gather and convert).
     """
@@ -281,18 +292,12 @@ def _state_dict_as_plain(layer: TopKASTLinear, state_dict: dict, prefix: str, lo
     if not layer.saves_plain or values is None or isinstance(values, nn.Parameter):
         return
     if values.numel() != layer.k_backward:  # a ZeRO-3 partition outside GatheredParameters: empty, as DeepSpeed's
-        import warnings
-
         warnings.warn(
             f"state_dict() of a ZeRO-3 partitioned Top-KAST model holds each rank's partitions, not the model (as "
             f"DeepSpeed's does for any partitioned parameter; {prefix}values is one). To save the plain model call "
             "ds_topkast.plain_state_dict(engine) or engine.save_16bit_model(dir) on every rank.", stacklevel=3)
         return
-    entries = [state_dict.pop(prefix + key).detach().cpu() for key in _SPARSE_ENTRIES]
-    bias = state_dict.pop(prefix + "bias", None)
-    state_dict[prefix + "weight"] = layer.plain_weight(*entries)  # built on the host: never dense on the accelerator
-    if bias is not None:
-        state_dict[prefix + "bias"] = bias
+    layer.make_entries_plain(state_dict, prefix)
 
 
 def sparse_layers(model: nn.Module) -> dict[str, TopKASTLinear]:

@@ -28,7 +28,7 @@ from typing import Iterator
 from torch import Tensor, nn
 
 from ds_topkast.collectives import require_every_rank
-from ds_topkast.layers import sparse_layers
+from ds_topkast.layers import SPARSE_ENTRIES, sparse_layers
 from ds_topkast.zero_init import gathered, is_partitioned, partition_group
 
 
@@ -58,14 +58,30 @@ def as_plain(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tenso
     plain = dict(state_dict)
     for name, layer in sparse_layers(model).items():
         prefix = f"{name}." if name else ""
-        entries = [plain.pop(prefix + key, None) for key in ("values", "backward_bits", "forward_bits")]
-        if all(entry is not None for entry in entries):  # built on the host: never a dense copy on the accelerator
-            if entries[0].numel() != layer.k_backward:
-                raise ValueError(f"{prefix}values holds {entries[0].numel()} of the layer's {layer.k_backward} values: "
-                                 "a ZeRO-3 partition, which makes no weight. Take the state dict with "
-                                 "ds_topkast.plain_state_dict(engine) or engine.save_16bit_model(dir) on every rank.")
-            plain[prefix + "weight"] = layer.plain_weight(*(entry.detach().cpu() for entry in entries))
+        if not all(prefix + key in plain for key in SPARSE_ENTRIES):
+            continue
+        held = plain[prefix + "values"].numel()
+        if held != layer.k_backward:
+            raise ValueError(f"{prefix}values holds {held} of the layer's {layer.k_backward} values: a ZeRO-3 "
+                             "partition, which makes no weight. Take the state dict with "
+                             "ds_topkast.plain_state_dict(engine) or engine.save_16bit_model(dir) on every rank.")
+        layer.make_entries_plain(plain, prefix)
     return plain
+
+
+def unwrapped(engine_or_model: nn.Module) -> nn.Module:
+    """The model inside a DeepSpeed engine or DDP wrapper (or the model itself)."""
+    model = engine_or_model
+    while isinstance(getattr(model, "module", None), nn.Module):  # DeepSpeedEngine, DistributedDataParallel
+        model = model.module
+    return model
+
+
+def writes_on_this_rank() -> bool:
+    """Whether this rank writes what every rank gathers: rank 0, or the only process."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def plain_state_dict(engine_or_model: nn.Module) -> dict[str, Tensor]:
@@ -76,18 +92,14 @@ def plain_state_dict(engine_or_model: nn.Module) -> dict[str, Tensor]:
     Under ZeRO-3 it is a collective (every rank calls it): the model is gathered one module
     at a time and rank 0 gets the whole dict, the other ranks an empty one.
     """
-    model = engine_or_model
-    while isinstance(getattr(model, "module", None), nn.Module):  # DeepSpeedEngine, DistributedDataParallel
-        model = model.module
+    model = unwrapped(engine_or_model)
     if not any(is_partitioned(p) for p in model.parameters()):
         with state_dict_form(model, plain=True):
             return {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    import torch.distributed as dist
-
     require_every_rank("plain_state_dict", "Call it on every rank and write on rank 0 only: state = "
                        "ds_topkast.plain_state_dict(engine); then if rank == 0: torch.save(state, path).",
                        partition_group(model))
-    keep = not dist.is_initialized() or dist.get_rank() == 0
+    keep = writes_on_this_rank()
     state: dict[str, Tensor] = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""

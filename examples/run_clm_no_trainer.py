@@ -1,4 +1,4 @@
-"""Causal language modelling in a custom `accelerate` loop, as transformers' run_clm_no_trainer.py does it, plus Top-KAST.
+"""Causal language modelling in a custom accelerate loop, as transformers' run_clm_no_trainer.py does it, plus Top-KAST.
 
     accelerate launch --use_deepspeed --deepspeed_config_file configs/accelerate_zero2.json --num_processes 2 \
         examples/run_clm_no_trainer.py --topkast_config configs/accelerate_zero2.json --model_type gpt2 \

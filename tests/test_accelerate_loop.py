@@ -1,8 +1,8 @@
 """examples/run_clm_no_trainer.py, our custom accelerate loop with its three Top-KAST lines, under `accelerate launch`
-on 2 ranks: with DeepSpeed at ZeRO 0-3 (ZeRO-3's model built inside zero.Init) and with DDP, without DeepSpeed. Each launch
-trains 4 steps saving state at step 2, then resumes from that save_state folder; the resumed run equals the whole one
-(step losses, eval loss, the saved model, every rank's store and sets), the refreshes ran, and the model the script
-saves loads into plain transformers with nothing missing or unexpected and gives the run's eval loss."""
+on 2 ranks: with DeepSpeed at ZeRO 0-3 (ZeRO-3's model built inside zero.Init) and with DDP, without DeepSpeed. Each
+launch trains 4 steps saving state at step 2, then resumes from that save_state folder; the resumed run equals the
+whole one (step losses, eval loss, the saved model, every rank's store and sets), the refreshes ran, and the model the
+script saves loads into plain transformers with nothing missing or unexpected and gives the run's eval loss."""
 import json
 import math
 

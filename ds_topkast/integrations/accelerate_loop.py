@@ -25,13 +25,14 @@ process only (the other ranks get the compact sparse form, which they do not sav
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ds_topkast.collectives import job_collectives
-from ds_topkast.config import SECTION, TopKASTConfigError, topkast_section
+from ds_topkast.config import TopKASTConfigError, refuse_another_section
 from ds_topkast.engine import check_engine_config, extend_engine
 from ds_topkast.optimizer_state import adapter_for_optimizer
 from ds_topkast.plain_save import state_dict_form
@@ -54,11 +55,12 @@ class TopKASTAccelerate:
             raise TopKASTConfigError("TopKASTAccelerate needs a sparsified model: call ds_topkast.sparsify(model, "
                                      "config) before building the optimizer and accelerator.prepare.")
         self.module = module
-        accelerator.get_state_dict = self._sparse_off_the_main_process(accelerator.get_state_dict)
+        accelerator.get_state_dict = self._in_sparse_form(  # ranks that save nothing need no plain 7B copy
+            accelerator.get_state_dict, when=lambda: not accelerator.is_main_process)
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         if plugin is not None:
             ds_config = plugin.deepspeed_config
-            _refuse_another_section(ds_config, module)
+            refuse_another_section(ds_config, topkast_state(module).config, "accelerate's")
             check_engine_config(ds_config)
             self.runtime = extend_engine(model, module, ds_config).topkast
             return
@@ -73,26 +75,16 @@ class TopKASTAccelerate:
         accelerator.register_load_state_pre_hook(self._remember_load_dir)
         accelerator.register_for_checkpointing(self)
 
-    def _in_sparse_form(self, method):
-        """`method` (save_state, load_state) with the model's state dict in its sparse form, to resume exactly."""
+    def _in_sparse_form(self, method, when=lambda: True):
+        """`method` with the model's state dict in its sparse form whenever `when()`, else in the form it is in
+        (save_state's own get_state_dict call must stay sparse): save_state and load_state always (to resume
+        exactly), get_state_dict off the main process."""
         @functools.wraps(method)
-        def sparse(*args, **kwargs):
-            with state_dict_form(self.module, plain=False):
+        def in_form(*args, **kwargs):
+            with state_dict_form(self.module, plain=False) if when() else nullcontext():
                 return method(*args, **kwargs)
 
-        return sparse
-
-    def _sparse_off_the_main_process(self, get_state_dict):
-        """accelerate's get_state_dict, plain on the main process; on the others, which save nothing from it, the
-        compact sparse form (at 7B a plain copy per rank is 13 GB of host memory built for nothing)."""
-        @functools.wraps(get_state_dict)
-        def state_dict_for_saving(*args, **kwargs):
-            if self.accelerator.is_main_process:
-                return get_state_dict(*args, **kwargs)
-            with state_dict_form(self.module, plain=False):
-                return get_state_dict(*args, **kwargs)
-
-        return state_dict_for_saving
+        return in_form
 
     @property
     def history(self):
@@ -134,8 +126,3 @@ class TopKASTAccelerate:
         self.runtime.load(self._load_dir, self.steps)
         self._load_dir = None
 
-
-def _refuse_another_section(ds_config: dict[str, Any], module: nn.Module) -> None:
-    if SECTION in ds_config and topkast_section(ds_config) != topkast_state(module).config:
-        raise TopKASTConfigError('The model was sparsified with a different "topkast" section than accelerate\'s '
-                                 "DeepSpeed config holds; sparsify with the same config file.")

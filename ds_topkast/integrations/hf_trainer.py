@@ -45,8 +45,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ds_topkast.collectives import job_collectives
-from ds_topkast.config import (SECTION, TopKASTConfigError, load_deepspeed_config, refuse_loss_scaling,
-                               topkast_section)
+from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, refuse_another_section, refuse_loss_scaling
 from ds_topkast.optimizer_state import adapter_for_optimizer
 from ds_topkast.runtime import TopKASTRuntime
 from ds_topkast.memory_accounting import trainer_memory_report
@@ -91,10 +90,7 @@ class TopKASTCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model: nn.Module = None, optimizer=None, **kwargs):
         ds_config = _deepspeed_config(args)
         refuse_loss_scaling(ds_config, trainer_fp16=bool(getattr(args, "fp16", False)))
-        cfg = topkast_state(model).config
-        if SECTION in ds_config and topkast_section(ds_config) != cfg:
-            raise TopKASTConfigError('The model was sparsified with a different "topkast" section than the '
-                                     "Trainer's DeepSpeed config holds; sparsify with the same config file.")
+        refuse_another_section(ds_config, topkast_state(model).config, "the Trainer's")
         _require_gathered_saves(ds_config)
         self._deepspeed, self._ds_config, self._optimizer, self._model = bool(ds_config), ds_config, optimizer, model
         if self.runtime is None:
