@@ -75,7 +75,7 @@ def train_steps(engine, steps: int) -> None:
 
 def sparsified_names(cfg: dict, width: int, layers: int) -> list[str]:
     import ds_topkast
-    from ds_topkast.sparsify import topkast_state
+    from ds_topkast.runtime.state import topkast_state
 
     return topkast_state(ds_topkast.sparsify(build_model(width, layers), cfg["topkast"])).layer_names
 
@@ -105,7 +105,7 @@ def per_step(args, world: int) -> list[tuple[str, float]]:
 
 def per_refresh(args, world: int) -> list[tuple]:
     import ds_topkast
-    from ds_topkast.layers import sparse_layers
+    from ds_topkast.core.layers import sparse_layers
 
     rows = []
     for width in args.refresh_widths:

@@ -19,7 +19,6 @@ import time
 
 import psutil
 import torch
-
 from common import Stack
 
 

@@ -88,7 +88,7 @@ def build(cfg: dict) -> torch.nn.Module:
     """The config's model, as the training command builds it (byte vocabulary, its window length)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ds_topkast.lm.transformer_xl import TransformerXL, preset
+    from ds_topkast.lm.models.transformer_xl import TransformerXL, preset
 
     fields = {k: v for k, v in cfg["train"]["model"].items() if k != "type"}
     if cfg["train"]["model"]["type"] == "transformer_xl":
@@ -100,7 +100,7 @@ def build(cfg: dict) -> torch.nn.Module:
 def forward_parameters(cfg: dict) -> int:
     """Parameters the forward pass uses: every dense one, and k_A of each sparsified layer."""
     import ds_topkast
-    from ds_topkast.layers import sparse_layers
+    from ds_topkast.core.layers import sparse_layers
 
     model = build(cfg)
     if "topkast" in cfg:
@@ -144,7 +144,7 @@ def train(cfg: dict, out: Path) -> list[dict]:
 
 def final_forward_sets(run: Path) -> dict[str, torch.Tensor] | None:
     """Each sparsified layer's final A as sorted global flat indices, from the run's latest checkpoint (1 rank)."""
-    from ds_topkast.checkpoint import checkpoint_file, joined_sets, load_file
+    from ds_topkast.runtime.checkpoint import checkpoint_file, joined_sets, load_file
 
     path = checkpoint_file(run / (run / "latest").read_text().strip(), 0)
     if not path.exists():

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from bench_training import store_floor_seconds
 from common import Stack, median_seconds, single_rank_environment
 
@@ -40,7 +39,7 @@ def measure(width: int, layers: int) -> dict:
 
 
 def main() -> None:
-    from ds_topkast.collectives import release_cpu_shm_buffer
+    from ds_topkast.parallel.collectives import release_cpu_shm_buffer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", nargs="+", type=int, default=[512, 1024, 2048, 3072])

@@ -133,8 +133,8 @@ def worker(args) -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     import ds_topkast
-    from ds_topkast.layers import sparse_layers
-    from ds_topkast.memory_accounting import trained_bytes
+    from ds_topkast.core.layers import sparse_layers
+    from ds_topkast.engine.memory_accounting import trained_bytes
 
     deepspeed.init_distributed()
     rank = dist.get_rank()

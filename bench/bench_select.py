@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 
 import torch
-
 from common import median_seconds
-from ds_topkast.select import topk_indices
+
+from ds_topkast.core.select import topk_indices
 
 
 def entries(text: str) -> int:

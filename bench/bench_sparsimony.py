@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_quality import variant_config
 from common import run_with_peak_rss, training_command
 
@@ -173,9 +172,11 @@ def train_peer(config: Path, algorithm: str, result: Path) -> None:
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
     from ds_topkast.config import load_deepspeed_config
-    from ds_topkast.lm.corpus_cache import open_corpus
-    from ds_topkast.lm.model_runners import CausalLMRunner
-    from ds_topkast.lm.train import accumulation_steps, micro_batch_per_rank, quality, train_section
+    from ds_topkast.lm.data.corpus_cache import open_corpus
+    from ds_topkast.lm.loop import quality
+    from ds_topkast.lm.models.runners import CausalLMRunner
+    from ds_topkast.lm.run_files import accumulation_steps, micro_batch_per_rank
+    from ds_topkast.lm.train_config import train_section
 
     ds_config = load_deepspeed_config(config)
     cfg, topkast = train_section(ds_config), ds_config["topkast"]

@@ -39,7 +39,6 @@ from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
-
 from common import median_seconds, single_rank_environment, synchronize  # noqa: E402
 from op_counts import OpCounter, counted_refresh  # noqa: E402
 
@@ -80,7 +79,7 @@ def store_floor_seconds(store, repeats: int = 3) -> float:
     """One read and one write of every byte of the store (an in-place pass over each shard)."""
     def one_pass():
         for name in store.names():
-            store.read(name).mul_(1.0)
+            store.shard(name).theta.mul_(1.0)
     return median_seconds(one_pass, repeats)
 
 
@@ -88,7 +87,7 @@ def transfer_floor_seconds(store, device) -> float:
     """Each shard copied to the accelerator and back: the host-link floor of a refresh that streams through it."""
     def one_pass():
         for name in store.names():
-            theta = store.read(name)
+            theta = store.shard(name).theta
             theta.copy_(theta.to(device, non_blocking=True))
     return median_seconds(one_pass, 3)
 
@@ -119,7 +118,7 @@ def measure(name: str, variant, shape: dict, steps: int, interval: int, bf16: bo
     import deepspeed
 
     import ds_topkast
-    from ds_topkast.memory_accounting import trained_bytes
+    from ds_topkast.engine.memory_accounting import trained_bytes
 
     baseline = release_accelerator_memory()
     cfg = ds_config(variant, shape["micro"], interval, bf16)
@@ -227,7 +226,7 @@ def print_table(rows: list[dict], interval: int) -> None:
 
 
 def main() -> None:
-    from ds_topkast.collectives import release_cpu_shm_buffer
+    from ds_topkast.parallel.collectives import release_cpu_shm_buffer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=list(SIZES), default="cpu")

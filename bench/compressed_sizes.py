@@ -25,8 +25,8 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 import ds_topkast  # noqa: E402
-from ds_topkast.compressed_save import save_compressed  # noqa: E402
-from ds_topkast.layers import sparse_layers  # noqa: E402
+from ds_topkast.convert.compressed_save import save_compressed  # noqa: E402
+from ds_topkast.core.layers import sparse_layers  # noqa: E402
 
 VARIANTS = ((0.9, 0.8), (0.95, 0.9))
 MB = 1e6

@@ -21,7 +21,6 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-
 from common import median_seconds, single_rank_environment  # noqa: E402
 from op_counts import OpCounter, counted_refresh, counted_steps, lm_step  # noqa: E402
 

@@ -5,22 +5,28 @@
                       callbacks=[ds_topkast.TopKASTCallback()])   # Hugging Face Trainer
     ds_topkast.TopKASTAccelerate(accelerator, model, optimizer)     # a custom accelerate loop, after prepare
 
-See README.md for the workflow and DESIGN.md / docs/ for how it is built.
+Errors derive from ds_topkast.TopKASTError. See README.md for the workflow and docs/DESIGN.md for how it is
+built (its Layout section: the folders and which may import which).
 """
-from ds_topkast.checkpoint import CheckpointError
-from ds_topkast.compressed_save import from_compressed, load_compressed, save_compressed
-from ds_topkast.config import TopKASTConfig, TopKASTConfigError
-from ds_topkast.engine import initialize
-from ds_topkast.export import export
-from ds_topkast.dense_weights import load_dense_weights
-from ds_topkast.layers import TopKASTLinear, exploration_penalty
-from ds_topkast.memory_accounting import memory_report
-from ds_topkast.plain_save import plain_state_dict
-from ds_topkast.sparsify import sparsify
+from ds_topkast.config import TopKASTConfig
+from ds_topkast.convert.compressed_save import from_compressed, load_compressed, save_compressed
+from ds_topkast.convert.dense_weights import load_dense_weights
+from ds_topkast.convert.export import export
+from ds_topkast.convert.plain_save import plain_state_dict
+from ds_topkast.convert.sparsify import sparsify
+from ds_topkast.core.layers import TopKASTLinear
+from ds_topkast.engine.deepspeed_engine import initialize
+from ds_topkast.engine.memory_accounting import memory_report
+from ds_topkast.errors import (CheckpointError, CollectiveCallError, CorpusError, DenseStoreError, NonFiniteScoresError,
+                               NVMeStoreError, PretrainedWeightsError, RefreshError, TopKASTConfigError, TopKASTError,
+                               TrainConfigError, UnsupportedOptimizerError)
+from ds_topkast.runtime.regulariser import exploration_penalty
 
-__all__ = ["CheckpointError", "TopKASTAccelerate", "TopKASTCallback", "TopKASTConfig", "TopKASTConfigError",
-           "TopKASTLinear", "exploration_penalty", "export", "from_compressed", "initialize", "load_compressed",
-           "load_dense_weights", "memory_report", "plain_state_dict", "save_compressed", "sparsify"]
+__all__ = ["CheckpointError", "CollectiveCallError", "CorpusError", "DenseStoreError", "NVMeStoreError",
+           "NonFiniteScoresError", "PretrainedWeightsError", "RefreshError", "TopKASTAccelerate", "TopKASTCallback",
+           "TopKASTConfig", "TopKASTConfigError", "TopKASTError", "TopKASTLinear", "TrainConfigError",
+           "UnsupportedOptimizerError", "exploration_penalty", "export", "from_compressed", "initialize",
+           "load_compressed", "load_dense_weights", "memory_report", "plain_state_dict", "save_compressed", "sparsify"]
 
 
 def __getattr__(name: str):

@@ -8,17 +8,18 @@ message naming the key and the fix, never after an hour of training.
 from __future__ import annotations
 
 import json
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Any, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ds_topkast.algorithms import registry
+from ds_topkast.errors import TopKASTConfigError
 
 SECTION = "topkast"
 
-
-class TopKASTConfigError(ValueError):
-    """A "topkast" setting is missing, misspelled or out of range."""
 
 
 class Distribution(str, Enum):
@@ -27,16 +28,6 @@ class Distribution(str, Enum):
     uniform = "uniform"
     erk = "erk"
     global_ = "global"
-
-
-class AlgorithmName(str, Enum):
-    """The sparse-training algorithm run over the shared mechanism (algorithms.py)."""
-
-    topkast = "topkast"
-    rigl = "rigl"
-    set = "set"
-    static = "static"
-    gmp = "gmp"
 
 
 class MaskInit(str, Enum):
@@ -124,9 +115,10 @@ class TopKASTConfig(_Strict):
     selection: Selection = Field(Selection.topk, description="topk: B by magnitude. random: B\\A drawn at random.")
     seed: int = Field(0, ge=0, description="Seed of every random draw (random B\\A, SET's growth, random static "
                                             "masks); the same on every rank and world size.")
-    algorithm: AlgorithmName = Field(AlgorithmName.topkast, description=(
+    algorithm: str = Field("topkast", description=(
         "topkast: A and B by magnitude from the dense store. rigl: drop smallest, grow largest dense gradient. set: "
-        "drop smallest, grow at random. static: masks fixed at start. gmp: prune from dense on the cubic schedule."))
+        "drop smallest, grow at random. static: masks fixed at start. gmp: prune from dense on the cubic schedule. "
+        "Or an algorithm registered with ds_topkast.algorithms.register."))
     drop_fraction: float = Field(0.3, gt=0.0, le=1.0, description=(
         "rigl/set: fraction ζ0 of each layer's active weights replaced at the first update; it decays as "
         "ζ0/2·(1 + cos(π t / update_end_step))."))
@@ -149,15 +141,17 @@ class TopKASTConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _algorithm_defaults(cls, data: Any) -> Any:
-        from ds_topkast.algorithms import fill_defaults
+        return registry.fill_defaults(dict(data)) if isinstance(data, Mapping) else data
 
-        return fill_defaults(dict(data)) if isinstance(data, Mapping) else data
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm_registered(cls, name: str) -> str:
+        registry.algorithm_class(name)
+        return name
 
     @model_validator(mode="after")
     def _algorithm_settings_fit(self) -> "TopKASTConfig":
-        from ds_topkast.algorithms import check_settings
-
-        check_settings(self)
+        registry.check_settings(self)
         return self
 
     @property
@@ -167,6 +161,12 @@ class TopKASTConfig(_Strict):
     @property
     def backward_density(self) -> float:
         return 1.0 - self.backward_sparsity
+
+    def same_settings(self, other: "TopKASTConfig") -> bool:
+        """Whether `other` trains the same way: every setting but the NVMe store's I/O tuning (`dense_store.aio`,
+        which a DeepSpeed config's "aio" section fills in for a config read from it and not for a bare section)."""
+        io_tuning = {"dense_store": {"aio"}}
+        return self.model_dump(exclude=io_tuning) == other.model_dump(exclude=io_tuning)
 
     def explicitly_set(self, field: str) -> bool:
         """Whether the user wrote this key (defaults are not held to 'must match a layer')."""
@@ -239,17 +239,39 @@ def refuse_loss_scaling(ds_config: dict[str, Any], trainer_fp16: bool = False) -
 
 
 def topkast_section(ds_config: Mapping[str, Any]) -> TopKASTConfig:
-    """The validated "topkast" section of a DeepSpeed config; its absence is an error."""
+    """The "topkast" section of a DeepSpeed config, validated and resolved; its absence is an error.
+
+    Resolved: when the section's NVMe store sets no "aio" of its own, it takes the DeepSpeed
+    config's "aio" section (the keys the store uses), so the resolved config is all the store
+    needs and nothing else carries the raw section.
+    """
     if SECTION not in ds_config:
         raise TopKASTConfigError(
             f'The DeepSpeed config has no "{SECTION}" section; add one, e.g. '
             '"topkast": {"forward_sparsity": 0.9, "backward_sparsity": 0.8, "refresh_interval": 100}.')
-    return TopKASTConfig.from_section(ds_config[SECTION])
+    cfg = TopKASTConfig.from_section(ds_config[SECTION])
+    deepspeed_aio = ds_config.get("aio")
+    if cfg.dense_store.aio is None and isinstance(deepspeed_aio, Mapping):
+        cfg.dense_store.aio = validate_section(
+            AioConfig, {key: value for key, value in deepspeed_aio.items() if key in AioConfig.model_fields}, "aio")
+    return cfg
+
+
+def resolved_config(config: TopKASTConfig | Mapping[str, Any] | str | os.PathLike) -> TopKASTConfig:
+    """The resolved config from a TopKASTConfig (itself), a DeepSpeed config (dict or JSON path) holding a
+    "topkast" section (`topkast_section`), or a bare "topkast" section."""
+    if isinstance(config, TopKASTConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return topkast_section(load_deepspeed_config(config))
+    if SECTION in config:
+        return topkast_section(config)
+    return TopKASTConfig.from_section(config)
 
 
 def refuse_another_section(ds_config: Mapping[str, Any], sparsified_with: TopKASTConfig, whose: str) -> None:
     """Refuse a DeepSpeed config whose "topkast" section differs from the one the model was sparsified with (one
     without a section is fine: the model's is used). `whose` names the config, e.g. "the Trainer's"."""
-    if SECTION in ds_config and topkast_section(ds_config) != sparsified_with:
+    if SECTION in ds_config and not topkast_section(ds_config).same_settings(sparsified_with):
         raise TopKASTConfigError(f'The model was sparsified with a different "{SECTION}" section than {whose} '
                                  "DeepSpeed config holds; sparsify with the same config file.")

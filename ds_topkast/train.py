@@ -1,9 +1,9 @@
 """The stable entry point of the training command: `deepspeed --module ds_topkast.train ...`.
 
-The command itself lives in the application package, ds_topkast.lm.train (see its
+The command itself lives in the application package, ds_topkast.lm.cli (see its
 docstring); the `ds-topkast-train` console script runs the same `main`.
 """
-from ds_topkast.lm.train import main
+from ds_topkast.lm.cli import main
 
 if __name__ == "__main__":
     main()

@@ -34,7 +34,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArg
 from transformers.trainer_utils import get_last_checkpoint
 
 import ds_topkast  # Top-KAST, line 1
-from ds_topkast.lm.corpus_sources import default_corpus_bytes
+from ds_topkast.lm.data.corpus_sources import default_corpus_bytes
 
 logger = logging.getLogger(__name__)
 

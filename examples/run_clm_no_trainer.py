@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+from run_clm import DataTrainingArguments, ModelArguments, build_model, byte_tokenizer, grouped_blocks, load_texts
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, default_data_collator, get_scheduler
 
 import ds_topkast  # Top-KAST, line 1
-from run_clm import DataTrainingArguments, ModelArguments, build_model, byte_tokenizer, grouped_blocks, load_texts
 
 NO_DECAY = ("bias", "ln_", "norm")  # transformers' ("bias", "layer_norm.weight"), with GPT-2's and Llama's names
 

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import torch
+from models import batches, ds_config, tiny_gpt2
 
 import ds_topkast
-from ds_topkast.layers import sparse_layers
-from models import batches, ds_config, tiny_gpt2
+from ds_topkast.core.layers import sparse_layers
 
 GLOBAL_BATCH = 4
 
@@ -41,7 +41,7 @@ def build(stage: int, world: int, algorithm: str | None = None, **topkast):
 def perturb_store(engine) -> None:
     """A stray write into this rank's dense store."""
     name = next(iter(sparse_layers(engine.module)))
-    engine.topkast.state.store.read(name)[0] += 1.0
+    engine.topkast.state.store.shard(name).theta[0] += 1.0
 
 
 def perturb_sets(engine) -> None:

@@ -103,7 +103,7 @@ def first_step_gradients(out: Path, exploration_l2: float) -> tuple[dict, dict]:
     """Values and their (all-reduced) gradients just before the first optimizer step (DDP or one process)."""
     from transformers import TrainerCallback
 
-    from ds_topkast.layers import sparse_layers
+    from ds_topkast.core.layers import sparse_layers
 
     class Catch(TrainerCallback):
         grads: dict = {}
@@ -129,7 +129,7 @@ def regulariser_gradient(out: Path, exploration_l2: float) -> dict:
 
 
 def snapshot(model, callback) -> dict:
-    from ds_topkast.layers import sparse_layers
+    from ds_topkast.core.layers import sparse_layers
 
     store = callback.runtime.state.store
     layers = sparse_layers(model)

@@ -21,9 +21,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
-
 from reference_topkast import ReferenceTopKAST, seed_of, topk_by_sort, uniform_hash
+from torch import Tensor
 
 
 class ReferenceMasked(ReferenceTopKAST):

@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 import torch
+from dist_worker import GLOBAL_BATCH, state_of, train
+from models import ds_config, tiny_gpt2
 from torch import nn
 
 import ds_topkast
-from ds_topkast.layers import sparse_layers
-from dist_worker import GLOBAL_BATCH, state_of, train
-from models import ds_config, tiny_gpt2
+from ds_topkast.core.layers import sparse_layers
 
 PEAK_LAYERS, PEAK_WIDTH = 48, 2048
 PEAK_SPARSITY = {"forward_sparsity": 0.99, "backward_sparsity": 0.98}

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from launcher import REPO, accelerate_launch
 from test_run_clm import BLOCK, assert_same_files, assert_same_topkast_files, data_env, run_clm, write_corpus
 

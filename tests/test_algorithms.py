@@ -1,13 +1,20 @@
-"""Every algorithm of the family trains exactly like its plain dense mask-based reference (fp32, several updates)."""
+"""Every algorithm of the family trains exactly like its plain dense mask-based reference (fp32, several updates), and
+so does one registered from outside the package."""
+import math
+
 import pytest
 import torch
-
-import ds_topkast
-from ds_topkast.config import TopKASTConfig
-from ds_topkast.layers import sparse_layers
 from models import batches, clone, ds_config, lm_loss, tiny_gpt2
 from reference_sparse_algorithms import ReferenceMasked
 from test_reference_equivalence import EPS, LR, WD, assert_forward_sets_equal, assert_weights_equal
+
+import ds_topkast
+from ds_topkast import algorithms
+from ds_topkast.algorithms import Algorithm, due, register, registry
+from ds_topkast.config import TopKASTConfig
+from ds_topkast.core.layers import sparse_layers
+from ds_topkast.core.select import shard_topk_bits, uniform_hash
+from ds_topkast.errors import TopKASTConfigError
 
 STEPS = 7
 CASES = {
@@ -118,3 +125,71 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, case):
         got = resumed[name]
         assert torch.equal(got[0], indices) and torch.equal(got[1], forward_mask) and got[2] == k_forward, name
         assert torch.equal(got[3], values), name
+
+
+class ToyRegrowth(Algorithm):
+    """A toy algorithm written, as a user would, in one class against the public interface only: every
+    refresh_interval steps until update_end_step, drop the ζ(t)·k smallest active weights and regrow as many at
+    random. That is SET, so the plain SET reference says whether the registered toy trains as it should."""
+
+    name = "toy_regrowth"
+    settings = ("drop_fraction", "update_end_step")
+    masked = True
+
+    @classmethod
+    def fill_defaults(cls, section):
+        section.setdefault("backward_sparsity", section.get("forward_sparsity", 0.9))
+        return section
+
+    @classmethod
+    def check(cls, cfg):
+        if cfg.update_end_step is None:
+            raise ValueError("toy_regrowth needs update_end_step")
+
+    def updates_at(self, step):
+        return due(step, self.cfg.refresh_interval) and step < self.cfg.update_end_step
+
+    def initial_backward(self, theta, offset, numel, k_forward, k_backward, seed, comm):
+        return shard_topk_bits(theta, offset, numel, k_backward, comm)
+
+    def backward_bits(self, update, step):
+        fraction = self.cfg.drop_fraction / 2 * (1 + math.cos(math.pi * step / self.cfg.update_end_step))
+        grown = int(fraction * update.k_backward)
+        kept = shard_topk_bits(update.theta, update.offset, update.numel, update.k_backward - grown, update.comm,
+                               candidates=update.old_bits)
+        new = shard_topk_bits(uniform_hash(update.positions(), update.seed), update.offset, update.numel, grown,
+                              update.comm, candidates=torch.bitwise_not(kept))
+        return kept | new
+
+
+def test_a_registered_algorithm_trains_like_its_reference(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))  # the other tests see the built-ins only
+    register(ToyRegrowth)
+    register(ToyRegrowth)  # the same class again is fine
+    assert "toy_regrowth" in algorithms.names()
+    with pytest.raises(ValueError, match="registered already"):
+        register(type("Other", (ToyRegrowth,), {}))
+    with pytest.raises(TopKASTConfigError, match="mask_init applies to algorithm static / rigl / set only"):
+        TopKASTConfig.from_section({"algorithm": "toy_regrowth", "update_end_step": 7, "mask_init": "random"})
+    with pytest.raises(TopKASTConfigError, match="toy_regrowth needs update_end_step"):
+        TopKASTConfig.from_section({"algorithm": "toy_regrowth"})
+    section = dict(algorithm="toy_regrowth", forward_sparsity=0.8, drop_fraction=0.5, update_end_step=7, seed=3)
+    model = tiny_gpt2()
+    reference_model = clone(model)
+    cfg = ds_config(stage=0, lr=LR, weight_decay=WD, refresh_interval=2, **section)
+    del cfg["topkast"]["backward_sparsity"]  # the toy's own default: A = B
+    cfg["optimizer"]["params"]["eps"] = EPS
+    engine, *_ = ds_topkast.initialize(model=model, config=cfg)
+    layers = {n: (engine.topkast.state.forward_targets[n], l.k_backward, l.source_type == "Conv1D")
+              for n, l in sparse_layers(engine.module).items()}
+    ref = ReferenceMasked(reference_model, layers, algorithm="set", interval=2, drop_fraction=0.5, end_step=7,
+                          start_step=0, random_init=False, seed=3, lr=LR, eps=EPS, weight_decay=WD)
+    for batch in batches(STEPS):
+        loss = engine(input_ids=batch, labels=batch).loss
+        assert_forward_sets_equal(engine, ref)
+        engine.backward(loss)
+        engine.step()
+        ref.train_step([batch], lm_loss)
+        assert_weights_equal(engine, ref)
+    history = engine.topkast.refresher.history
+    assert [d.step for d in history] == [2, 4, 6] and history[0].backward_changed > 0

@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 import torch
+from corpora import in_memory_corpus
 
-from ds_topkast.lm.batches import StreamBatches, WindowBatches, eval_streams
-from ds_topkast.lm.corpus_cache import in_memory_corpus, open_corpus
-from ds_topkast.lm.corpus_sources import CorpusError, DataConfig
+from ds_topkast.lm.data.batches import StreamBatches, WindowBatches, eval_streams
+from ds_topkast.lm.data.corpus_cache import open_corpus
+from ds_topkast.lm.data.corpus_sources import CorpusError, DataConfig
 
 
 def corpus_of(train, valid, test, vocab=256):

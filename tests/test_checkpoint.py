@@ -1,11 +1,11 @@
 """A run stopped and resumed from a checkpoint continues exactly as the uninterrupted run."""
 import pytest
 import torch
-
-from ds_topkast.checkpoint import CheckpointError, checkpoint_file
-from ds_topkast.layers import sparse_layers
 from models import batches, ds_config, gpt2_engine
 from test_engine import train
+
+from ds_topkast.core.layers import sparse_layers
+from ds_topkast.runtime.checkpoint import CheckpointError, checkpoint_file
 
 STEPS = 8
 

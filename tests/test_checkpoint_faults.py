@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from ds_topkast.checkpoint import CheckpointError, checkpoint_file
-from ds_topkast.layers import sparse_layers
 from models import batches, ds_config, gpt2_engine
 from test_engine import train
+
+from ds_topkast.core.layers import sparse_layers
+from ds_topkast.runtime.checkpoint import CheckpointError, checkpoint_file
 
 TAG = "global_step2"
 

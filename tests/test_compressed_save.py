@@ -8,14 +8,14 @@ import pytest
 pytest.importorskip("compressed_tensors")
 
 import torch  # noqa: E402
+from models import VOCAB, batches, ds_config, tiny_gpt2, tiny_llama  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from test_engine import train  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 import ds_topkast  # noqa: E402
-from ds_topkast.compressed_save import from_compressed, load_compressed, save_compressed  # noqa: E402
-from ds_topkast.layers import sparse_layers  # noqa: E402
-from models import VOCAB, batches, ds_config, tiny_gpt2, tiny_llama  # noqa: E402
-from test_engine import train  # noqa: E402
+from ds_topkast.convert.compressed_save import from_compressed, load_compressed, save_compressed  # noqa: E402
+from ds_topkast.core.layers import sparse_layers  # noqa: E402
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 SECTION = {"forward_sparsity": 0.9, "backward_sparsity": 0.8}

@@ -1,13 +1,14 @@
 """Every bad "topkast" value fails at start with a message naming the key and the fix."""
 import json
+
 import pytest
 import torch
+from launcher import REPO
+from models import MLP, ds_config, tiny_gpt2
 
 import ds_topkast
 from ds_topkast.config import TopKASTConfig, TopKASTConfigError, topkast_section
-from ds_topkast.layers import sparse_layers
-from launcher import REPO
-from models import MLP, ds_config, tiny_gpt2
+from ds_topkast.core.layers import sparse_layers
 
 BAD_SECTIONS = [
     ({"forward_sparsity": 1.0}, "topkast.forward_sparsity"),
@@ -119,7 +120,7 @@ TRAIN_ERRORS = [
 
 @pytest.mark.parametrize("section,message", TRAIN_ERRORS, ids=[m for _, m in TRAIN_ERRORS])
 def test_train_section_errors_name_the_key(section, message):
-    from ds_topkast.lm.train import train_section
+    from ds_topkast.lm.train_config import train_section
 
     with pytest.raises(TopKASTConfigError) as err:
         train_section({"train": section})
@@ -127,7 +128,7 @@ def test_train_section_errors_name_the_key(section, message):
 
 
 def test_training_command_refuses_a_missing_corpus(tmp_path):
-    from ds_topkast.lm.train import main
+    from ds_topkast.lm.cli import main
 
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({**json.loads((REPO / "configs" / "tiny_gpt2.json").read_text()),
@@ -140,8 +141,9 @@ def test_training_command_refuses_a_missing_corpus(tmp_path):
 def test_every_shipped_config_is_valid(path):
     """The paper setups are too big to train here; their sections and model shapes must still validate."""
     from ds_topkast.config import load_deepspeed_config
-    from ds_topkast.lm.transformer_xl import preset
-    from ds_topkast.lm.train import micro_batch_per_rank, train_section
+    from ds_topkast.lm.models.transformer_xl import preset
+    from ds_topkast.lm.run_files import micro_batch_per_rank
+    from ds_topkast.lm.train_config import train_section
 
     cfg = load_deepspeed_config(str(path))
     if "topkast" in cfg:
@@ -155,7 +157,7 @@ def test_every_shipped_config_is_valid(path):
 
 
 def test_the_training_command_derives_accumulation_as_deepspeed_does():
-    from ds_topkast.lm.train import accumulation_steps, micro_batch_per_rank
+    from ds_topkast.lm.run_files import accumulation_steps, micro_batch_per_rank
 
     derived = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2}
     assert accumulation_steps(derived, 2) == 4 and micro_batch_per_rank(derived, 2) == 2
@@ -182,7 +184,7 @@ def test_a_config_file_that_is_not_json(tmp_path):
 
 
 def test_the_training_command_refuses_a_resume_without_a_checkpoint(tmp_path):
-    from ds_topkast.lm.train import main
+    from ds_topkast.lm.cli import main
 
     with pytest.raises(SystemExit, match="holds no checkpoint"):
         main(["--config", str(REPO / "configs" / "tiny_gpt2.json"), "--out", str(tmp_path), "--resume"])

@@ -8,8 +8,8 @@ import annotated_types
 import pytest
 
 from ds_topkast.config import AioConfig, DenseStoreConfig, TopKASTConfig, TopKASTConfigError
-from ds_topkast.lm.corpus_sources import DataConfig
-from ds_topkast.lm.train import TrainConfig, train_section
+from ds_topkast.lm.data.corpus_sources import DataConfig
+from ds_topkast.lm.train_config import TrainConfig, train_section
 
 # (model, dotted path, how to nest one block of that model into what the user writes, validator)
 BLOCKS = [

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from ds_topkast.lm import corpus_cache, corpus_sources, hub_corpora, split_readers
-from ds_topkast.lm.corpus_cache import open_corpus
-from ds_topkast.lm.corpus_sources import CorpusError, DataConfig
+from ds_topkast.lm.data import corpus_cache, corpus_sources, hub_corpora, split_readers
+from ds_topkast.lm.data.corpus_cache import open_corpus
+from ds_topkast.lm.data.corpus_sources import CorpusError, DataConfig
 
 
 def write(path, content: bytes):

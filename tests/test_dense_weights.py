@@ -2,12 +2,12 @@
 import deepspeed
 import pytest
 import torch
-
-import ds_topkast
-from ds_topkast.checkpoint import CheckpointError
 from models import ds_config, tiny_gpt2
 from test_engine import train
 from test_train_cli import GPT, write_config
+
+import ds_topkast
+from ds_topkast.runtime.checkpoint import CheckpointError
 
 
 def saved_sparse_run(folder):
@@ -52,7 +52,7 @@ def test_wrong_folders_and_models_are_refused(tmp_path):
 
 
 def test_the_training_command_takes_init_from(tmp_path):
-    from ds_topkast.lm.train import main
+    from ds_topkast.lm.cli import main
 
     write_config(tmp_path / "first.json", "tiny_gpt2.json", GPT, 2, plot=False)
     main(["--config", str(tmp_path / "first.json"), "--out", str(tmp_path / "first")])

@@ -1,13 +1,13 @@
 """Data parallelism with real ranks: 2 ranks on a global batch train exactly like 1 rank on it."""
 import pytest
 import torch
-
-import ds_topkast
 from dist_worker import build, state_of, train
-from ds_topkast.checkpoint import CheckpointError
-from ds_topkast.store import shard_range
 from launcher import deepspeed_launch
 from models import ds_config, tiny_gpt2
+
+import ds_topkast
+from ds_topkast.runtime.checkpoint import CheckpointError
+from ds_topkast.store.cpu import shard_range
 
 STAGES = [0, 1, 2, 3]
 STEPS = 5

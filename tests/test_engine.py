@@ -1,10 +1,10 @@
 """ds_topkast.initialize takes what deepspeed.initialize takes; optimizer state follows the entries."""
 import pytest
 import torch
+from models import MLP, batches, ds_config, tiny_gpt2
 
 import ds_topkast
-from ds_topkast.layers import sparse_layers
-from models import MLP, batches, ds_config, tiny_gpt2
+from ds_topkast.core.layers import sparse_layers
 
 PLAIN = {"exclude": ["embed", "head"]}
 
@@ -200,7 +200,7 @@ def test_bf16_forward_set_is_the_top_of_the_fp32_master_not_of_the_rounded_value
 
 
 def test_amsgrad_is_refused_at_start():
-    from ds_topkast.optimizer_state import UnsupportedOptimizerError
+    from ds_topkast.engine.optimizer_adapters import UnsupportedOptimizerError
 
     cfg = ds_config(stage=1)
     cfg["optimizer"]["params"]["amsgrad"] = True

@@ -4,11 +4,11 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from ds_topkast.lm.corpus_cache import in_memory_corpus
-from ds_topkast.lm.model_runners import make_runner
-from ds_topkast.lm.transformer_xl import attention_mask, sinusoid_encodings
+from corpora import in_memory_corpus
 from reference_txl_eval import reference_eval_loss, reference_mask
+
+from ds_topkast.lm.models.runners import make_runner
+from ds_topkast.lm.models.transformer_xl import attention_mask, sinusoid_encodings
 
 EVAL = {"eval_tgt_len": 6, "eval_mem_len": 10, "eval_clamp_len": 7, "eval_same_length": True}
 

@@ -1,12 +1,12 @@
 """export gives back the original architecture, loadable by its own library, computing the same thing."""
 import pytest
 import torch
+from models import MLP, batches, ds_config, partitioned_zero3_config, tiny_gpt2, tiny_llama
+from test_engine import train
 from transformers import AutoModelForCausalLM
 
 import ds_topkast
-from ds_topkast.layers import sparse_layers
-from models import MLP, batches, ds_config, partitioned_zero3_config, tiny_gpt2, tiny_llama
-from test_engine import train
+from ds_topkast.core.layers import sparse_layers
 
 
 def trained(cfg: dict):

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_worker import GLOBAL_BATCH
+from dist_worker import train as train_on_ranks
+from models import partitioned_zero3_config as zero3_config
+from models import tiny_gpt2
+from test_export import trained
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import ds_topkast
-from dist_worker import GLOBAL_BATCH, train as train_on_ranks
-from ds_topkast.export import WEIGHTS
-from ds_topkast.layers import sparse_layers
-from models import partitioned_zero3_config as zero3_config, tiny_gpt2
-from test_export import trained
+from ds_topkast.convert.export import WEIGHTS
+from ds_topkast.core.layers import sparse_layers
 
 STEPS = 3
 

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import torch
-
 from launcher import deepspeed_launch
 from test_train_cli import write_config as cli_config
 

@@ -9,13 +9,13 @@ import warnings
 
 import pytest
 import torch
-
-import ds_topkast
-from ds_topkast.layers import sparse_layers
 from launcher import REPO
 from models import batches, ds_config, lm_loss, tiny_gpt2
-from reference_topkast import ReferenceTopKAST
 from op_counts import OpCounter
+from reference_topkast import ReferenceTopKAST
+
+import ds_topkast
+from ds_topkast.core.layers import sparse_layers
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh)")]
@@ -132,7 +132,7 @@ def test_the_reselection_of_a_from_the_master_never_syncs(stage):
 
 def test_the_device_checksum_equals_the_host_one():
     """A refresh checks and seals shards on the GPU (sum64); checkpoints check them on the host."""
-    from ds_topkast.store import checksum, matches, sum64
+    from ds_topkast.store.shards import checksum, matches, sum64
 
     values = torch.randn((1 << 23) + 3)
     on_gpu = checksum(values.cuda())
@@ -157,7 +157,7 @@ def test_the_triton_layer_matches_its_torch_reference_on_the_cpu(checkpointed):
 
     from torch.utils.checkpoint import checkpoint
 
-    from ds_topkast.layers import TopKASTLinear
+    from ds_topkast.core.layers import TopKASTLinear
 
     torch.manual_seed(0)
     numel = 97 * 61
@@ -235,7 +235,8 @@ def test_the_algorithm_family_on_cuda_matches_its_reference(case):
     import copy
 
     from reference_sparse_algorithms import ReferenceMasked
-    from test_algorithms import CASES, reference_for as masked_reference
+    from test_algorithms import CASES
+    from test_algorithms import reference_for as masked_reference
 
     model = tiny_gpt2()
     ref_model = copy.deepcopy(model)

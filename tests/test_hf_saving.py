@@ -6,12 +6,12 @@ import warnings
 
 import pytest
 import torch
-
-import ds_topkast
-from ds_topkast.checkpoint import checkpoint_file
-from ds_topkast.layers import sparse_layers
 from hf_trainer_worker import TOPKAST, Windows, deepspeed_trainer_config
 from models import tiny_gpt2
+
+import ds_topkast
+from ds_topkast.core.layers import sparse_layers
+from ds_topkast.runtime.checkpoint import checkpoint_file
 
 
 def trainer(out, *, deepspeed: bool, rows: int = 16, callbacks=None, **arguments):

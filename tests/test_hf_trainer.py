@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
-import ds_topkast
 from hf_trainer_worker import TOPKAST, Windows, snapshot, train
 from launcher import accelerate_launch as launch
 from launcher import deepspeed_launch
 from models import ds_config, tiny_gpt2
+
+import ds_topkast
 
 STEPS = 6
 
@@ -105,7 +105,7 @@ def accelerate_launch(out, *worker_args: str) -> None:
 
 def expected_regulariser_gradient(values: dict, l2: float) -> dict:
     """2λ·v on A and 2λ·v/D on B\\A, once per optimizer step, D each layer's own forward density."""
-    from ds_topkast.layers import sparse_layers
+    from ds_topkast.core.layers import sparse_layers
 
     layers = sparse_layers(ds_topkast.sparsify(tiny_gpt2(), {"topkast": TOPKAST}))
     return {name: 2 * l2 * values[name] * torch.where(layer.forward_mask, 1.0, 1 / layer.forward_density)
@@ -129,9 +129,8 @@ def test_trainer_regulariser_gradient_is_exactly_lambda_on_one_and_two_ranks(tmp
 
 
 def test_a_model_sparsified_with_another_section_is_refused(tmp_path):
-    from transformers import Trainer
-
     from hf_trainer_worker import deepspeed_trainer_config, training_args
+    from transformers import Trainer
 
     model = ds_topkast.sparsify(tiny_gpt2(), {"topkast": TOPKAST})
     other = deepspeed_trainer_config(gas=1)
@@ -144,10 +143,9 @@ def test_a_model_sparsified_with_another_section_is_refused(tmp_path):
 
 def test_zero3_without_gathered_saves_is_refused_at_start(tmp_path):
     """The Trainer would save a ZeRO-3 model without its sparse layers' weights: say which key to set."""
+    from hf_trainer_worker import deepspeed_trainer_config, training_args
     from transformers import Trainer
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    from hf_trainer_worker import deepspeed_trainer_config, training_args
 
     config = deepspeed_trainer_config(gas=1, stage=3)
     del config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]

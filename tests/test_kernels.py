@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds_topkast.bitmaps import BLOCK_BITS, block_counts, pack_bits, unpack_bits
-from ds_topkast.kernels import REFERENCES
+from ds_topkast.core.bitmaps import BLOCK_BITS, block_counts, pack_bits, unpack_bits
+from ds_topkast.core.kernels import REFERENCES
 
 pytest.importorskip("triton")
 
@@ -45,7 +45,7 @@ def ops(where, device):
 
     if not triton.knobs.runtime.interpret:
         pytest.skip("Triton's interpreter is off (TRITON_INTERPRET is set by conftest.py on the CPU accelerator only)")
-    from ds_topkast.triton_kernels import LAUNCHERS
+    from ds_topkast.core.triton_kernels import LAUNCHERS
 
     return LAUNCHERS
 
@@ -144,7 +144,7 @@ def radix_case(seed: int):
 
 def radix_select(impl, source, ranks, k, candidates, key_positions):
     """The distributed radix select with the ranks in one process: histograms summed, bitmaps summed."""
-    from ds_topkast.select import digit_widths
+    from ds_topkast.core.select import digit_widths
 
     prefix, remaining = torch.zeros_like(k), k
     shift = 31 + key_positions

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from launcher import deepspeed_launch
+from models import MLP, ds_config, tiny_gpt2, tiny_llama
+from start_worker import shards_of
 from torch import nn
 
 import ds_topkast
 from ds_topkast.config import TopKASTConfigError
-from ds_topkast.meta_init import MetaMaterializer
-from ds_topkast.pretrained import PretrainedWeightsError
-from launcher import deepspeed_launch
-from models import MLP, ds_config, tiny_gpt2, tiny_llama
-from start_worker import shards_of
+from ds_topkast.convert.meta_init import MetaMaterializer
+from ds_topkast.convert.pretrained import PretrainedWeightsError
 
 SECTION = ds_config()["topkast"]
 SEED = ds_topkast.TopKASTConfig.from_section(SECTION).seed
@@ -229,7 +229,7 @@ def test_zero3_state_per_rank_is_within_0_3_of_dense_at_two_and_eight_ranks(two_
 
 
 def test_a_store_larger_than_free_host_memory_is_refused_before_the_first_layer(monkeypatch):
-    import ds_topkast.store as store
+    import ds_topkast.store.cpu as store
 
     monkeypatch.setattr(store, "available_host_memory", lambda: 10_000)
     model = on_meta(tiny_gpt2)

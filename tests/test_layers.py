@@ -1,12 +1,12 @@
 """The sparse layer's autograd: float64 gradient checks, straight-through for B\\A, the regulariser, autocast."""
-import torch
-
 import pytest
-
-from ds_topkast.bitmaps import block_counts
-from ds_topkast.layers import SparseLinearFunction, TopKASTLinear, exploration_penalty, index_bits, pack_bits, unpack_bits
-from ds_topkast.select import radix_topk_bits_
+import torch
 from reference_topkast import dense_alpha
+
+from ds_topkast.core.bitmaps import block_counts
+from ds_topkast.core.layers import SparseLinearFunction, TopKASTLinear, index_bits, pack_bits, unpack_bits
+from ds_topkast.core.select import radix_topk_bits_
+from ds_topkast.runtime.regulariser import exploration_penalty
 
 
 def layer_inputs(dtype=torch.float64):

@@ -1,9 +1,9 @@
 """memory_report: the sparsified layers of a GPT-2-small-shaped model at 90/80 hold <= 0.3 of dense bytes."""
 import pytest
+from models import ds_config, tiny_gpt2
 
 import ds_topkast
-from ds_topkast.layers import sparse_layers
-from models import ds_config, tiny_gpt2
+from ds_topkast.core.layers import sparse_layers
 
 
 @pytest.mark.parametrize("stage,bf16", [(1, True), (0, False)])

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 import torch
+from corpora import in_memory_corpus
 
 from ds_topkast.config import TopKASTConfigError
-from ds_topkast.lm.corpus_cache import in_memory_corpus
-from ds_topkast.lm.model_runners import CausalLMRunner, TransformerXLRunner, make_runner
+from ds_topkast.lm.models.runners import CausalLMRunner, TransformerXLRunner, make_runner
 
 CORPUS = in_memory_corpus({"train": (np.arange(6000) * 7 % 256).astype(np.uint8),
                            "valid": (np.arange(800) % 256).astype(np.uint8),

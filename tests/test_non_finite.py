@@ -10,12 +10,12 @@ import math
 
 import pytest
 import torch
+from models import batches, ds_config, gpt2_engine, tiny_gpt2
 
 import ds_topkast
 from ds_topkast.config import TopKASTConfigError
-from ds_topkast.layers import sparse_layers
-from ds_topkast.refresh import RefreshError
-from models import batches, ds_config, gpt2_engine, tiny_gpt2
+from ds_topkast.core.layers import sparse_layers
+from ds_topkast.runtime.refresh import RefreshError
 
 LAYER = "transformer.h.0.attn.c_attn"
 

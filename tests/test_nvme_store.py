@@ -1,11 +1,11 @@
 """The NVMe store trains exactly like the CPU store, survives a refresh killed mid-write, and says what is wrong."""
 import pytest
 import torch
-
-import ds_topkast
-from ds_topkast.nvme_store import NVMeDenseStore, NVMeStoreError
 from dist_worker import build, state_of, train
 from test_distributed import assert_same_training
+
+import ds_topkast
+from ds_topkast.store.nvme import NVMeDenseStore, NVMeStoreError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -42,7 +42,7 @@ def test_nvme_store_on_two_ranks_trains_like_cpu_store_on_one(tmp_path):
 
 
 def test_refresh_killed_mid_write_resumes_from_checkpoint(tmp_path, monkeypatch):
-    import ds_topkast.nvme_store as nvme
+    import ds_topkast.store.nvme as nvme
 
     (tmp_path / "a").mkdir()
     uninterrupted = nvme_engine(2, tmp_path / "a")
@@ -81,7 +81,7 @@ def test_path_not_writable():
 
 
 def test_disk_full_says_how_much_is_needed(tmp_path, monkeypatch):
-    import ds_topkast.nvme_store as nvme
+    import ds_topkast.store.nvme as nvme
 
     monkeypatch.setattr(nvme.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
     with pytest.raises(NVMeStoreError, match=r"has 0.00 GiB free; this rank's store needs 0.\d+ GiB"):
@@ -93,7 +93,7 @@ def test_missing_libaio_says_how_to_install(monkeypatch):
 
     monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
     with pytest.raises(NVMeStoreError, match="apt-get install libaio-dev"):
-        ds_topkast.nvme_store.load_aio()
+        ds_topkast.store.nvme.load_aio()
 
 
 def test_a_refresh_that_stops_early_leaves_the_store_usable(tmp_path):

@@ -13,12 +13,12 @@ with CUDA's own detector.
 """
 import pytest
 import torch
+from models import batches, ds_config, tiny_gpt2
+from op_counts import OpCounter, counted_refresh, counted_steps
 from torch import nn
 
 import ds_topkast
-from ds_topkast.layers import TopKASTLinear
-from models import batches, ds_config, tiny_gpt2
-from op_counts import OpCounter, counted_refresh, counted_steps
+from ds_topkast.core.layers import TopKASTLinear
 
 
 def step_counts(engine, steps: int = 3, micro_batch: int = 4) -> OpCounter:

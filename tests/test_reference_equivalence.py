@@ -1,11 +1,11 @@
 """The compact DeepSpeed Top-KAST trains exactly like the plain dense mask-based reference (fp32)."""
 import pytest
 import torch
-
-import ds_topkast
-from ds_topkast.layers import sparse_layers
 from models import batches, clone, ds_config, lm_loss, tiny_gpt2
 from reference_topkast import ReferenceTopKAST
+
+import ds_topkast
+from ds_topkast.core.layers import sparse_layers
 
 LR, WD, L2 = 1e-2, 0.01, 1e-3
 # Some gradients are exactly zero in exact arithmetic (GPT-2's key bias: softmax ignores a

@@ -9,14 +9,13 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from launcher import REPO, accelerate_launch, deepspeed_launch
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(REPO / "examples"))
 import run_clm  # noqa: E402
 
-from ds_topkast.lm.corpus_sources import default_corpus_bytes  # noqa: E402
+from ds_topkast.lm.data.corpus_sources import default_corpus_bytes  # noqa: E402
 
 BLOCK = 32
 # (ZeRO stage, ranks, gradient checkpointing): each stage on both rank counts, checkpointing in one of the two

@@ -1,13 +1,26 @@
 """Exact top-K: exactly K entries, ties broken by flat index, against a stable-sort reference."""
 import pytest
 import torch
-
-from ds_topkast.select import Collectives, select_sets, topk_indices, topk_mask
 from reference_topkast import topk_by_sort
+
+from ds_topkast.algorithms.topkast import BACKWARD_SET_RULES
+from ds_topkast.core.bitmaps import indices_from_bits, unpack_bits
+from ds_topkast.core.select import LOCAL, Collectives, assemble_sets, topk_indices, topk_mask
 
 
 def reference(scores, k):
     return topk_by_sort(scores, k).nonzero().squeeze(1)
+
+
+def select_sets(theta, k_forward, k_backward, rule="topk", seed=0, *, offset=0, numel=None, comm=LOCAL):
+    """Sets B and A of one layer whose flat θ may be sharded (this rank's slice from `offset`), as sparsify and the
+    refresh select them: B's ascending global indices, θ on B, and A as a mask over B."""
+    numel = theta.numel() if numel is None else numel
+    flat = theta.detach().reshape(-1).float()
+    local = BACKWARD_SET_RULES[rule](flat, offset, numel, k_forward, k_backward, seed, comm)
+    sets = assemble_sets(local, flat, offset, numel, k_forward, k_backward, comm)
+    return (indices_from_bits(sets.backward_bits, numel, k_backward), sets.values,
+            unpack_bits(sets.forward_bits, k_backward))
 
 
 TIED = {
@@ -69,11 +82,6 @@ def test_select_sets_random_keeps_a_and_draws_the_rest_deterministically():
     assert not torch.equal(b1, reference(theta.abs(), 500))
 
 
-def test_unknown_rule():
-    with pytest.raises(ValueError, match="Unknown selection rule 'best'"):
-        select_sets(torch.ones(4), 1, 2, "best")
-
-
 class ThreadCollectives(Collectives):
     """Ranks as threads: enough to exercise sharded selection's collectives in one process."""
 
@@ -100,7 +108,8 @@ class ThreadCollectives(Collectives):
 
 def sharded_select(theta, k_forward, k_backward, world, rule="topk"):
     import threading
-    from ds_topkast.store import shard_range
+
+    from ds_topkast.store.cpu import shard_range
 
     board, barrier, results = [None] * world, threading.Barrier(world), [None] * world
 

@@ -1,13 +1,13 @@
 """Conversion of GPT-2, Llama, GPT-NeoX and plain nn.Module models; exact k per layer; ERK."""
 import pytest
 import torch
+from models import MLP, VOCAB, tiny_gpt2, tiny_llama, tiny_neox
+from reference_topkast import dense_alpha, topk_by_sort
 from torch import nn
 
 import ds_topkast
-from ds_topkast.distributions import layer_densities
-from ds_topkast.layers import TopKASTLinear, sparse_layers
-from models import MLP, VOCAB, tiny_gpt2, tiny_llama, tiny_neox
-from reference_topkast import dense_alpha, topk_by_sort
+from ds_topkast.core.distributions import layer_densities
+from ds_topkast.core.layers import TopKASTLinear, sparse_layers
 
 FAMILIES = {
     "gpt2": (tiny_gpt2, 8, "Conv1D"),
@@ -87,7 +87,7 @@ def test_erk_config_converts_with_per_layer_k():
 
 def test_global_distribution_puts_one_threshold_across_layers():
     """Per-layer counts from one magnitude threshold over all layers: exactly the budget, ties to earlier layers."""
-    from ds_topkast.distributions import global_kept_counts
+    from ds_topkast.core.distributions import global_kept_counts
 
     gen = torch.Generator().manual_seed(0)
     layers = [torch.randn(300, generator=gen) * scale for scale in (1.0, 1.5, 0.7)]

@@ -4,9 +4,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from ds_topkast.lm.train import main as train_main
 from launcher import REPO, deepspeed_launch
+
+from ds_topkast.lm.cli import main as train_main
 
 GPT = {"type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}
 TXL = {"type": "transformer_xl", "preset": "tiny"}

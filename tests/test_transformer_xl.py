@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ds_topkast.lm.transformer_xl import TransformerXL, TransformerXLConfig, preset, rel_shift
+from ds_topkast.lm.models.transformer_xl import TransformerXL, TransformerXLConfig, preset, rel_shift
 
 
 def tiny(**overrides) -> TransformerXL:

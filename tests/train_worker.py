@@ -34,8 +34,8 @@ def resident_bytes() -> int:
 def inject_fault(point: str, step: int, rank: int) -> None:
     import deepspeed
 
-    from ds_topkast.engine import TopKASTEngineMixin
-    from ds_topkast.refresh import Refresher
+    from ds_topkast.engine.deepspeed_engine import TopKASTEngineMixin
+    from ds_topkast.runtime.refresh import Refresher
 
     if rank != int(os.environ["RANK"]):
         return
@@ -74,8 +74,8 @@ def inject_fault(point: str, step: int, rank: int) -> None:
 
 
 def watch(folder: Path) -> None:
-    from ds_topkast.refresh import Refresher
-    from ds_topkast.lm.train import TrainingLoop
+    from ds_topkast.lm.loop import TrainingLoop
+    from ds_topkast.runtime.refresh import Refresher
 
     rank = os.environ["RANK"]
     real_refresh, real_save = Refresher.refresh, TrainingLoop.save
@@ -103,6 +103,6 @@ if __name__ == "__main__":
         inject_fault(point, int(step), int(rank))
     if os.environ.get("TOPKAST_WATCH"):
         watch(Path(os.environ["TOPKAST_WATCH"]))
-    from ds_topkast.lm.train import main
+    from ds_topkast.lm.cli import main
 
     main()

@@ -1,6 +1,6 @@
 """`save_compressed`: a sparsified model saved in compressed-tensors' sparse-bitmask format, a fraction of its size.
 
-    from ds_topkast.compressed_save import from_compressed, load_compressed, save_compressed
+    from ds_topkast.convert.compressed_save import from_compressed, load_compressed, save_compressed
 
     save_compressed(engine, "out/")       # every rank calls it (ZeRO-3: a collective); rank 0 writes
     model = from_compressed("out/")       # the plain model, as from_pretrained of save_pretrained's folder
@@ -53,9 +53,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ds_topkast.layers import SPARSE_ENTRIES, sparse_layers
-from ds_topkast.plain_save import plain_state_dict, unwrapped, writes_on_this_rank
-from ds_topkast.zero_init import is_partitioned
+from ds_topkast.convert.plain_save import plain_state_dict, unwrapped, writes_on_this_rank
+from ds_topkast.core.layers import SPARSE_ENTRIES, sparse_layers
+from ds_topkast.parallel.zero3 import is_partitioned
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -70,7 +70,7 @@ def _compressed_tensors() -> types.SimpleNamespace:
     try:
         import compressed_tensors
     except ImportError as error:
-        raise ImportError("ds_topkast.compressed_save reads and writes the compressed-tensors format and needs its "
+        raise ImportError("ds_topkast.convert.compressed_save reads and writes the compressed-tensors format and needs its "
                           "package: pip install compressed-tensors (or pip install ds_topkast[compressed])") from error
     try:
         from compressed_tensors.base import (COMPRESSION_VERSION_NAME, QUANTIZATION_CONFIG_NAME,
@@ -79,7 +79,7 @@ def _compressed_tensors() -> types.SimpleNamespace:
         from compressed_tensors.utils import pack_bitmasks, unpack_bitmasks
     except ImportError as error:  # the sparse-bitmask pieces are "legacy" there: a later release may drop them
         raise ImportError(f"compressed-tensors {getattr(compressed_tensors, '__version__', '?')} lacks the "
-                          "sparse-bitmask pieces ds_topkast.compressed_save uses (tested with 0.14 to 0.20.1): "
+                          "sparse-bitmask pieces ds_topkast.convert.compressed_save uses (tested with 0.14 to 0.20.1): "
                           "pip install 'compressed-tensors>=0.15,<0.21'") from error
     return types.SimpleNamespace(
         version=compressed_tensors.__version__, BitmaskConfig=BitmaskConfig,

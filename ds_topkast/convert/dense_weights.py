@@ -18,10 +18,10 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from ds_topkast.checkpoint import (CheckpointError, assemble, checkpoint_file, every_rank, joined_sets, load_file,
-                                   read_verified)
-from ds_topkast.layer_weights import in_module_layout, linear_weight
-from ds_topkast.layers import SPARSE_ENTRIES
+from ds_topkast.convert.layer_weights import in_module_layout, linear_weight
+from ds_topkast.core.layers import SPARSE_ENTRIES
+from ds_topkast.runtime.checkpoint import (CheckpointError, assemble, checkpoint_file, every_rank, joined_sets,
+                                           load_file, read_verified)
 
 _MODEL_STATES = "mp_rank_00_model_states.pt"
 

@@ -26,13 +26,13 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from ds_topkast.collectives import require_every_rank
-from ds_topkast.engine import detach_engine
-from ds_topkast.kernels import ops
-from ds_topkast.layers import TopKASTLinear, alpha_from_sets, sparse_layers
-from ds_topkast.plain_save import stop_saving_plain
-from ds_topkast.sparsify import set_submodule, topkast_state
-from ds_topkast.zero_init import forget_partitions, gathered, is_partitioned, partition_group
+from ds_topkast.convert.plain_save import stop_saving_plain
+from ds_topkast.convert.sparsify import set_submodule
+from ds_topkast.core.kernels import ops
+from ds_topkast.core.layers import TopKASTLinear, alpha_from_sets, module_layout, sparse_layers
+from ds_topkast.parallel.collectives import require_every_rank
+from ds_topkast.parallel.zero3 import forget_partitions, gathered, is_partitioned, partition_group
+from ds_topkast.runtime.state import topkast_state
 
 WEIGHTS = ("forward", "theta")
 
@@ -43,29 +43,21 @@ def _dense_module(layer: TopKASTLinear, weight: Tensor, bias: nn.Parameter | Non
         from transformers.pytorch_utils import Conv1D
 
         module = Conv1D(layer.out_features, layer.in_features)  # (nf, nx): weight is (in, out)
-        module.weight = nn.Parameter(weight.t().contiguous())
     else:
         module = nn.Linear(layer.in_features, layer.out_features, bias=False)
-        module.weight = nn.Parameter(weight.contiguous())
+    module.weight = nn.Parameter(module_layout(weight, layer.source_type).contiguous())
     if bias is not None:
         module.bias = bias
     return module
 
 
-def _full_theta(model: nn.Module, name: str, engine) -> Tensor:
-    local = topkast_state(model).store.read(name).clone()
-    if engine is None or engine.topkast.refresher.comm.world == 1:
-        return local
-    return engine.topkast.refresher.comm.all_gather_varlen(local)
-
-
 def _dense_weight(model: nn.Module, name: str, layer: TopKASTLinear, engine, weights: str) -> Tensor:
     """The layer's dense (out, in) weight, α or θ, in fp32 from the master (a collective with an engine)."""
-    values = (engine.topkast.refresher.adapter.get_master(layer.values) if engine is not None
-              else layer.values.detach().float())
+    values = engine.topkast.master(layer) if engine is not None else layer.values.detach().float()
     if weights == "forward":
         return alpha_from_sets(values, layer.backward_bits, layer.forward_bits, layer.shape)
-    weight = _full_theta(model, name, engine).to(values.device)
+    weight = (engine.topkast.full_theta(name) if engine is not None else topkast_state(model).store.read(name))
+    weight = weight.to(values.device)
     ops.scatter_bits_(weight, values, layer.backward_bits.to(values.device), layer.block_counts.to(values.device), 0)
     return weight.view(layer.shape)
 
@@ -124,7 +116,7 @@ def export(engine_or_model, weights: str = "forward") -> nn.Module:
         _unpartition(model, copies)
         model.cpu()  # the buffers: the parameters are on the host already
     if engine is not None:
-        detach_engine(engine)
+        engine.detach_from_module()
     del model.topkast_state
     stop_saving_plain(model)
     return model

@@ -17,27 +17,29 @@ import torch
 from torch import Tensor, nn
 
 from ds_topkast.config import TopKASTConfig, TopKASTConfigError
-from ds_topkast.layers import TopKASTLinear
-from ds_topkast.meta_init import MetaMaterializer, is_meta, meta_tensor_names
-from ds_topkast.pretrained import SafetensorsCheckpoint
-from ds_topkast.zero_init import gathered, is_partitioned, partition_like
+from ds_topkast.convert.meta_init import MetaMaterializer, is_meta, meta_tensor_names
+from ds_topkast.convert.pretrained import SafetensorsCheckpoint
+from ds_topkast.core.layers import TopKASTLinear, module_layout
+from ds_topkast.parallel.zero3 import full_shape, gathered, is_partitioned, partition_like
+
+
+def _layout_type(module: nn.Module) -> str:
+    return "Linear" if isinstance(module, nn.Linear) else "Conv1D"
 
 
 def linear_weight(module: nn.Module) -> Tensor:
     """The weight as an (out, in) matrix: Conv1D stores it transposed (in, out)."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    return module.weight.t()
+    return module_layout(module.weight, _layout_type(module))
 
 
 def in_module_layout(module: nn.Module, matrix: Tensor) -> Tensor:
     """An (out, in) matrix laid out as `module` stores its weight: the inverse of `linear_weight`."""
-    return matrix if isinstance(module, nn.Linear) else matrix.t()
+    return module_layout(matrix, _layout_type(module))
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(out, in) of a Linear or Conv1D, also when its weight is partitioned by ZeRO-3 or on the meta device."""
-    shape = tuple(getattr(module.weight, "ds_shape", module.weight.shape))
+    shape = full_shape(module.weight)
     return shape if isinstance(module, nn.Linear) else shape[::-1]
 
 

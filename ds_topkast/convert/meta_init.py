@@ -21,7 +21,8 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from ds_topkast.config import TopKASTConfigError
+from ds_topkast.core.seeds import SEED_STRIDE
+from ds_topkast.errors import TopKASTConfigError
 
 
 def is_meta(tensor: Tensor | None) -> bool:
@@ -30,7 +31,7 @@ def is_meta(tensor: Tensor | None) -> bool:
 
 def module_seed(seed: int, name: str) -> int:
     """The generator seed of one module's initialisation: fixed by the run's seed and the module's name."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+    return (seed * SEED_STRIDE + zlib.crc32(name.encode())) % 2**63
 
 
 class MetaMaterializer:

@@ -27,9 +27,9 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
-from ds_topkast.collectives import require_every_rank
-from ds_topkast.layers import SPARSE_ENTRIES, sparse_layers
-from ds_topkast.zero_init import gathered, is_partitioned, partition_group
+from ds_topkast.core.layers import SPARSE_ENTRIES, sparse_layers
+from ds_topkast.parallel.collectives import require_every_rank
+from ds_topkast.parallel.zero3 import gathered, is_partitioned, partition_group
 
 
 @contextmanager
@@ -114,7 +114,7 @@ def plain_state_dict(engine_or_model: nn.Module) -> dict[str, Tensor]:
 
 
 def _save_pretrained_plain(self, save_directory, *args, state_dict=None, **kwargs):
-    """The model's own save_pretrained, given the plain state dict (see ds_topkast.plain_save). On a rank that does
+    """The model's own save_pretrained, given the plain state dict (see ds_topkast.convert.plain_save). On a rank that does
     not write (`is_main_process=False`, as accelerate's and the Trainer's other ranks call it; their state dict is
     None or partitions under ZeRO-3) nothing is converted."""
     if not kwargs.get("is_main_process", True):  # writes nothing: the sparse form costs nothing and warns of nothing

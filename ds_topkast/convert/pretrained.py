@@ -19,14 +19,11 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from ds_topkast.config import TopKASTConfigError
-from ds_topkast.meta_init import replace_everywhere
+from ds_topkast.convert.meta_init import replace_everywhere
+from ds_topkast.errors import PretrainedWeightsError
 
 INDEX_NAME = "model.safetensors.index.json"
 
-
-class PretrainedWeightsError(TopKASTConfigError):
-    """Pretrained weights are missing, damaged or do not fit the model."""
 
 
 class SafetensorsCheckpoint:

@@ -15,44 +15,27 @@ import ctypes
 import fnmatch
 import os
 import warnings
-import weakref
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from ds_topkast.collectives import job_collectives
-from ds_topkast.config import SECTION, TopKASTConfig, TopKASTConfigError, load_deepspeed_config, topkast_section
-from ds_topkast.algorithms import Algorithm, algorithm_for
-from ds_topkast.distributions import global_kept_counts, kept_count, layer_densities
-from ds_topkast.layers import TopKASTLinear, sparse_layers
-from ds_topkast.layer_weights import LayerWeights, linear_shape
-from ds_topkast.meta_init import meta_tensor_names
-from ds_topkast.plain_save import save_plain
-from ds_topkast.kernels import ops
-from ds_topkast.select import Collectives, assemble_sets
-from ds_topkast.store import CPUDenseStore, shard_range
-
-
-@dataclass
-class TopKASTState:
-    """What a sparsified model carries: its config, dense store and the replaced weights."""
-
-    config: TopKASTConfig
-    store: Any  # CPUDenseStore or NVMeDenseStore
-    layer_names: list[str]
-    algorithm: Algorithm | None = None  # the sparse-training algorithm (algorithms.py); None: Top-KAST
-    forward_targets: dict[str, int] = field(default_factory=dict)  # each layer's configured (final) k_A
-    driven: bool = False  # a TopKASTRuntime (the engine's or the Trainer callback's) refreshes the masks
-    _replaced: dict[int, tuple[weakref.ref, nn.Parameter]] = field(default_factory=dict, repr=False)
-
-    def replacement(self, param: Any) -> Any:
-        """The compact parameter that took the place of a dense weight, else `param` itself."""
-        entry = self._replaced.get(id(param))
-        if entry is not None and entry[0]() is param:
-            return entry[1]
-        return param
+from ds_topkast.algorithms import algorithm_for
+from ds_topkast.config import TopKASTConfig, resolved_config
+from ds_topkast.convert.layer_weights import LayerWeights, linear_shape
+from ds_topkast.convert.meta_init import meta_tensor_names
+from ds_topkast.convert.plain_save import save_plain
+from ds_topkast.core.distributions import global_kept_counts, kept_count, layer_densities
+from ds_topkast.core.kernels import ops
+from ds_topkast.core.layers import TopKASTLinear, sparse_layers
+from ds_topkast.core.seeds import selection_seed
+from ds_topkast.core.select import Collectives, assemble_sets
+from ds_topkast.errors import TopKASTConfigError
+from ds_topkast.parallel.collectives import job_collectives
+from ds_topkast.runtime.state import TopKASTState
+from ds_topkast.store.cpu import CPUDenseStore
+from ds_topkast.store.nvme import NVMeDenseStore
+from ds_topkast.store.shards import shard_range
 
 
 def _conv1d_type() -> type | None:
@@ -108,7 +91,7 @@ def _refuse_shared_weights(model: nn.Module, chosen: Mapping[str, nn.Module]) ->
                 f"(tied weights); a sparse copy would untie them. Add {name!r} to topkast.exclude.")
 
 
-def _new_store(cfg: TopKASTConfig, config: Any, comm: Collectives):
+def _new_store(cfg: TopKASTConfig, comm: Collectives) -> CPUDenseStore | NVMeDenseStore:
     """The store this rank fills: on NVMe when configured and the job's ranks are known, else in host memory.
 
     A host-memory store is pinned, if asked, once placed (DeepSpeed has not set the device
@@ -118,11 +101,7 @@ def _new_store(cfg: TopKASTConfig, config: Any, comm: Collectives):
     ranks_known = comm.world > 1 or int(os.environ.get("WORLD_SIZE", "1")) == 1
     if cfg.dense_store.device != "nvme" or not ranks_known:
         return CPUDenseStore(comm.rank, comm.world)
-    from ds_topkast.nvme_store import NVMeDenseStore
-
-    deepspeed_aio = config.get("aio", {}) if isinstance(config, Mapping) else (
-        load_deepspeed_config(config).get("aio", {}) if isinstance(config, (str, os.PathLike)) else {})
-    return NVMeDenseStore.configured(cfg.dense_store, deepspeed_aio, comm.rank, comm.world)
+    return NVMeDenseStore.configured(cfg.dense_store, comm.rank, comm.world)
 
 
 def return_freed_host_memory() -> None:
@@ -181,22 +160,6 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def selection_seed(cfg: TopKASTConfig, refresh_index: int, layer_index: int) -> int:
-    """The random-B\\A seed of one layer at one refresh: the same on every rank and world size."""
-    return cfg.seed * 1_000_003 + refresh_index * 10_007 + layer_index
-
-
-def as_topkast_config(config: TopKASTConfig | Mapping[str, Any] | str | os.PathLike) -> TopKASTConfig:
-    """A TopKASTConfig from itself, a "topkast" section, or a DeepSpeed config (dict or JSON path) holding one."""
-    if isinstance(config, TopKASTConfig):
-        return config
-    if isinstance(config, (str, os.PathLike)):
-        return topkast_section(load_deepspeed_config(config))
-    if SECTION in config:
-        return topkast_section(config)
-    return TopKASTConfig.from_section(config)
-
-
 def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str | os.PathLike, *,
              pretrained: str | os.PathLike | None = None, comm: Collectives | None = None) -> nn.Module:
     """Replace the selected layers of `model` with Top-KAST layers, in place; returns `model`.
@@ -221,7 +184,7 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
         raise TopKASTConfigError("sparsify(model, config) needs a config: a DeepSpeed config (path or dict) with a "
                                  "\"topkast\" section, the section itself, or a TopKASTConfig. (With the Trainer: "
                                  "give --deepspeed CONFIG, or launch with accelerate's --deepspeed_config_file.)")
-    cfg = as_topkast_config(config)
+    cfg = resolved_config(config)
     if sparse_layers(model):
         raise TopKASTConfigError("This model is already sparsified; call ds_topkast.sparsify once per model.")
     if meta_tensor_names(model) and hasattr(model, "tie_weights"):
@@ -233,7 +196,7 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
     shapes = [linear_shape(m) for m in chosen.values()]
     counts = _kept_counts(chosen, shapes, cfg, weights, comm)
     algorithm = algorithm_for(cfg)
-    store = _new_store(cfg, config, comm)
+    store = _new_store(cfg, comm)
     store.require_room(sum(4 * (end - start) for start, end in (shard_range(o * i, comm.rank, comm.world)
                                                                 for o, i in shapes)))
     state = TopKASTState(config=cfg, store=store, layer_names=list(chosen), algorithm=algorithm)
@@ -248,7 +211,7 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
             shard = weight.detach().reshape(-1)[start:end].float()
             _refuse_non_finite(name, shard, comm)
             local = algorithm.initial_backward(shard, start, numel, k_forward, k_backward,
-                                               selection_seed(cfg, 0, index), comm)
+                                               selection_seed(cfg.seed, 0, index), comm)
             sets = assemble_sets(local, shard, start, numel, k_forward, k_backward, comm)
             if algorithm.masked:  # the store holds zero outside A: grown entries start there, pruned ones stay
                 shard = ops.expand_bits(sets.values, sets.backward_bits, sets.counts, sets.forward_bits, start,
@@ -258,12 +221,11 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
         del weight, shard
         layer = TopKASTLinear(in_f, out_f, sets.values.to(dtype), sets.backward_bits, sets.forward_bits, module.bias,
                               k_forward=k_forward, exploration_l2=cfg.exploration_l2,
-                              source_type=type(module).__name__)
-        layer.layer_name = name
-        layer.straight_through = not algorithm.masked
+                              source_type=type(module).__name__, layer_name=name,
+                              straight_through=not algorithm.masked)
         state.forward_targets[name] = k_target
         weights.finish_layer(replaced, layer)
-        state._replaced[id(replaced)] = (weakref.ref(replaced), layer.values)
+        state.remember_replacement(replaced, layer.values)
         layers[name] = layer
         return_freed_host_memory()
     weights.finish_rest(chosen)
@@ -298,13 +260,3 @@ def warn_when_trained_without_runtime(model: nn.Module) -> None:
                           "engine with ds_topkast.initialize instead of deepspeed.initialize.", stacklevel=2)
 
     handle = model.register_forward_pre_hook(check)
-
-
-def topkast_state(model: nn.Module) -> TopKASTState:
-    """The Top-KAST state of a sparsified model, with a clear error when there is none."""
-    state = getattr(model, "topkast_state", None)
-    if not isinstance(state, TopKASTState):
-        raise TopKASTConfigError("This model was not converted by ds_topkast.sparsify(model, config).")
-    return state
-
-

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ds_topkast.select import LOCAL, Collectives, score_bits
+from ds_topkast.core.select import LOCAL, Collectives, score_bits
 
 _BINS = 1 << 16  # 16-bit halves of the float bits: two histogram passes find one threshold over every layer
 

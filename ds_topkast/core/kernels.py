@@ -37,7 +37,7 @@ import logging
 import torch
 from torch import Tensor
 
-from ds_topkast.bitmaps import BLOCK_BITS, unpack_bits
+from ds_topkast.core.bitmaps import BLOCK_BITS, unpack_bits
 
 logger = logging.getLogger("ds_topkast")
 
@@ -242,7 +242,7 @@ def _cuda_implementation(name: str):
     it reads counts back to the host, a sync per call)."""
     def run(*args):
         try:
-            from ds_topkast import triton_kernels
+            from ds_topkast.core import triton_kernels
         except ImportError as err:
             if not _cuda_implementation.warned:
                 logger.warning("Triton is not installed (%s): ds_topkast's sparse layers and selection run their "

@@ -22,18 +22,23 @@ optimizer: refresh.py rewrites its sets from outside, between steps.
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
-from ds_topkast.bitmaps import block_counts, index_bits, indices_from_bits, pack_bits, unpack_bits
-from ds_topkast.kernels import ops
+from ds_topkast.core.bitmaps import block_counts, index_bits, indices_from_bits, pack_bits, unpack_bits
+from ds_topkast.core.kernels import ops
 
 
 def exploration_weights(forward_mask: Tensor, forward_density: float) -> Tensor:
     """Per-entry weight of the exploration regulariser: 1 on A, 1/D on B\\A (paper, Section 2.2)."""
     return torch.where(forward_mask, 1.0, 1.0 / forward_density)
+
+
+def module_layout(matrix: Tensor, source_type: str) -> Tensor:
+    """An (out, in) weight in the layout the module type `source_type` stores it, or such a stored weight as (out,
+    in): transformers' Conv1D keeps (in, out), every other type (out, in). A transpose is its own inverse."""
+    return matrix.t() if source_type == "Conv1D" else matrix
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -130,29 +135,32 @@ class TopKASTLinear(nn.Module):
     `forward_density` is this layer's own D = k_forward / (out * in) (it differs per layer
     under ERK); `accumulation_steps` is how many backward passes make one optimizer step
     (the runtime sets it), so the regulariser's gradient is applied once per step.
-    `straight_through` (False for masked algorithms) and `dense_gradient_sink` are passed
-    to `SparseLinearFunction`; the runtime sets them.
+    `straight_through` (False for masked algorithms: B\\A gets no gradient) is fixed at
+    construction; `dense_gradient_sink` (RigL's dense gradient hand-over) is set by the
+    runtime at update steps. `layer_name` is its name in the model, for error messages.
     """
 
     def __init__(self, in_features: int, out_features: int, values: Tensor, backward_bits: Tensor,
                  forward_bits: Tensor, bias: nn.Parameter | None, *, k_forward: int,
-                 exploration_l2: float = 0.0, source_type: str = "Linear"):
+                 exploration_l2: float = 0.0, source_type: str = "Linear", layer_name: str = "",
+                 straight_through: bool = True):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.k_forward = k_forward
         self.exploration_l2 = exploration_l2
         self.accumulation_steps = 1
-        self.straight_through = True
+        self.straight_through = straight_through
         self.dense_gradient_sink = None
         self.source_type = source_type
         self.values = nn.Parameter(values.detach().clone())
+        self.k_backward = self.values.numel()  # |B|, fixed; under ZeRO-3 `values` holds only this rank's partition
         self.bias = bias  # the replaced layer's own Parameter: param groups naming it stay valid
         self.register_buffer("backward_bits", backward_bits.detach().clone())
         self.register_buffer("forward_bits", forward_bits.detach().clone())
         self.register_buffer("_block_counts", block_counts(self.backward_bits, self.numel), persistent=False)
         self._counted = self._bitmap_version()
-        self.layer_name = ""  # its name in the model, for error messages (set by sparsify)
+        self.layer_name = layer_name
         self.saves_plain = True  # state_dict() gives the replaced layer's `weight`; False while checkpoints save
         self.register_state_dict_post_hook(_state_dict_as_plain)
 
@@ -167,10 +175,6 @@ class TopKASTLinear(nn.Module):
     def numel(self) -> int:
         """Entries of the dense (out, in) weight."""
         return self.in_features * self.out_features
-
-    @property
-    def k_backward(self) -> int:
-        return self.values.ds_numel if hasattr(self.values, "ds_numel") else self.values.numel()
 
     @property
     def forward_density(self) -> float:
@@ -202,18 +206,23 @@ class TopKASTLinear(nn.Module):
             self._counted = self._bitmap_version()
         return self._block_counts
 
-    def assign_sets(self, backward_bits: Tensor, forward_bits: Tensor, counts: Tensor | None = None) -> None:
+    def assign_sets(self, backward_bits: Tensor, forward_bits: Tensor, counts: Tensor | None = None,
+                    k_forward: int | None = None) -> None:
         """Take new sets (bitmaps) from a refresh; the caller rewrites `values` to match. `counts`, when given, are
-        the new bitmap's block counts (else they are computed)."""
+        the new bitmap's block counts (else they are computed); `k_forward`, when given, is A's new size (gmp's
+        changes on its schedule)."""
+        if k_forward is not None:
+            self.k_forward = k_forward
         self.backward_bits.copy_(backward_bits)
         self._block_counts = block_counts(self.backward_bits, self.numel) if counts is None else counts
         self._counted = self._bitmap_version()
         self.assign_forward_bits(forward_bits)
 
     def assign_indices(self, indices: Tensor, forward_mask: Tensor) -> None:
-        """Take new sets given as B's flat indices and A as a mask over them."""
+        """Take new sets given as B's flat indices and A as a mask over them (A's size is the mask's count)."""
         device = self.backward_bits.device
-        self.assign_sets(index_bits(indices.to(device), self.numel), pack_bits(forward_mask.to(device)))
+        self.assign_sets(index_bits(indices.to(device), self.numel), pack_bits(forward_mask.to(device)),
+                         k_forward=int(forward_mask.sum()))
 
     def assign_forward_bits(self, forward_bits: Tensor) -> None:
         """Take a new A (k_B bits over B), as A's re-selection between refreshes does."""
@@ -221,10 +230,8 @@ class TopKASTLinear(nn.Module):
 
     def exploration_penalty(self) -> Tensor:
         """λ·(Σ_A v² + Σ_{B\\A} v² / D) at the current values: the paper's exploration regulariser for this layer (a
-        value, for logs; under ZeRO-3 a collective: the values are gathered)."""
-        from ds_topkast.zero_init import gathered, is_partitioned
-
-        with torch.no_grad(), (gathered(self) if is_partitioned(self.values) else nullcontext()):
+        value, for logs). The values must be whole: under ZeRO-3 inside a gather (runtime/regulariser.py)."""
+        with torch.no_grad():
             squares = self.values.float().square()
             return self.exploration_l2 * (squares * exploration_weights(self.forward_mask, self.forward_density)).sum()
 
@@ -247,8 +254,7 @@ class TopKASTLinear(nn.Module):
                 error_msgs.append(f"size mismatch for {prefix}weight: copying a param with shape {tuple(dense.shape)}, "
                                   f"the layer it replaced has shape {expected}.")
                 return
-            if self.source_type == "Conv1D":
-                dense = dense.t()
+            dense = module_layout(dense, self.source_type)
             state_dict[prefix + "values"] = dense.reshape(-1).to(self.values.device)[self.indices]
             for key in ("backward_bits", "forward_bits"):
                 state_dict.setdefault(prefix + key, getattr(self, key))
@@ -267,7 +273,7 @@ class TopKASTLinear(nn.Module):
         values, backward_bits, forward_bits = (state_dict.pop(prefix + key).detach().cpu() for key in SPARSE_ENTRIES)
         weight = alpha_from_sets(values, backward_bits, forward_bits, self.shape)
         bias = state_dict.pop(prefix + "bias", None)
-        state_dict[prefix + "weight"] = weight.t().contiguous() if self.source_type == "Conv1D" else weight
+        state_dict[prefix + "weight"] = module_layout(weight, self.source_type).contiguous()
         if bias is not None:
             state_dict[prefix + "bias"] = bias
 
@@ -284,7 +290,7 @@ def _state_dict_as_plain(layer: TopKASTLinear, state_dict: dict, prefix: str, lo
 
     So that `model.state_dict()`, `torch.save` of it and everything built on it give the
     plain model. Left sparse: while a checkpoint saves (`saves_plain` False, see
-    ds_topkast.plain_save.state_dict_form), with `keep_vars=True` (the caller wants the
+    ds_topkast.convert.plain_save.state_dict_form), with `keep_vars=True` (the caller wants the
     module's own tensors), and under ZeRO-3 outside `GatheredParameters`, where the values
     are partitions that make no weight (a warning names the calls that gather and convert).
     """
@@ -303,15 +309,3 @@ def _state_dict_as_plain(layer: TopKASTLinear, state_dict: dict, prefix: str, lo
 def sparse_layers(model: nn.Module) -> dict[str, TopKASTLinear]:
     """The model's Top-KAST layers by module name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, TopKASTLinear)}
-
-
-def exploration_penalty(model: nn.Module) -> Tensor | float:
-    """The exploration regulariser's value at the model's current values and sets, for logging.
-
-    Computed when asked (never in the training step); under ZeRO-3 it gathers each
-    layer's values, so call it on every rank. Its gradient is already applied inside each
-    sparse layer's backward: do not add this to the loss (it is detached, so doing so
-    changes the logged loss and nothing else).
-    """
-    penalties = [layer.exploration_penalty() for layer in sparse_layers(model).values() if layer.exploration_l2 > 0]
-    return torch.stack(penalties).sum() if penalties else 0.0

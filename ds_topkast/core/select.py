@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ds_topkast.bitmaps import bitmap_bytes, block_counts, indices_from_bits, pack_bits, unpack_bits
-from ds_topkast.kernels import ops
+from ds_topkast.core.bitmaps import bitmap_bytes, block_counts, unpack_bits
+from ds_topkast.core.kernels import ops
+from ds_topkast.errors import NonFiniteScoresError
 
 _MAGNITUDE_BITS = 31  # a float's bits without its sign
 _WIDEST_DIGIT = 11  # 2,048 histogram bins per segment and pass
@@ -65,9 +66,6 @@ class Collectives:
 
 LOCAL = Collectives()
 
-
-class NonFiniteScoresError(ValueError):
-    """Selection was asked to rank NaN, infinite or negative scores."""
 
 
 def digit_widths(key_bits: int) -> list[int]:
@@ -193,21 +191,6 @@ def shard_positions(shard: Tensor, offset: int) -> Tensor:
     return torch.arange(offset, offset + shard.numel(), device=shard.device)
 
 
-def _topk_backward_set(theta, offset, numel, k_forward, k_backward, seed, comm):
-    return shard_topk_bits(theta, offset, numel, k_backward, comm)
-
-
-def _random_backward_set(theta, offset, numel, k_forward, k_backward, seed, comm):
-    """A by magnitude; B\\A drawn uniformly from the rest (the paper's random-B ablation)."""
-    forward = shard_topk_bits(theta, offset, numel, k_forward, comm)
-    scores = torch.where(unpack_bits(forward, theta.numel(), offset), 2.0,  # above every hash value: A is in B
-                         uniform_hash(shard_positions(theta, offset), seed))
-    return shard_topk_bits(scores, offset, numel, k_backward, comm)
-
-
-BACKWARD_SET_RULES = {"topk": _topk_backward_set, "random": _random_backward_set}
-
-
 @dataclass
 class LayerSets:
     """One layer's sets as every rank holds them: B as a bitmap with its block counts, θ on B, and A over B."""
@@ -228,23 +211,3 @@ def assemble_sets(local: Tensor, theta: Tensor, offset: int, numel: int, k_forwa
     ops.gather_bits_(values, theta.detach().reshape(-1).float(), bits, counts, offset, None, None, 0.0, 1.0, True)
     values = comm.all_reduce_sum(values)
     return LayerSets(bits, counts, values, topk_bits(values, k_forward))
-
-
-def select_sets(theta: Tensor, k_forward: int, k_backward: int, rule: str = "topk", seed: int = 0, *,
-                offset: int = 0, numel: int | None = None, comm: Collectives = LOCAL) -> tuple[Tensor, Tensor, Tensor]:
-    """Sets B and A of one layer whose flat fp32 θ may be sharded across ranks, as indices.
-
-    `theta` is this rank's slice starting at `offset` of a layer of `numel` entries (the
-    whole layer by default). Returns, identically on every rank: B's ascending global
-    indices, θ at those indices, and A as a mask over B (the top k_forward of |θ|).
-    """
-    numel = theta.numel() if numel is None else numel
-    if rule not in BACKWARD_SET_RULES:
-        raise ValueError(f"Unknown selection rule {rule!r}; use one of {sorted(BACKWARD_SET_RULES)}.")
-    if not 0 < k_forward <= k_backward <= numel:
-        raise ValueError(f"Need 0 < k_forward ({k_forward}) <= k_backward ({k_backward}) <= n ({numel}).")
-    flat = theta.detach().reshape(-1).float()
-    local = BACKWARD_SET_RULES[rule](flat, offset, numel, k_forward, k_backward, seed, comm)
-    sets = assemble_sets(local, flat, offset, numel, k_forward, k_backward, comm)
-    return (indices_from_bits(sets.backward_bits, numel, k_backward), sets.values,
-            unpack_bits(sets.forward_bits, k_backward))

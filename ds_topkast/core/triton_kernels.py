@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ds_topkast.bitmaps import BLOCK_BITS
-from ds_topkast.kernels import ROW, row_tuples
+from ds_topkast.core.bitmaps import BLOCK_BITS
+from ds_topkast.core.kernels import ROW, row_tuples
 
 CHUNK = 4096  # entries per radix program
 

@@ -29,19 +29,21 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ds_topkast.checkpoint import CheckpointError, load_file
-from ds_topkast.collectives import ProcessGroupCollectives, require_every_rank
-from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, refuse_loss_scaling, topkast_section
-from ds_topkast.layers import sparse_layers
-from ds_topkast.optimizer_state import adapter_for, per_entry_state_keys, refuse_unknown_config_optimizer
-from ds_topkast.plain_save import as_plain, state_dict_form
-from ds_topkast.runtime import TopKASTRuntime
-from ds_topkast.sparsify import TopKASTState, sparsify, topkast_state
-from ds_topkast.store import fsync_path
-from ds_topkast.zero_init import is_partitioned, partition_group, quiet_gathers, warn_when_gathered_by_hand
+from ds_topkast.config import load_deepspeed_config, refuse_loss_scaling, topkast_section
+from ds_topkast.convert.plain_save import as_plain, state_dict_form
+from ds_topkast.convert.sparsify import sparsify
+from ds_topkast.core.layers import sparse_layers
+from ds_topkast.engine.optimizer_adapters import adapter_for, per_entry_state_keys, refuse_unknown_config_optimizer
+from ds_topkast.errors import CheckpointError, TopKASTConfigError
+from ds_topkast.parallel.collectives import ProcessGroupCollectives, require_every_rank
+from ds_topkast.parallel.zero3 import is_partitioned, partition_group, quiet_gathers, warn_when_gathered_by_hand
+from ds_topkast.runtime.checkpoint import load_file
+from ds_topkast.runtime.schedule import TopKASTRuntime
+from ds_topkast.runtime.state import TopKASTState, topkast_state
+from ds_topkast.store.shards import fsync_path
 
 
-def _runtime(engine, model: nn.Module, ds_config: dict[str, Any]) -> TopKASTRuntime:
+def _runtime(engine, model: nn.Module) -> TopKASTRuntime:
     """The run's Top-KAST runtime over this engine's process group, optimizer and monitor."""
     comm = ProcessGroupCollectives()
     if engine.dp_world_size != comm.world:
@@ -49,7 +51,7 @@ def _runtime(engine, model: nn.Module, ds_config: dict[str, Any]) -> TopKASTRunt
             f"ds_topkast shards its dense store over data-parallel ranks only, but this job has "
             f"{comm.world} ranks and a data-parallel size of {engine.dp_world_size} (model, pipeline or "
             "sequence parallelism); run pure data parallelism (with any ZeRO stage).")
-    return TopKASTRuntime(model, adapter_for(engine), comm, engine.gradient_accumulation_steps(), ds_config.get("aio"),
+    return TopKASTRuntime(model, adapter_for(engine), comm, engine.gradient_accumulation_steps(),
                           getattr(engine, "monitor", None))
 
 
@@ -105,6 +107,17 @@ class TopKASTEngineMixin:
             self.topkast.load(os.path.dirname(load_path), self.global_steps, verified)
         return load_path, client_state
 
+    def detach_from_module(self) -> None:
+        """Take this finished engine off its module (export): ZeRO's parameter and gradient hooks (`destroy()`) and
+        the engine's own forward hooks, which would otherwise run in the module's forward and keep the engine
+        alive."""
+        self.destroy()
+        for handle in ("module_forward_pre_hook", "module_forward_post_hook"):
+            hook = getattr(self, handle, None)
+            if hook is not None:
+                hook.remove()
+                setattr(self, handle, None)
+
     def _refuse_zero_state_of_another_world(self, saved_world: int, tag_dir: str, kwargs: dict[str, Any]) -> None:
         """DeepSpeed cannot repartition ZeRO optimizer state; say so before it loads anything, with the way out."""
         partitioned = (self.zero_optimization_stage() > 0 and kwargs.get("load_optimizer_states", True)
@@ -117,17 +130,6 @@ class TopKASTEngineMixin:
                 "number of ranks: `ds_topkast.train ... --init-from <that folder>` or "
                 "`ds_topkast.load_dense_weights(model, <that folder>)` (ds_topkast's own store reshards either way; "
                 "stage 0 checkpoints resume on any world size).")
-
-
-def detach_engine(engine) -> None:
-    """Take a finished engine off its module (export): ZeRO's parameter and gradient hooks (`engine.destroy()`) and
-    the engine's own forward hooks, which would otherwise run in the module's forward and keep the engine alive."""
-    engine.destroy()
-    for handle in ("module_forward_pre_hook", "module_forward_post_hook"):
-        hook = getattr(engine, handle, None)
-        if hook is not None:
-            hook.remove()
-            setattr(engine, handle, None)
 
 
 def _latest_tag(load_dir: Path) -> str | None:
@@ -174,13 +176,13 @@ def _read_checkpoints_weights_only(engine) -> None:
 _ENGINE_CLASSES: dict[type, type] = {}
 
 
-def extend_engine(engine, model: nn.Module, ds_config: dict[str, Any]):
+def extend_engine(engine, model: nn.Module):
     """Extend a DeepSpeed engine over the sparsified `model` with Top-KAST (see the module docstring), in place."""
     base = type(engine)
     if base not in _ENGINE_CLASSES:
         _ENGINE_CLASSES[base] = type(f"TopKAST{base.__name__}", (TopKASTEngineMixin, base), {})
     engine.__class__ = _ENGINE_CLASSES[base]
-    engine.topkast = _runtime(engine, model, ds_config)
+    engine.topkast = _runtime(engine, model)
     for name, layer in sparse_layers(model).items():
         if is_partitioned(layer.values):  # a custom loop's hand-gathered save would miss the positions
             warn_when_gathered_by_hand(name, layer.values)
@@ -272,8 +274,8 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     check_engine_config(ds_config)
     if getattr(model, "topkast_state", None) is None:
         _init_distributed(kwargs)  # first: sparsify keeps only this rank's shard of each layer
-        sparsify(model, ds_config)  # the whole config: an NVMe store takes its "aio" section
-    elif topkast_state(model).config != cfg:
+        sparsify(model, cfg)  # resolved: an NVMe store has the config's "aio" section
+    elif not topkast_state(model).config.same_settings(cfg):
         raise TopKASTConfigError("The model was sparsified with a different topkast config than the DeepSpeed "
                                  "config's section; sparsify with the same section or let initialize do it.")
     state = topkast_state(model)
@@ -283,4 +285,4 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
         training_data=training_data, lr_scheduler=lr_scheduler, config=config, config_params=config_params,
         **kwargs)
-    return extend_engine(engine, model, ds_config), ds_optimizer, loader, scheduler
+    return extend_engine(engine, model), ds_optimizer, loader, scheduler

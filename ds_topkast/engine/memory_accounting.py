@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ds_topkast.layers import sparse_layers
-from ds_topkast.sparsify import topkast_state
+from ds_topkast.core.layers import sparse_layers
+from ds_topkast.parallel.zero3 import full_numel
+from ds_topkast.runtime.state import topkast_state
 
 _FP32 = 4
 
@@ -76,7 +77,7 @@ class TrainingSetup:
 
     @classmethod
     def of_engine(cls, engine, world: int | None = None) -> "TrainingSetup":
-        from ds_topkast.optimizer_state import per_entry_state_keys
+        from ds_topkast.engine.optimizer_adapters import per_entry_state_keys
 
         model_dtype, grad_dtype = engine.get_data_types()
         return cls(engine.module, engine.zero_optimization_stage(), engine.dp_world_size if world is None else world,
@@ -86,7 +87,7 @@ class TrainingSetup:
     @classmethod
     def of_trainer(cls, model: torch.nn.Module, ds_config: dict, optimizer, world: int) -> "TrainingSetup":
         """The Hugging Face Trainer's setup: its DeepSpeed config ("auto" filled), or none (fp32 torch optimizer)."""
-        from ds_topkast.optimizer_state import adapter_for_optimizer
+        from ds_topkast.engine.optimizer_adapters import adapter_for_optimizer
 
         zero = ds_config.get("zero_optimization", {})
         model_dtype = next(iter(sparse_layers(model).values())).values.dtype
@@ -133,7 +134,7 @@ def trained_bytes(engine) -> dict[str, int]:
     keeps in host memory instead.
     """
     rules = _Rules(TrainingSetup.of_engine(engine))
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
+    n = sum(full_numel(p) for p in engine.module.parameters() if p.requires_grad)
     return {**rules.trained(n), "host_optimizer_state": rules.optimizer_state(n) if rules.offloaded else 0}
 
 
@@ -160,7 +161,7 @@ def setup_memory_report(setup: TrainingSetup) -> MemoryReport:
     report = MemoryReport(sparse=rules.trained(compact), dense=rules.trained(dense_n))
     report.sparse["set_bitmaps"] = sum(l.backward_bits.numel() + l.forward_bits.numel() for l in layers.values())
     values = {id(layer.values) for layer in layers.values()}
-    other_n = sum(getattr(p, "ds_numel", p.numel()) for p in setup.module.parameters()
+    other_n = sum(full_numel(p) for p in setup.module.parameters()
                   if p.requires_grad and id(p) not in values)
     report.other_parameters = sum(rules.trained(other_n).values())
     if rules.offloaded:

@@ -5,16 +5,16 @@ keeps per entry must be rewritten consistently: the fp32 master, each per-entry
 optimizer state (moved with the entries that stay in B, zero for new ones) and the
 low-precision parameter the forward pass reads (`safe_set_full_fp32_param` leaves that
 copy alone). Where those live depends on DeepSpeed's optimizer wrapper, hence one small
-adapter per wrapper. This module and engine.py are the only places that touch
-DeepSpeed internals.
+adapter per wrapper. The interface is runtime/optimizer_state.py; this module and
+deepspeed_engine.py are where ds_topkast touches DeepSpeed's optimizer internals.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 from torch import Tensor, nn
+
+from ds_topkast.errors import UnsupportedOptimizerError
+from ds_topkast.runtime.optimizer_state import MasterFragment, MasterViews, OptimizerStateAdapter
 
 # Per-entry state tensors of the basic optimizers ds_topkast knows, by class name.
 _PER_ENTRY_STATE: dict[str, tuple[str, ...]] = {
@@ -25,9 +25,6 @@ _PER_ENTRY_STATE: dict[str, tuple[str, ...]] = {
     "SGD": ("momentum_buffer",),
 }
 
-
-class UnsupportedOptimizerError(TypeError):
-    """The optimizer or DeepSpeed wrapper is one whose state ds_topkast cannot remap."""
 
 
 # DeepSpeed config "optimizer.type" values that build one of the optimizers above.
@@ -61,107 +58,12 @@ def per_entry_state_keys(basic_optimizer: torch.optim.Optimizer) -> tuple[str, .
     return keys
 
 
-@dataclass(frozen=True)
-class MasterFragment:
-    """A piece of a parameter's fp32 master that this rank holds: `length` entries of the flat tensor `source`
-    from `offset`, which are the parameter's flat entries from `position`."""
-
-    source: Tensor
-    offset: int
-    length: int
-    position: int
-
-
-@dataclass
-class MasterViews:
-    """This rank's fragments of several parameters' fp32 masters, read in place every step.
-
-    `partitioned`: each entry is held by one rank (ZeRO's partitions), so per-entry results
-    must be combined over ranks; else every rank holds every entry. `valid()` says, with no
-    device work, whether the views still point at the masters (DeepSpeed or a `.to()` may
-    have replaced a tensor); `prepare()` orders reads after the optimizer's last write.
-    """
-
-    fragments: list[list[MasterFragment]]
-    partitioned: bool
-    valid: Callable[[], bool]
-    prepare: Callable[[], None] = field(default=lambda: None)
-
-
 def _flat_source(fragment: Tensor) -> tuple[Tensor, int]:
     """The whole flat fp32 tensor a fragment view lies in, and where the fragment starts in it."""
     storage = fragment.untyped_storage()
     whole = torch.empty(0, dtype=fragment.dtype, device=fragment.device).set_(
         storage, 0, (storage.nbytes() // fragment.element_size(),))
     return whole, fragment.storage_offset()
-
-
-class OptimizerStateAdapter:
-    """Full (unpartitioned) views of a compact parameter's training state, for a refresh."""
-
-    def __init__(self, state_keys: tuple[str, ...], basic_optimizer: torch.optim.Optimizer,
-                 param_groups: list[list[nn.Parameter]] | None = None):
-        self.state_keys = state_keys
-        self.basic_optimizer = basic_optimizer
-        # The model parameters of each of the basic optimizer's groups, in its group order.
-        self.param_groups = param_groups if param_groups is not None else [g["params"] for g in
-                                                                           basic_optimizer.param_groups]
-        self._group_of = {id(p): index for index, params in enumerate(self.param_groups) for p in params}
-
-    def param_group(self, param: nn.Parameter) -> dict:
-        """The basic optimizer's settings (lr, betas, eps, ...) for a model parameter."""
-        if id(param) in self._group_of:
-            return self.basic_optimizer.param_groups[self._group_of[id(param)]]
-        raise UnsupportedOptimizerError(f"A compact parameter of shape {tuple(param.shape)} is in no param group of "
-                                        "the optimizer; build the optimizer over the sparsified model's parameters.")
-
-    def refuse_unknown_state(self) -> None:
-        """Stop before a refresh would leave per-weight state it does not know stale (checked at every refresh).
-
-        The optimizer's type and settings were checked at start; this catches state that
-        only appears once it steps (a subclass, or a setting that adds a buffer).
-        """
-        for state in self.basic_optimizer.state.values():
-            unknown = sorted(key for key, value in state.items() if torch.is_tensor(value) and value.numel() > 1
-                             and key not in self.state_keys)
-            if unknown:
-                raise UnsupportedOptimizerError(
-                    f"Optimizer {type(self.basic_optimizer).__name__} keeps per-weight state {unknown} that ds_topkast "
-                    f"does not know how to move at a refresh (it moves {list(self.state_keys)}). Use Adam, AdamW "
-                    "(amsgrad off) or SGD.")
-
-    def get_master(self, param: nn.Parameter) -> Tensor:
-        raise NotImplementedError
-
-    def get_masters(self, params: list[nn.Parameter]) -> Tensor:
-        """The full fp32 masters of several parameters, flat and concatenated in order (the same on every rank)."""
-        return torch.cat([self.get_master(param) for param in params])
-
-    def master_views(self, params: list[nn.Parameter]) -> MasterViews | None:
-        """Views of this rank's pieces of the parameters' fp32 masters, valid across steps; None where the masters
-        cannot be read in place (then `get_masters` is the way, a copy each time)."""
-        return None
-
-    def set_master(self, param: nn.Parameter, value: Tensor) -> None:
-        raise NotImplementedError
-
-    def get_state(self, param: nn.Parameter, key: str) -> Tensor:
-        raise NotImplementedError
-
-    def set_state(self, param: nn.Parameter, key: str, value: Tensor) -> None:
-        raise NotImplementedError
-
-    def set_low_precision(self, param: nn.Parameter, value: Tensor) -> None:
-        """Rewrite the copy the forward pass reads (this rank's partition under ZeRO-3)."""
-        with torch.no_grad():
-            if hasattr(param, "ds_tensor"):
-                param.ds_tensor.copy_(zero3_partition(param, value))
-                # Parameters under stage3_param_persistence_threshold stay gathered between steps:
-                # their full copy is what the next forward reads.
-                if param.data.numel() == param.ds_numel:
-                    param.data.copy_(value.reshape(param.ds_shape))
-            else:
-                param.data.copy_(value.reshape(param.shape))
 
 
 def zero3_partition(param: nn.Parameter, value: Tensor) -> Tensor:
@@ -234,6 +136,17 @@ def _zero3_master_views(params: list[nn.Parameter]) -> MasterViews | None:
 
 class DeepSpeedManagedState(OptimizerStateAdapter):
     """ZeRO stages 1-3 and BF16_Optimizer: DeepSpeed's safe_{get,set}_full_* API (collectives)."""
+
+    def set_low_precision(self, param, value):
+        """Rewrite the copy the forward pass reads: under ZeRO-3 this rank's partition."""
+        if not hasattr(param, "ds_tensor"):
+            return super().set_low_precision(param, value)
+        with torch.no_grad():
+            param.ds_tensor.copy_(zero3_partition(param, value))
+            # Parameters under stage3_param_persistence_threshold stay gathered between steps:
+            # their full copy is what the next forward reads.
+            if param.data.numel() == param.ds_numel:
+                param.data.copy_(value.reshape(param.ds_shape))
 
     def get_master(self, param):
         from deepspeed.utils import safe_get_full_fp32_param

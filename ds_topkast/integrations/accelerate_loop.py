@@ -19,7 +19,7 @@ writes each rank's store shard next to it and `load_state` restores them after t
 as the object registered for checkpointing is loaded last.
 
 Whatever saves the model for use (`save_pretrained`, `get_state_dict`, `save_model`)
-writes the plain model (ds_topkast.plain_save); `get_state_dict` builds it on the main
+writes the plain model (ds_topkast.convert.plain_save); `get_state_dict` builds it on the main
 process only (the other ranks get the compact sparse form, which they do not save).
 """
 from __future__ import annotations
@@ -31,13 +31,14 @@ from typing import Any
 
 from torch import nn
 
-from ds_topkast.collectives import job_collectives
-from ds_topkast.config import TopKASTConfigError, refuse_another_section
-from ds_topkast.engine import check_engine_config, extend_engine
-from ds_topkast.optimizer_state import adapter_for_optimizer
-from ds_topkast.plain_save import state_dict_form
-from ds_topkast.runtime import TopKASTRuntime
-from ds_topkast.sparsify import topkast_state
+from ds_topkast.config import refuse_another_section
+from ds_topkast.convert.plain_save import state_dict_form
+from ds_topkast.engine.deepspeed_engine import check_engine_config, extend_engine
+from ds_topkast.engine.optimizer_adapters import adapter_for_optimizer
+from ds_topkast.errors import TopKASTConfigError
+from ds_topkast.parallel.collectives import job_collectives
+from ds_topkast.runtime.schedule import TopKASTRuntime
+from ds_topkast.runtime.state import topkast_state
 
 
 class TopKASTAccelerate:
@@ -62,7 +63,7 @@ class TopKASTAccelerate:
             ds_config = plugin.deepspeed_config
             refuse_another_section(ds_config, topkast_state(module).config, "accelerate's")
             check_engine_config(ds_config)
-            self.runtime = extend_engine(model, module, ds_config).topkast
+            self.runtime = extend_engine(model, module).topkast
             return
         self.steps = 0
         self.runtime = TopKASTRuntime(module, adapter_for_optimizer(optimizer), job_collectives(),

@@ -22,7 +22,7 @@ collectives. Then, through one `TopKASTRuntime`:
 - resuming (`global_step > 0` at `on_train_begin`) loads them back from the checkpoint the
   Trainer resumed from; `load_best_model_at_end` restores the best checkpoint's with its
   values (`on_train_end`);
-- the model files the Trainer writes are the plain model (see ds_topkast.plain_save), so
+- the model files the Trainer writes are the plain model (see ds_topkast.convert.plain_save), so
   without DeepSpeed, whose checkpoint holds the values, B's values go into the
   `topkast_rankN.pt` files too; with DeepSpeed, the model's state dict is the sparse form
   from `on_train_begin` to `on_train_end`, so that DeepSpeed's checkpoints resume exactly;
@@ -44,13 +44,14 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ds_topkast.collectives import job_collectives
-from ds_topkast.config import TopKASTConfigError, load_deepspeed_config, refuse_another_section, refuse_loss_scaling
-from ds_topkast.optimizer_state import adapter_for_optimizer
-from ds_topkast.runtime import TopKASTRuntime
-from ds_topkast.memory_accounting import trainer_memory_report
-from ds_topkast.plain_save import state_dict_form
-from ds_topkast.sparsify import topkast_state
+from ds_topkast.config import load_deepspeed_config, refuse_another_section, refuse_loss_scaling
+from ds_topkast.convert.plain_save import state_dict_form
+from ds_topkast.engine.memory_accounting import trainer_memory_report
+from ds_topkast.engine.optimizer_adapters import adapter_for_optimizer
+from ds_topkast.errors import TopKASTConfigError
+from ds_topkast.parallel.collectives import job_collectives
+from ds_topkast.runtime.schedule import TopKASTRuntime
+from ds_topkast.runtime.state import topkast_state
 
 logger = logging.getLogger("ds_topkast")
 
@@ -95,7 +96,7 @@ class TopKASTCallback(TrainerCallback):
         self._deepspeed, self._ds_config, self._optimizer, self._model = bool(ds_config), ds_config, optimizer, model
         if self.runtime is None:
             self.runtime = TopKASTRuntime(model, adapter_for_optimizer(optimizer), job_collectives(),
-                                          args.gradient_accumulation_steps, ds_config.get("aio"))
+                                          args.gradient_accumulation_steps)
         else:  # a later trainer.train() call builds a new optimizer, maybe under other arguments
             self.runtime.use_optimizer(adapter_for_optimizer(optimizer))
             self.runtime.set_accumulation_steps(args.gradient_accumulation_steps)

@@ -13,7 +13,8 @@ import time
 import torch
 from torch import Tensor
 
-from ds_topkast.select import Collectives
+from ds_topkast.core.select import Collectives
+from ds_topkast.errors import CollectiveCallError
 
 
 def job_collectives() -> Collectives:
@@ -85,9 +86,6 @@ def release_cpu_shm_buffer() -> None:
             f"{os.environ.get('MASTER_PORT', '')}_{os.environ.get('RANK', '')}")
     (Path("/dev/shm") / name).unlink(missing_ok=True)
 
-
-class CollectiveCallError(RuntimeError):
-    """A collective ds_topkast call was made on some ranks only (e.g. inside `if rank == 0:`)."""
 
 
 JOIN_TIMEOUT_ENV = "DS_TOPKAST_JOIN_TIMEOUT"  # seconds a rank waits for the others to enter a collective save

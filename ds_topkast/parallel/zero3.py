@@ -5,7 +5,7 @@ under a ZeRO-3 `TrainingArguments`) builds every parameter partitioned: each ran
 1/world of it. `sparsify` gathers one layer's weight at a time (DeepSpeed's
 `GatheredParameters`), keeps this rank's store shard, and partitions the new compact
 values with the same `zero.Init` settings as the weight they replace, so no rank ever
-holds more than one layer in full. This module and optimizer_state.py are where
+holds more than one layer in full. This module and engine/optimizer_adapters.py are where
 ds_topkast touches DeepSpeed's ZeRO-3 parameters.
 """
 from __future__ import annotations
@@ -23,6 +23,16 @@ _quiet = contextvars.ContextVar("ds_topkast_quiet_gathers", default=False)
 def is_partitioned(param: nn.Parameter | None) -> bool:
     """Whether `param` was partitioned by `deepspeed.zero.Init` (ZeRO-3)."""
     return param is not None and hasattr(param, "ds_id")
+
+
+def full_shape(param: nn.Parameter) -> tuple[int, ...]:
+    """A parameter's whole shape, also when ZeRO-3 holds only this rank's partition of it."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def full_numel(param: nn.Parameter) -> int:
+    """A parameter's whole number of entries, also when ZeRO-3 holds only this rank's partition of it."""
+    return getattr(param, "ds_numel", param.numel())
 
 
 def partition_group(model: nn.Module):

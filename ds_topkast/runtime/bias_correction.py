@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ds_topkast.layers import TopKASTLinear
-from ds_topkast.optimizer_state import OptimizerStateAdapter, UnsupportedOptimizerError
+from ds_topkast.core.layers import TopKASTLinear
+from ds_topkast.errors import UnsupportedOptimizerError
+from ds_topkast.runtime.optimizer_state import OptimizerStateAdapter
 
 
 class PerEntryBiasCorrection:
@@ -42,6 +43,21 @@ class PerEntryBiasCorrection:
         self.joined = {name: torch.zeros(layer.k_backward, dtype=torch.int32, device=layer.backward_bits.device)
                        for name, layer in layers.items()}
         self.learning_rates: dict[str, float] = {}
+        self.record_learning_rates()
+
+    def for_optimizer(self, adapter: OptimizerStateAdapter) -> "PerEntryBiasCorrection":
+        """The same join steps over another optimizer (a later `trainer.train()` builds a new one)."""
+        corrected = PerEntryBiasCorrection(self.layers, adapter)
+        corrected.joined = self.joined
+        return corrected
+
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """Each entry's join step, per layer, on the host."""
+        return {"joined": {name: joined.cpu().clone() for name, joined in self.joined.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the join steps `state_dict` gave (the learning rates are recorded again: the resumed scheduler's)."""
+        self.joined = {name: state["joined"][name].to(joined.device) for name, joined in self.joined.items()}
         self.record_learning_rates()
 
     def record_learning_rates(self) -> None:

@@ -26,9 +26,10 @@ import torch
 from torch import Tensor
 
 from ds_topkast.config import TopKASTConfig
-from ds_topkast.layers import TopKASTLinear, pack_bits, unpack_bits
-from ds_topkast.refresh import MaskDynamics, Refresher
-from ds_topkast.store import checksum, fsync_path, matches, shard_range
+from ds_topkast.core.bitmaps import pack_bits, unpack_bits
+from ds_topkast.errors import CheckpointError
+from ds_topkast.runtime.refresh import Refresher
+from ds_topkast.store.shards import checksum, fsync_path, matches, piece_of, shard_range
 
 FORMAT_VERSION = 3
 # Settings that fix each layer's k_A and k_B and what the files hold: a checkpoint is only valid under the same ones.
@@ -38,9 +39,6 @@ _DEFAULTS_OF_OLDER_FILES = {"algorithm": "topkast", "new_entries": "zero_moments
 _SET_KEYS = ("backward_bits", "forward_bits")
 
 
-class CheckpointError(RuntimeError):
-    """A Top-KAST checkpoint file is missing, damaged, or does not fit the running model."""
-
 
 def _store_folder(rank: int) -> str:
     return f"topkast_store_rank{rank:05d}"
@@ -48,15 +46,6 @@ def _store_folder(rank: int) -> str:
 
 def checkpoint_file(tag_dir: str | os.PathLike, rank: int) -> Path:
     return Path(tag_dir) / f"topkast_rank{rank:05d}.pt"
-
-
-def own_sets(layer: TopKASTLinear, offset: int, length: int) -> dict[str, Tensor]:
-    """This rank's part of a layer's sets, as host bitmaps: B over its store range, A over those entries of B."""
-    indices, forward_mask = layer.indices, layer.forward_mask
-    mine = (indices >= offset) & (indices < offset + length)
-    in_range = torch.zeros(length, dtype=torch.bool, device=indices.device)
-    in_range[indices[mine] - offset] = True
-    return {"backward_bits": pack_bits(in_range).cpu(), "forward_bits": pack_bits(forward_mask[mine]).cpu()}
 
 
 def joined_sets(parts: list[dict[str, Tensor]], numel: int) -> tuple[Tensor, Tensor]:
@@ -70,35 +59,35 @@ def joined_sets(parts: list[dict[str, Tensor]], numel: int) -> tuple[Tensor, Ten
 def save(refresher: Refresher, tag_dir: str | os.PathLike, rank: int, step: int, values: bool = False) -> Path:
     """Write this rank's Top-KAST state at optimizer step `step` into the checkpoint folder (atomically, by rename).
 
-    `values`: also B's values of every layer (whole, as this rank holds them), for a run
-    whose own checkpoint files hold only the plain model (the Trainer without DeepSpeed).
+    The file composes the parts' own state dicts: the store's (its shards, or links to its
+    NVMe files, with their recorded checksums), the refresher's (sets, ever-in-B bitmaps,
+    history, join steps), and the settings. `values`: also B's values of every layer
+    (whole, as this rank holds them), for a run whose own checkpoint files hold only the
+    plain model (the Trainer without DeepSpeed).
     """
     path = checkpoint_file(tag_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    store = refresher.state.store
-    sets = {name: own_sets(layer, *store.layout(name)) for name, layer in refresher.layers.items()}
-    ever = {name: m.clone() for name, m in refresher.ever_in_backward.items()}
+    store = refresher.state.store.state_dict(path.parent / _store_folder(rank))
+    parts = refresher.state_dict(values=values)
+    sets = parts["sets"]
     payload = {
         "format": FORMAT_VERSION,
         "step": step,
-        "rank": store.rank,
-        "world": store.world,
+        "rank": store["rank"],
+        "world": store["world"],
         "config": refresher.state.config.model_dump(mode="json"),
         "store_folder": _store_folder(rank),
-        "store": store.checkpoint_entries(path.parent / _store_folder(rank)),
-        "numel": {name: store.numel(name) for name in store.names()},
+        "store": store["shards"],
+        "numel": store["numel"],
         "k_backward": {name: layer.k_backward for name, layer in refresher.layers.items()},
-        "offsets": {name: store.layout(name)[0] for name in store.names()},
-        "lengths": {name: store.layout(name)[1] for name in store.names()},
+        "offsets": store["offsets"],
+        "lengths": store["lengths"],
         "sets": sets,
-        "ever_in_backward": ever,
-        "history": [d.as_dict() for d in refresher.history],
-        **({"values": {name: layer.values.detach().cpu().clone() for name, layer in refresher.layers.items()}}
-           if values else {}),
-        **({"joined": {name: joined.cpu().clone() for name, joined in refresher.bias_correction.joined.items()}}
-           if refresher.bias_correction is not None else {}),
-        "checksums": {"store": store.checksums(),
-                      "ever_in_backward": {name: checksum(m) for name, m in ever.items()},
+        "ever_in_backward": parts["ever_in_backward"],
+        "history": parts["history"],
+        **{key: parts[key] for key in ("values", "joined") if key in parts},
+        "checksums": {"store": store["checksums"],
+                      "ever_in_backward": {name: checksum(m) for name, m in parts["ever_in_backward"].items()},
                       **{key: {name: checksum(s[key]) for name, s in sets.items()} for key in _SET_KEYS}},
     }
     for key in ("values", "joined"):
@@ -270,29 +259,24 @@ def assemble(saved: SavedState, key: str, name: str, start: int, end: int) -> Te
         piece = _piece(payload, saved.tag_dir, key, name)
         if key == "ever_in_backward":  # saved as a bitmap
             piece = unpack_bits(piece, payload["lengths"][name])
-        lo, hi = max(start, offset), min(end, offset + piece.numel())
-        if lo < hi:
-            parts.append(piece[lo - offset:hi - offset])
+        part = piece_of(piece, offset, start, end)
+        if part.numel():
+            parts.append(part)
     return torch.cat(parts) if parts else _piece(saved.first, saved.tag_dir, key, name)[:0]
 
 
 def restore(refresher: Refresher, saved: SavedState) -> None:
     """Restore this rank's store shards, the sets and the mask history; reshard if the world changed."""
     store = refresher.state.store
-    for name in refresher.layers:
-        start, end = shard_range(store.numel(name), store.rank, store.world)
-        store.load_shard(name, assemble(saved, "store", name, start, end))
-        refresher.ever_in_backward[name] = refresher.host_bitmap(pack_bits(assemble(saved, "ever_in_backward", name,
-                                                                                    start, end)))
-    for name, layer in refresher.layers.items():
-        indices, forward_mask = joined_sets(_set_parts(refresher, saved, name), store.numel(name))
-        layer.assign_indices(indices, forward_mask)
-        layer.k_forward = int(forward_mask.sum())  # gmp's k_A follows its schedule; the saved A says where it was
-        if "values" in saved.first:
-            layer.values.data.copy_(saved.first["values"][name])
-        if refresher.bias_correction is not None:
-            refresher.bias_correction.joined[name] = saved.first["joined"][name].to(layer.backward_bits.device)
-    refresher.history = [MaskDynamics(**d) for d in saved.first["history"]]
+    ranges = {name: shard_range(store.numel(name), store.rank, store.world) for name in refresher.layers}
+    store.load_state_dict((name, assemble(saved, "store", name, start, end)) for name, (start, end) in ranges.items())
+    state = {"sets": {name: joined_sets(_set_parts(refresher, saved, name), store.numel(name))
+                      for name in refresher.layers},
+             "ever_in_backward": {name: pack_bits(assemble(saved, "ever_in_backward", name, start, end))
+                                  for name, (start, end) in ranges.items()},
+             "history": saved.first["history"],
+             **{key: saved.first[key] for key in ("values", "joined") if key in saved.first}}
+    refresher.load_state_dict(state)
 
 
 def _set_parts(refresher: Refresher, saved: SavedState, name: str) -> list[dict[str, Tensor]]:
@@ -303,8 +287,3 @@ def _set_parts(refresher: Refresher, saved: SavedState, name: str) -> list[dict[
     own = saved.first["sets"][name]
     gathered = {key: refresher.comm.all_gather_parts(own[key]) for key in _SET_KEYS}
     return [{key: gathered[key][r] for key in _SET_KEYS} for r in range(refresher.comm.world)]
-
-
-def load(refresher: Refresher, tag_dir: str | os.PathLike, rank: int) -> None:
-    """`read` then `restore`: the checkpoint is checked whole before the running state changes."""
-    restore(refresher, read(refresher, tag_dir, rank))

@@ -16,8 +16,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from ds_topkast.layers import TopKASTLinear
-from ds_topkast.select import Collectives
+from ds_topkast.core.layers import TopKASTLinear
+from ds_topkast.core.select import Collectives
 
 
 class DenseGradientShards:

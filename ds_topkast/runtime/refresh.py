@@ -24,45 +24,26 @@ refreshes, `reselect_forward_sets` makes A the top k_A of B's fp32 master values
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from ds_topkast.algorithms import LayerUpdate
-from ds_topkast.bias_correction import PerEntryBiasCorrection
-from ds_topkast.bitmaps import popcount, range_bits, unpack_bits
-from ds_topkast.collectives import ProcessGroupCollectives
-from ds_topkast.dense_gradients import DenseGradientShards
-from ds_topkast.kernels import ops
-from ds_topkast.layers import TopKASTLinear
-from ds_topkast.optimizer_state import OptimizerStateAdapter
-from ds_topkast.reselection import ForwardReselection
-from ds_topkast.select import assemble_sets
-from ds_topkast.sparsify import TopKASTState, selection_seed
-from ds_topkast.store import LayerShard, changed_since, checksum_where, sum64_tensor
-from ds_topkast.transfers import SideStreamCopies
-
-
-class RefreshError(RuntimeError):
-    """A refresh found state it must not act on (non-finite weights, changed shards, diverged ranks)."""
-
-
-@dataclass
-class MaskDynamics:
-    """How the masks moved at one refresh, summed over layers (fractions of all of A or B)."""
-
-    step: int
-    forward_changed: float
-    backward_changed: float
-    forward_from_reservoir: int
-    backward_from_reservoir: int
-    ever_in_backward: float
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
-
+from ds_topkast.core.bitmaps import pack_bits, popcount, range_bits, unpack_bits
+from ds_topkast.core.kernels import ops
+from ds_topkast.core.layers import TopKASTLinear
+from ds_topkast.core.seeds import selection_seed
+from ds_topkast.core.select import Collectives, assemble_sets
+from ds_topkast.errors import RefreshError
+from ds_topkast.runtime.bias_correction import PerEntryBiasCorrection
+from ds_topkast.runtime.dense_gradients import DenseGradientShards
+from ds_topkast.runtime.history import EverInBackward, MaskDynamics, MaskHistory
+from ds_topkast.runtime.optimizer_state import OptimizerStateAdapter
+from ds_topkast.runtime.reselection import ForwardReselection
+from ds_topkast.runtime.state import TopKASTState
+from ds_topkast.runtime.transfers import SideStreamCopies
+from ds_topkast.store.shards import LayerShard, changed_since, checksum_where, in_range, sum64_tensor
 
 # The guards of one layer, in the order their errors are reported.
 _GUARDS = (
@@ -82,16 +63,14 @@ class Refresher:
     """Runs refreshes of a sparsified model's layers against its (sharded) dense store."""
 
     def __init__(self, layers: dict[str, TopKASTLinear], state: TopKASTState, adapter: OptimizerStateAdapter,
-                 comm: ProcessGroupCollectives):
+                 comm: Collectives):
         self.layers = layers
         self.state = state
         self.adapter = adapter
         self.comm = comm
         self.device = next(iter(layers.values())).backward_bits.device
-        # Per layer, a bitmap over this rank's store range of the weights that have ever been in B (host memory).
-        self.ever_in_backward = {name: self.host_bitmap(range_bits(layer.backward_bits, *state.store.layout(name)))
-                                 for name, layer in layers.items()}
-        self.history: list[MaskDynamics] = []
+        self.ever_in_backward = EverInBackward(layers, state.store, self.device)
+        self.history = MaskHistory()
         self.algorithm = state.algorithm
         self.gradients = (DenseGradientShards(layers, state.store, comm) if self.algorithm.needs_dense_gradient
                           else None)
@@ -101,10 +80,42 @@ class Refresher:
         self.copies = SideStreamCopies(self.device)
         self.host_reads = 0  # values read back from the accelerator by refreshes (each a host sync on a GPU)
 
-    def host_bitmap(self, bits: Tensor) -> Tensor:
-        """A bitmap in host memory, pinned where an accelerator copies it (the ever-in-B bitmaps)."""
-        host = bits.cpu()
-        return host.pin_memory() if self.device.type == "cuda" else host
+    def use_optimizer(self, adapter: OptimizerStateAdapter) -> None:
+        """Rewrite another optimizer's state from now on (a later `trainer.train()` builds a new one)."""
+        self.adapter = adapter
+        if self.bias_correction is not None:
+            self.bias_correction = self.bias_correction.for_optimizer(adapter)
+
+    def correct_bias(self, step: int) -> None:
+        """After optimizer step `step`, with per-entry bias correction: each entry's update by its own age."""
+        if self.bias_correction is not None:
+            self.bias_correction.after_optimizer_step(step)
+
+    def state_dict(self, values: bool = False) -> dict:
+        """This rank's part of the sets (B as a bitmap over its store range, A as a bitmap over those entries of B),
+        the mask history and, with per-entry bias correction, each entry's join step; with `values`, B's values of
+        every layer (whole, as this rank holds them)."""
+        store = self.state.store
+        state = {"sets": {name: own_sets(layer, *store.layout(name)) for name, layer in self.layers.items()},
+                 "ever_in_backward": self.ever_in_backward.state_dict(), "history": self.history.state_dict()}
+        if values:
+            state["values"] = {name: layer.values.detach().cpu().clone() for name, layer in self.layers.items()}
+        if self.bias_correction is not None:
+            state.update(self.bias_correction.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take every layer's sets (`state["sets"]`: B's flat indices and A's mask over them, joined over the saved
+        ranks), this rank's ever-in-B bitmaps, the history and, when present, the values and join steps."""
+        for name, layer in self.layers.items():
+            indices, forward_mask = state["sets"][name]
+            layer.assign_indices(indices, forward_mask)  # gmp's k_A follows its schedule; the saved A says where
+            if "values" in state:
+                layer.values.data.copy_(state["values"][name])
+        self.ever_in_backward.load_state_dict(state["ever_in_backward"])
+        self.history.load_state_dict(state["history"])
+        if self.bias_correction is not None:
+            self.bias_correction.load_state_dict(state)
 
     def reselect_forward_sets(self) -> None:
         """A := the top k_A of each layer's fp32 master values inside B, identically on every rank, no host sync."""
@@ -155,7 +166,8 @@ class Refresher:
         ahead = store.shards_independent
 
         def start(shard: LayerShard):
-            return shard, self.copies.to_device(shard.theta), self.copies.to_device(self.ever_in_backward[shard.name])
+            return (shard, self.copies.to_device(shard.theta),
+                    self.copies.to_device(self.ever_in_backward.bitmaps[shard.name]))
 
         shards = store.stream(self.layers)
         try:
@@ -233,13 +245,13 @@ class Refresher:
         self._verdict(shard.name, failed, step)
         old_bits, old_counts, old_forward_bits = layer.backward_bits, layer.block_counts, layer.forward_bits
         ops.scatter_bits_(theta, master, old_bits, old_counts, shard.offset)  # write back
-        layer.k_forward = algorithm.forward_count(self.state.forward_targets[shard.name], shard.numel, step)
+        k_forward = algorithm.forward_count(self.state.forward_targets[shard.name], shard.numel, step)
         update = LayerUpdate(theta=theta, offset=shard.offset, numel=shard.numel, old_bits=old_bits,
-                             k_forward=layer.k_forward, k_backward=layer.k_backward,
-                             seed=selection_seed(cfg, step // cfg.refresh_interval, index), comm=self.comm,
+                             k_forward=k_forward, k_backward=layer.k_backward,
+                             seed=selection_seed(cfg.seed, step // cfg.refresh_interval, index), comm=self.comm,
                              gradient=gradient)
         local = algorithm.backward_bits(update, step)
-        sets = assemble_sets(local, theta, shard.offset, shard.numel, layer.k_forward, layer.k_backward, self.comm)
+        sets = assemble_sets(local, theta, shard.offset, shard.numel, k_forward, layer.k_backward, self.comm)
         new_forward = unpack_bits(sets.forward_bits, layer.k_backward)
         new_master = sets.values
         if algorithm.masked:  # zero outside A, in the values and the store: pruned entries stay zero
@@ -263,10 +275,18 @@ class Refresher:
         adapter.set_low_precision(layer.values, new_master.to(layer.values.dtype))
         if self.bias_correction is not None:
             self.bias_correction.remap(shard.name, keeps_state, position, step)
-        layer.assign_sets(sets.backward_bits, sets.forward_bits, sets.counts)
+        layer.assign_sets(sets.backward_bits, sets.forward_bits, sets.counts, k_forward=k_forward)
         ever = ever | range_bits(local, shard.offset, theta.numel())
         shard.checksum = checksum_where(theta)  # on the device: the host only copies
         self.copies.to_host(theta, shard.theta)
-        self.copies.to_host(ever, self.ever_in_backward[shard.name])
+        self.copies.to_host(ever, self.ever_in_backward.bitmaps[shard.name])
         return torch.cat([dynamics.to(torch.float64), popcount(ever).reshape(1).to(torch.float64)])
 
+
+def own_sets(layer: TopKASTLinear, offset: int, length: int) -> dict[str, Tensor]:
+    """This rank's part of a layer's sets, as host bitmaps: B over its store range, A over those entries of B."""
+    indices, forward_mask = layer.indices, layer.forward_mask
+    mine = in_range(indices, offset, length)
+    in_shard = torch.zeros(length, dtype=torch.bool, device=indices.device)
+    in_shard[indices[mine] - offset] = True
+    return {"backward_bits": pack_bits(in_shard).cpu(), "forward_bits": pack_bits(forward_mask[mine]).cpu()}

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ds_topkast.layers import TopKASTLinear
-from ds_topkast.optimizer_state import MasterViews, OptimizerStateAdapter
-from ds_topkast.select import Collectives, padded_bitmap, position_bits, radix_topk_bits_, union_over_ranks
+from ds_topkast.core.layers import TopKASTLinear
+from ds_topkast.core.select import Collectives, padded_bitmap, position_bits, radix_topk_bits_, union_over_ranks
+from ds_topkast.runtime.optimizer_state import MasterViews, OptimizerStateAdapter
 
 
 @dataclass

@@ -3,9 +3,10 @@
 `TopKASTRuntime` owns what a run adds to a sparsified model: the dense store placed for
 this rank (host memory or NVMe), the refresher with its optimizer-state adapter, the
 schedule (the algorithm's updates, for Top-KAST a refresh every `refresh_interval`
-optimizer steps and A re-selected inside B every `forward_interval`), checkpoint files and the report of each refresh. The DeepSpeed
-engine (engine.py) and the Hugging Face Trainer callback (integrations/hf_trainer.py)
-each build one and call it after every optimizer step; neither duplicates the schedule.
+optimizer steps and A re-selected inside B every `forward_interval`), checkpoint files
+and the report of each refresh. The DeepSpeed engine (engine/deepspeed_engine.py), the
+Hugging Face Trainer callback and accelerate's wrapper (integrations/) each build one and
+call it after every optimizer step; none duplicates the schedule.
 """
 from __future__ import annotations
 
@@ -14,48 +15,32 @@ import os
 import time
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from ds_topkast import checkpoint
 from ds_topkast.algorithms import due
-from ds_topkast.bias_correction import PerEntryBiasCorrection
-from ds_topkast.config import DenseStoreConfig, TopKASTConfig
-from ds_topkast.layers import sparse_layers
-from ds_topkast.optimizer_state import OptimizerStateAdapter
-from ds_topkast.refresh import MaskDynamics, Refresher
-from ds_topkast.select import Collectives
-from ds_topkast.sparsify import TopKASTState, topkast_state
-from ds_topkast.store import DenseStoreError
+from ds_topkast.config import TopKASTConfig
+from ds_topkast.core.layers import TopKASTLinear, sparse_layers
+from ds_topkast.core.select import Collectives
+from ds_topkast.errors import CheckpointError
+from ds_topkast.runtime import checkpoint
+from ds_topkast.runtime.history import MaskDynamics
+from ds_topkast.runtime.optimizer_state import OptimizerStateAdapter
+from ds_topkast.runtime.refresh import Refresher
+from ds_topkast.runtime.state import TopKASTState, topkast_state
 
 logger = logging.getLogger("ds_topkast")
-
-
-def place_store(store, cfg: DenseStoreConfig, deepspeed_aio: dict[str, Any], rank: int, world: int):
-    """This rank's store as configured: the shard `sparsify` built (pinned if asked), or its files on NVMe."""
-    from ds_topkast.nvme_store import NVMeDenseStore
-
-    if isinstance(store, NVMeDenseStore):
-        if (store.rank, store.world) != (rank, world):
-            raise DenseStoreError(f"The NVMe store was written as rank {store.rank} of {store.world}, not rank {rank} "
-                                  f"of {world}; sparsify the model in the job that trains it.")
-        return store
-    if cfg.device == "cpu":
-        store.keep_shard(rank, world, cfg.pin_memory)
-        return store
-    return NVMeDenseStore.from_store(NVMeDenseStore.configured(cfg, deepspeed_aio, rank, world), store)
 
 
 class TopKASTRuntime:
     """Store, refresher and schedule of one sparsified model; `monitor` is DeepSpeed's, when there is one."""
 
     def __init__(self, model: nn.Module, adapter: OptimizerStateAdapter, comm: Collectives, accumulation_steps: int = 1,
-                 deepspeed_aio: dict[str, Any] | None = None, monitor: Any = None):
+                 monitor: Any = None):
         self.state: TopKASTState = topkast_state(model)
-        self.state.driven = True
+        self.state.start_driving()
         self.config: TopKASTConfig = self.state.config
         self.comm, self.monitor = comm, monitor
-        self.state.store = place_store(self.state.store, self.config.dense_store, deepspeed_aio or {},
-                                       comm.rank, comm.world)
+        self.state.place_store(comm.rank, comm.world)
         self.refresher = Refresher(sparse_layers(model), self.state, adapter, comm)
         self.accumulation_steps = 0
         self.set_accumulation_steps(accumulation_steps)
@@ -64,12 +49,7 @@ class TopKASTRuntime:
 
     def use_optimizer(self, adapter: OptimizerStateAdapter) -> None:
         """Train on with another optimizer (a later `trainer.train()` builds a new one)."""
-        refresher = self.refresher
-        refresher.adapter = adapter
-        if refresher.bias_correction is not None:
-            joined = refresher.bias_correction.joined
-            refresher.bias_correction = PerEntryBiasCorrection(refresher.layers, adapter)
-            refresher.bias_correction.joined = joined
+        self.refresher.use_optimizer(adapter)
 
     def set_accumulation_steps(self, steps: int) -> None:
         """Backward passes per optimizer step, so that the layers apply the regulariser's gradient once per step.
@@ -85,8 +65,7 @@ class TopKASTRuntime:
         """The algorithm's update at its update steps; otherwise maybe re-select A inside B (Top-KAST)."""
         algorithm = self.refresher.algorithm
         dynamics = None
-        if self.refresher.bias_correction is not None:
-            self.refresher.bias_correction.after_optimizer_step(step)
+        self.refresher.correct_bias(step)
         if algorithm.updates_at(step):
             start = time.perf_counter()
             dynamics = self.refresher.refresh(step)
@@ -96,6 +75,15 @@ class TopKASTRuntime:
             self.refresher.reselect_forward_sets()
         self.refresher.collect_gradients_for(step + 1)
         return dynamics
+
+    def master(self, layer: TopKASTLinear) -> Tensor:
+        """A layer's full fp32 master values (a collective under ZeRO: every rank calls it)."""
+        return self.refresher.adapter.get_master(layer.values)
+
+    def full_theta(self, name: str) -> Tensor:
+        """A layer's whole dense store, flat fp32, on every rank (a collective when sharded)."""
+        local = self.state.store.read(name)
+        return local if self.comm.world == 1 else self.comm.all_gather_varlen(local)
 
     def save(self, tag_dir: str | os.PathLike, step: int, values: bool = False) -> None:
         """This rank's store shard and sets at `step` (and with `values`, B's values) into a checkpoint folder."""
@@ -115,7 +103,7 @@ class TopKASTRuntime:
         verified = verified if verified is not None else self.verify(tag_dir)
         saved_step = verified.first.get("step", step)  # files written before the step was recorded have none
         if saved_step != step:
-            raise checkpoint.CheckpointError(
+            raise CheckpointError(
                 f"{tag_dir} holds the Top-KAST state of step {saved_step}, but the run resumes at step {step}: the "
                 "model and optimizer were loaded from another checkpoint than this folder. Resume from one folder "
                 "(with the Trainer: set --resume_from_checkpoint, or TopKASTCallback(resume_from=...), to it).")
@@ -125,8 +113,6 @@ class TopKASTRuntime:
                 and due(step, self.config.forward_interval)):
             self.refresher.reselect_forward_sets()
         self.refresher.collect_gradients_for(step + 1)
-        if self.refresher.bias_correction is not None:
-            self.refresher.bias_correction.record_learning_rates()  # the resumed scheduler's
 
     def _report(self, dynamics: MaskDynamics) -> None:
         if self.comm.rank != 0:

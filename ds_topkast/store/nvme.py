@@ -17,32 +17,22 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
 
-from ds_topkast.store import CPUDenseStore, LayerShard, as_number, checksum, fsync_path, owned_range, shard_range
+from ds_topkast.config import AioConfig, DenseStoreConfig
+from ds_topkast.errors import NVMeStoreError
+from ds_topkast.store.cpu import CPUDenseStore
+from ds_topkast.store.protocol import DenseStore
+from ds_topkast.store.shards import (LayerShard, as_number, checksum, fsync_path, owned_range, piece_of,
+                                     refuse_another_rank, shard_range)
 
 ALIGN_BYTES = 4096
 _FLOATS_PER_ALIGN = ALIGN_BYTES // 4
 
-
-class NVMeStoreError(RuntimeError):
-    """The NVMe path or the async I/O library cannot hold or serve the store."""
-
-
-@dataclass(frozen=True)
-class AioSettings:
-    """DeepSpeed aio handle settings (the names of DeepSpeed's "aio" config section)."""
-
-    block_size: int = 1 << 20
-    queue_depth: int = 8
-    intra_op_parallelism: int = 1
-    single_submit: bool = False
-    overlap_events: bool = True
 
 
 def _padded(numel: int) -> int:
@@ -60,12 +50,12 @@ def load_aio():
     return builder.load()
 
 
-class NVMeDenseStore:
+class NVMeDenseStore(DenseStore):
     """fp32 θ shards in files under `nvme_path/ds_topkast_store/rank<r>/`; same interface as CPUDenseStore."""
 
     shards_independent = False  # `stream` reuses its buffers: a caller must be done with a shard before the next
 
-    def __init__(self, nvme_path: str, rank: int, world: int, settings: AioSettings = AioSettings(), buffers: int = 2):
+    def __init__(self, nvme_path: str, rank: int, world: int, aio: AioConfig | None = None, buffers: int = 2):
         root = Path(nvme_path)
         if not root.is_dir():
             raise NVMeStoreError(f"dense_store.nvme_path {nvme_path} does not exist or is not a folder; create it "
@@ -80,9 +70,10 @@ class NVMeDenseStore:
         except OSError as err:
             raise NVMeStoreError(f"dense_store.nvme_path {nvme_path} is not writable ({err.strerror}); give a "
                                  "folder this user can write to.") from None
-        aio = load_aio()
-        self._handles = [aio.aio_handle(settings.block_size, settings.queue_depth, settings.single_submit,
-                                        settings.overlap_events, settings.intra_op_parallelism)
+        settings = aio if aio is not None else AioConfig()
+        library = load_aio()
+        self._handles = [library.aio_handle(settings.block_size, settings.queue_depth, settings.single_submit,
+                                            settings.overlap_events, settings.intra_op_parallelism)
                          for _ in range(buffers)]
         self._buffers: list[Tensor] = []
         self._meta: dict[str, LayerShard] = {}  # theta is an empty placeholder: the data lives in files
@@ -90,12 +81,10 @@ class NVMeDenseStore:
         self.rank, self.world = rank, world
 
     @classmethod
-    def configured(cls, cfg, deepspeed_aio: dict[str, Any], rank: int, world: int) -> "NVMeDenseStore":
-        """An empty store under `cfg.nvme_path` (a DenseStoreConfig) with its aio settings, else the DeepSpeed
-        config's "aio" section's."""
-        aio = cfg.aio.model_dump() if cfg.aio is not None else {
-            key: value for key, value in deepspeed_aio.items() if key in AioSettings.__dataclass_fields__}
-        return cls(cfg.nvme_path, rank, world, AioSettings(**aio), cfg.buffers)
+    def configured(cls, cfg: DenseStoreConfig, rank: int, world: int) -> "NVMeDenseStore":
+        """An empty store under `cfg.nvme_path` with its aio settings (the DeepSpeed config's "aio" section's unless
+        the store's own are given: config.topkast_section merges them)."""
+        return cls(cfg.nvme_path, rank, world, cfg.aio, cfg.buffers)
 
     def add_shard(self, name: str, shard: Tensor, numel: int) -> None:
         """Write this rank's range `shard_range(numel, rank, world)` of a new layer to its file."""
@@ -118,14 +107,13 @@ class NVMeDenseStore:
     @staticmethod
     def from_store(store: "NVMeDenseStore", source: CPUDenseStore) -> "NVMeDenseStore":
         """Write this rank's shard of every layer of an in-memory store (full, or already this rank's) to `store`."""
-        if source.world != 1 and (source.rank, source.world) != (store.rank, store.world):
-            raise NVMeStoreError(f"The in-memory store was built as rank {source.rank} of {source.world}, not rank "
-                                 f"{store.rank} of {store.world}; sparsify the model in the job that trains it.")
+        if source.world != 1:
+            refuse_another_rank("The in-memory store", source.rank, source.world, store.rank, store.world)
         ranges = {name: shard_range(source.numel(name), store.rank, store.world) for name in source.names()}
         store.require_room(sum(4 * _padded(end - start) for start, end in ranges.values()))
         for name, (start, end) in ranges.items():
-            offset = source.layout(name)[0]
-            store.add_shard(name, source.read(name)[start - offset:end - offset], source.numel(name))
+            store.add_shard(name, piece_of(source.shard(name).theta, source.layout(name)[0], start, end),
+                            source.numel(name))
         return store
 
     def _require_space(self, needed: int) -> None:
@@ -250,9 +238,9 @@ class NVMeDenseStore:
             entries[name] = target.name
         return entries
 
-    def checksums(self) -> dict[str, int]:
-        """The checksum of each layer's shard as last written to its file (padding excluded): CRC-32, or sum64
-        where a refresh on an accelerator sealed it."""
+    def recorded_checksums(self) -> dict[str, int]:
+        """The checksum recorded for each layer's shard at its last write to its file (padding excluded): CRC-32
+        where the host sealed it, sum64 where a refresh on an accelerator did."""
         return {name: as_number(meta.checksum) for name, meta in self._meta.items()}
 
     def nbytes(self) -> int:

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ds_topkast.lm.corpus_cache import PreparedCorpus
-from ds_topkast.lm.corpus_sources import SPLITS, CorpusError
+from ds_topkast.core.seeds import SEED_STRIDE
+from ds_topkast.lm.data.corpus_cache import PreparedCorpus
+from ds_topkast.lm.data.corpus_sources import SPLITS, CorpusError
 
 
 def as_long(rows: np.ndarray) -> Tensor:
@@ -71,7 +72,7 @@ class WindowBatches:
 
     def train_batch(self, step: int, micro_step: int, rows: int, rank: int = 0, world: int = 1) -> Tensor:
         """This rank's `rows` windows of micro-batch `micro_step` in optimizer step `step`."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + micro_step)
+        gen = torch.Generator().manual_seed(self.seed * SEED_STRIDE + step * 1_009 + micro_step)
         starts = torch.randint(0, len(self.corpus.train) - self.seq_len, (rows * world,), generator=gen)
         return self._windows(self.corpus.train, starts[rank * rows:(rank + 1) * rows].tolist())
 

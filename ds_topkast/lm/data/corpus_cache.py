@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_topkast.lm.cache_folders import build_once
-from ds_topkast.lm.corpus_sources import SPLITS, CorpusError, DataConfig, Split, is_enwik8, local_splits, source_name
-from ds_topkast.lm.hub_corpora import hub_splits
-from ds_topkast.lm.split_readers import byte_chunks, checked_text_bytes
-from ds_topkast.lm.tokenization import tokenizer_encoder, word_encoder
+from ds_topkast.lm.data.cache_folders import build_once
+from ds_topkast.lm.data.corpus_sources import (SPLITS, CorpusError, DataConfig, Split, is_enwik8, local_splits,
+                                               source_name)
+from ds_topkast.lm.data.hub_corpora import hub_splits
+from ds_topkast.lm.data.split_readers import byte_chunks, checked_text_bytes
+from ds_topkast.lm.data.tokenization import tokenizer_encoder, word_encoder
 
 FORMAT_VERSION = 1
 BYTE_VOCAB = 256
@@ -199,11 +200,3 @@ def map_corpus(folder: Path) -> PreparedCorpus:
 def open_corpus(cfg: DataConfig) -> PreparedCorpus:
     """Prepare (when not cached) and memory-map the corpus a "train.data" section names."""
     return map_corpus(prepare_corpus(cfg))
-
-
-def in_memory_corpus(splits: dict[str, np.ndarray], vocab_size: int, unit: str = "token",
-                     name: str = "in memory") -> PreparedCorpus:
-    """A corpus from arrays already in memory (tests, examples): the batches treat it like a mapped one."""
-    return PreparedCorpus({s: np.asarray(splits[s]) for s in SPLITS}, vocab_size, unit, name,
-                          {s: [] for s in SPLITS})
-

@@ -27,15 +27,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ds_topkast.errors import CorpusError
+
 SPLITS = ("train", "valid", "test")
 ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)  # the standard train / valid / test bytes of the raw file
 DEFAULT_HELD_OUT = 0.05  # of the embedded default corpus, for valid and for test each
 WIKITEXT_NAMES = {split: (f"wiki.{split}.tokens", f"wiki.{split}.raw") for split in SPLITS}
 SPLIT_STEMS = {"train": ("train",), "valid": ("valid", "validation", "val", "dev"), "test": ("test",)}
 
-
-class CorpusError(ValueError):
-    """A corpus is missing, empty, ambiguous in its splits, unreadable in its tokenisation, or too short."""
 
 
 class DataConfig(BaseModel):

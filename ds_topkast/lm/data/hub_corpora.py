@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ds_topkast.lm.cache_folders import build_once
-from ds_topkast.lm.corpus_sources import SPLITS, CorpusError, DataConfig, Split, enwik8_splits, whole_files
+from ds_topkast.lm.data.cache_folders import build_once
+from ds_topkast.lm.data.corpus_sources import SPLITS, CorpusError, DataConfig, Split, enwik8_splits, whole_files
 
 
 @dataclass(frozen=True)

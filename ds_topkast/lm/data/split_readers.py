@@ -5,7 +5,7 @@ import codecs
 import io
 from collections.abc import Iterator
 
-from ds_topkast.lm.corpus_sources import CorpusError, Split
+from ds_topkast.lm.data.corpus_sources import CorpusError, Split
 
 CHUNK = 1 << 24
 TEXT_MODES_FIX = "word and tokenizer modes need text: use data.tokenizer 'bytes' or convert the files"

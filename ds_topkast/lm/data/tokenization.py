@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 
-from ds_topkast.lm.corpus_sources import CorpusError, Split
-from ds_topkast.lm.split_readers import text_lines
+from ds_topkast.lm.data.corpus_sources import CorpusError, Split
+from ds_topkast.lm.data.split_readers import text_lines
 
 Encoder = Callable[[Split], Iterator[list[int]]]
 

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ds_topkast.config import TopKASTConfigError
-from ds_topkast.lm.batches import EvalBatch, StreamBatches, WindowBatches, eval_streams
-from ds_topkast.lm.corpus_cache import PreparedCorpus
+from ds_topkast.lm.data.batches import EvalBatch, StreamBatches, WindowBatches, eval_streams
+from ds_topkast.lm.data.corpus_cache import PreparedCorpus
 
 TRANSFORMER_XL = "transformer_xl"
 
@@ -121,7 +121,7 @@ class TransformerXLRunner:
 
     def __init__(self, spec: dict[str, Any], corpus: PreparedCorpus, seq_len: int | None, rows: int, seed: int,
                  world: int, accumulation: int, eval_streams: int = 10):
-        from ds_topkast.lm.transformer_xl import TransformerXLConfig, preset
+        from ds_topkast.lm.models.transformer_xl import TransformerXLConfig, preset
 
         fields = {k: v for k, v in spec.items() if k != "type"}
         name = fields.pop("preset", None)
@@ -142,7 +142,7 @@ class TransformerXLRunner:
         self.mems: list[list[Tensor] | None] = [None] * accumulation
 
     def build_model(self) -> nn.Module:
-        from ds_topkast.lm.transformer_xl import TransformerXL
+        from ds_topkast.lm.models.transformer_xl import TransformerXL
 
         torch.manual_seed(self.seed)
         return TransformerXL(self.config)

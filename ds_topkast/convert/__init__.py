@@ -1,0 +1,1 @@
+"""Models in and out of the sparse form: sparsify and the sources of each layer's weight (the module, the meta device's initialiser, ZeRO-3, safetensors), and back to plain models (export, plain state dicts, dense weights of a checkpoint, compressed-tensors files)."""

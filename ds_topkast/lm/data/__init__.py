@@ -1,0 +1,1 @@
+"""The training command's corpora: standard splits, prepared memory-mapped token files, hub datasets, batches."""

@@ -1,0 +1,1 @@
+"""How ranks work together: the job's collectives over deepspeed.comm, the join check of collective saves, and ZeRO-3's partitioned parameters (gathered a module at a time, partitioned like the weight they replace)."""

@@ -1,0 +1,1 @@
+"""One training run's Top-KAST side, whoever drives the optimizer: the schedule, the refresh, A's re-selection, the mask history, per-entry bias correction, the optimizer-state protocol, and checkpoint files."""
