@@ -1,7 +1,7 @@
 """Start a model from the dense weights of a checkpoint: how a run changes its sparsity.
 
 A checkpoint can only be resumed under the topkast settings that fixed every layer's k
-(checkpoint.py refuses others). To continue a run at another sparsity, or to sparsify a
+(runtime/checkpoint.py refuses others). To continue a run at another sparsity, or to sparsify a
 dense DeepSpeed run, `load_dense_weights` gives the model, before `sparsify`, the dense
 weights θ the checkpoint holds: the dense store of every rank with B's latest values
 written over it, in the layer's own shape (transformers' Conv1D keeps its (in, out)

@@ -2,7 +2,7 @@
 
 The module itself (a model built in memory); the model's own initialiser (a model on the
 meta device, meta_init.py); DeepSpeed's gather (a model built under `deepspeed.zero.Init`,
-zero_init.py); or safetensors files (`pretrained=`, pretrained.py). Whatever the source,
+parallel/zero3.py); or safetensors files (`pretrained=`, pretrained.py). Whatever the source,
 the caller sees the layer's (out, in) weight for the duration of a `with` block, and only
 one layer's is ever held. Weights are (out, in) matrices here whatever the module's own
 layout: transformers' Conv1D stores (in, out).

@@ -9,7 +9,7 @@ elsewhere, in the replaced layer's layout, Conv1D's (in, out) too, and the value
   gathered: the Trainer under ZeRO-3 passes DeepSpeed's consolidated 16-bit one), so the
   Trainer's `save_model` and the model files of each `checkpoint-N/`;
 - `plain_state_dict(engine_or_model)` at any stage, and under ZeRO-3 DeepSpeed's
-  consolidated 16-bit state dict (engine.py).
+  consolidated 16-bit state dict (engine/deepspeed_engine.py).
 
 Checkpoints that resume a run keep the sparse form (values, bitmaps): DeepSpeed's
 `save_checkpoint`, the Trainer's and accelerate's `save_state` take the module's state

@@ -9,7 +9,7 @@
 With DeepSpeed (a DeepSpeed plugin or `accelerate launch` with a DeepSpeed config, any
 ZeRO stage), `prepare` returns DeepSpeed's engine and accelerate steps it inside
 `accelerator.backward`: the engine is extended as `ds_topkast.initialize` extends its own
-(engine.py), so its steps drive the refreshes and its `save_checkpoint` /
+(engine/deepspeed_engine.py), so its steps drive the refreshes and its `save_checkpoint` /
 `load_checkpoint`, which `save_state` / `load_state` call, carry the dense store and the
 sets. Without DeepSpeed (one process or DDP), the prepared optimizer's `step` is hooked:
 each step that really updated the weights (gradients synchronised, not skipped by the

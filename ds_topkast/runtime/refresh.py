@@ -1,6 +1,6 @@
 """The refresh: write back, re-select A and B against the sharded dense store, rebuild the compact state.
 
-DESIGN.md, Section 3. At every update step of the algorithm (algorithms.py; for Top-KAST
+DESIGN.md, Section 3. At every update step of the algorithm (algorithms/; for Top-KAST
 every `refresh_interval` optimizer steps), on every rank:
 1. guard: every rank holds the same sets; then, streaming the store layer by layer:
 2. guard: this rank's shard is unchanged since the last refresh, the layer's trained
