@@ -29,5 +29,5 @@ setup(
                  "triton==3.6.0"],  # the kernels' tests run their Triton code in its interpreter
         "bench": ["ds_topkast[lm]", "sparsimony==0.1.0"],  # bench/: the peer library bench_sparsimony.py compares with
     },
-    entry_points={"console_scripts": ["ds-topkast-train = ds_topkast.lm.cli:main"]},
+    entry_points={"console_scripts": ["ds-topkast-train = ds_topkast.train:main"]},
 )

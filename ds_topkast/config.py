@@ -250,11 +250,24 @@ def topkast_section(ds_config: Mapping[str, Any]) -> TopKASTConfig:
             f'The DeepSpeed config has no "{SECTION}" section; add one, e.g. '
             '"topkast": {"forward_sparsity": 0.9, "backward_sparsity": 0.8, "refresh_interval": 100}.')
     cfg = TopKASTConfig.from_section(ds_config[SECTION])
-    deepspeed_aio = ds_config.get("aio")
-    if cfg.dense_store.aio is None and isinstance(deepspeed_aio, Mapping):
-        cfg.dense_store.aio = validate_section(
-            AioConfig, {key: value for key, value in deepspeed_aio.items() if key in AioConfig.model_fields}, "aio")
+    take_io_settings(cfg, ds_config)
     return cfg
+
+
+def take_io_settings(cfg: TopKASTConfig, ds_config: Mapping[str, Any]) -> None:
+    """Give an NVMe store that sets no "aio" of its own the DeepSpeed config's (the keys the store uses).
+
+    `topkast_section` does it for the config it reads; the engine, the Trainer callback and
+    accelerate's wrapper do it with the DeepSpeed config they train under, before the store
+    is placed, so a model sparsified from a bare section still streams with that config's
+    settings. A CPU store has no I/O settings: DeepSpeed's "aio" (ZeRO-Infinity's) is not
+    read for it.
+    """
+    deepspeed_aio = ds_config.get("aio")
+    store = cfg.dense_store
+    if store.device == "nvme" and store.aio is None and isinstance(deepspeed_aio, Mapping):
+        store.aio = validate_section(
+            AioConfig, {key: value for key, value in deepspeed_aio.items() if key in AioConfig.model_fields}, "aio")
 
 
 def resolved_config(config: TopKASTConfig | Mapping[str, Any] | str | os.PathLike) -> TopKASTConfig:

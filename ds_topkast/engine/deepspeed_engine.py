@@ -8,7 +8,7 @@ swapped for a subclass, so `isinstance(engine, DeepSpeedEngine)` still holds):
 - `save_16bit_model` and the consolidated ZeRO-3 state dict are the plain model (each
   sparse layer's `weight`, α, in the layout of the layer it replaced), which plain PyTorch
   and transformers load; DeepSpeed's checkpoints keep the sparse form.
-The public methods hold the guards; `TopKASTRuntime` (runtime.py) does the work.
+The public methods hold the guards; `TopKASTRuntime` (runtime/schedule.py) does the work.
 
 Checkpoints are made safe to resume from. DeepSpeed's rank 0 writes `latest` as soon as
 its own files are written, while other ranks may still be writing theirs; here `latest`
@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ds_topkast.config import load_deepspeed_config, refuse_loss_scaling, topkast_section
+from ds_topkast.config import load_deepspeed_config, refuse_loss_scaling, take_io_settings, topkast_section
 from ds_topkast.convert.plain_save import as_plain, state_dict_form
 from ds_topkast.convert.sparsify import sparsify
 from ds_topkast.core.layers import sparse_layers
@@ -176,12 +176,13 @@ def _read_checkpoints_weights_only(engine) -> None:
 _ENGINE_CLASSES: dict[type, type] = {}
 
 
-def extend_engine(engine, model: nn.Module):
+def extend_engine(engine, model: nn.Module, ds_config: dict[str, Any]):
     """Extend a DeepSpeed engine over the sparsified `model` with Top-KAST (see the module docstring), in place."""
     base = type(engine)
     if base not in _ENGINE_CLASSES:
         _ENGINE_CLASSES[base] = type(f"TopKAST{base.__name__}", (TopKASTEngineMixin, base), {})
     engine.__class__ = _ENGINE_CLASSES[base]
+    take_io_settings(topkast_state(model).config, ds_config)  # before the runtime places the store
     engine.topkast = _runtime(engine, model)
     for name, layer in sparse_layers(model).items():
         if is_partitioned(layer.values):  # a custom loop's hand-gathered save would miss the positions
@@ -285,4 +286,4 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
         training_data=training_data, lr_scheduler=lr_scheduler, config=config, config_params=config_params,
         **kwargs)
-    return extend_engine(engine, model), ds_optimizer, loader, scheduler
+    return extend_engine(engine, model, ds_config), ds_optimizer, loader, scheduler

@@ -63,7 +63,7 @@ class TopKASTAccelerate:
             ds_config = plugin.deepspeed_config
             refuse_another_section(ds_config, topkast_state(module).config, "accelerate's")
             check_engine_config(ds_config)
-            self.runtime = extend_engine(model, module).topkast
+            self.runtime = extend_engine(model, module, ds_config).topkast
             return
         self.steps = 0
         self.runtime = TopKASTRuntime(module, adapter_for_optimizer(optimizer), job_collectives(),

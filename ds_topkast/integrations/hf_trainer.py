@@ -44,7 +44,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ds_topkast.config import load_deepspeed_config, refuse_another_section, refuse_loss_scaling
+from ds_topkast.config import load_deepspeed_config, refuse_another_section, refuse_loss_scaling, take_io_settings
 from ds_topkast.convert.plain_save import state_dict_form
 from ds_topkast.engine.memory_accounting import trainer_memory_report
 from ds_topkast.engine.optimizer_adapters import adapter_for_optimizer
@@ -95,6 +95,7 @@ class TopKASTCallback(TrainerCallback):
         _require_gathered_saves(ds_config)
         self._deepspeed, self._ds_config, self._optimizer, self._model = bool(ds_config), ds_config, optimizer, model
         if self.runtime is None:
+            take_io_settings(topkast_state(model).config, ds_config)
             self.runtime = TopKASTRuntime(model, adapter_for_optimizer(optimizer), job_collectives(),
                                           args.gradient_accumulation_steps)
         else:  # a later trainer.train() call builds a new optimizer, maybe under other arguments

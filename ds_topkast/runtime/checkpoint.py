@@ -270,8 +270,8 @@ def restore(refresher: Refresher, saved: SavedState) -> None:
     store = refresher.state.store
     ranges = {name: shard_range(store.numel(name), store.rank, store.world) for name in refresher.layers}
     store.load_state_dict((name, assemble(saved, "store", name, start, end)) for name, (start, end) in ranges.items())
-    state = {"sets": {name: joined_sets(_set_parts(refresher, saved, name), store.numel(name))
-                      for name in refresher.layers},
+    state = {"sets": ((name, joined_sets(_set_parts(refresher, saved, name), store.numel(name)))
+                      for name in refresher.layers),  # one layer at a time, in the same order on every rank
              "ever_in_backward": {name: pack_bits(assemble(saved, "ever_in_backward", name, start, end))
                                   for name, (start, end) in ranges.items()},
              "history": saved.first["history"],

@@ -24,7 +24,7 @@ refreshes, `reselect_forward_sets` makes A the top k_A of B's fp32 master values
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -106,9 +106,12 @@ class Refresher:
 
     def load_state_dict(self, state: dict) -> None:
         """Take every layer's sets (`state["sets"]`: B's flat indices and A's mask over them, joined over the saved
-        ranks), this rank's ever-in-B bitmaps, the history and, when present, the values and join steps."""
-        for name, layer in self.layers.items():
-            indices, forward_mask = state["sets"][name]
+        ranks; given as (name, sets) pairs in layer order they are built one layer at a time, so a restore never
+        holds every layer's int64 indices at once), this rank's ever-in-B bitmaps, the history and, when present,
+        the values and join steps."""
+        sets = state["sets"]
+        for name, (indices, forward_mask) in (sets.items() if isinstance(sets, Mapping) else sets):
+            layer = self.layers[name]
             layer.assign_indices(indices, forward_mask)  # gmp's k_A follows its schedule; the saved A says where
             if "values" in state:
                 layer.values.data.copy_(state["values"][name])

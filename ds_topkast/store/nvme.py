@@ -108,7 +108,8 @@ class NVMeDenseStore(DenseStore):
     def from_store(store: "NVMeDenseStore", source: CPUDenseStore) -> "NVMeDenseStore":
         """Write this rank's shard of every layer of an in-memory store (full, or already this rank's) to `store`."""
         if source.world != 1:
-            refuse_another_rank("The in-memory store", source.rank, source.world, store.rank, store.world)
+            refuse_another_rank("The in-memory store", source.rank, source.world, store.rank, store.world,
+                                NVMeStoreError)
         ranges = {name: shard_range(source.numel(name), store.rank, store.world) for name in source.names()}
         store.require_room(sum(4 * _padded(end - start) for start, end in ranges.values()))
         for name, (start, end) in ranges.items():

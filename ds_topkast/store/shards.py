@@ -155,8 +155,9 @@ def in_range(indices: Tensor, offset: int, length: int) -> Tensor:
     return (indices >= offset) & (indices < offset + length)
 
 
-def refuse_another_rank(what: str, built_rank: int, built_world: int, rank: int, world: int) -> None:
-    """A store built for one rank cannot serve another: refuse it, naming both."""
+def refuse_another_rank(what: str, built_rank: int, built_world: int, rank: int, world: int,
+                        error: type[DenseStoreError] = DenseStoreError) -> None:
+    """A store built for one rank cannot serve another: refuse it (with `error`), naming both."""
     if (built_rank, built_world) != (rank, world):
-        raise DenseStoreError(f"{what} was built as rank {built_rank} of {built_world} and cannot become rank {rank} "
+        raise error(f"{what} was built as rank {built_rank} of {built_world} and cannot become rank {rank} "
                               f"of {world}; sparsify the model in the job that trains it.")
