@@ -35,6 +35,7 @@ from ds_topkast.parallel.collectives import job_collectives
 from ds_topkast.runtime.state import TopKASTState
 from ds_topkast.store.cpu import CPUDenseStore
 from ds_topkast.store.nvme import NVMeDenseStore
+from ds_topkast.store.protocol import DenseStore
 from ds_topkast.store.shards import shard_range
 
 
@@ -91,7 +92,7 @@ def _refuse_shared_weights(model: nn.Module, chosen: Mapping[str, nn.Module]) ->
                 f"(tied weights); a sparse copy would untie them. Add {name!r} to topkast.exclude.")
 
 
-def _new_store(cfg: TopKASTConfig, comm: Collectives) -> CPUDenseStore | NVMeDenseStore:
+def _new_store(cfg: TopKASTConfig, comm: Collectives) -> DenseStore:
     """The store this rank fills: on NVMe when configured and the job's ranks are known, else in host memory.
 
     A host-memory store is pinned, if asked, once placed (DeepSpeed has not set the device

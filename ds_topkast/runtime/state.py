@@ -15,8 +15,8 @@ from torch import nn
 from ds_topkast.algorithms import Algorithm
 from ds_topkast.config import TopKASTConfig
 from ds_topkast.errors import TopKASTConfigError
-from ds_topkast.store.cpu import CPUDenseStore
 from ds_topkast.store.nvme import NVMeDenseStore
+from ds_topkast.store.protocol import DenseStore
 from ds_topkast.store.shards import refuse_another_rank
 
 
@@ -25,7 +25,7 @@ class TopKASTState:
     """A sparsified model's config, dense store and algorithm, and the weights its layers replaced."""
 
     config: TopKASTConfig
-    store: CPUDenseStore | NVMeDenseStore
+    store: DenseStore  # this rank's: CPUDenseStore or NVMeDenseStore
     layer_names: list[str]
     algorithm: Algorithm
     forward_targets: dict[str, int] = field(default_factory=dict)  # each layer's configured (final) k_A
