@@ -81,6 +81,9 @@ def test_expand_and_scatter_match_the_reference(where, device, ops, numel, densi
         expected = REFERENCES["expand_bits"](values, bits, counts, forward_bits, start, length, out_dtype)
         got = ops["expand_bits"](*on(device, values, bits, counts, forward_bits), start, length, out_dtype)
         assert got.dtype == out_dtype and torch.equal(got.cpu(), expected)
+        into = torch.full((length,), float("nan"), dtype=out_dtype, device=device)  # every entry must be written
+        ops["expand_bits_into_"](into, *on(device, values, bits, counts, forward_bits), start)
+        assert torch.equal(into.cpu(), expected)
     target = torch.randn(length, generator=gen).to(out_dtype)
     expected = target.clone()
     REFERENCES["scatter_bits_"](expected, values, bits, counts, start)

@@ -50,6 +50,8 @@ ROW = len(ROW_FIELDS)
 _lib = torch.library.Library("ds_topkast", "DEF")
 _lib.define("expand_bits(Tensor values, Tensor bits, Tensor counts, Tensor? forward_bits, int start, int length, "
             "ScalarType dtype) -> Tensor")
+_lib.define("expand_bits_into_(Tensor(a!) out, Tensor values, Tensor bits, Tensor counts, Tensor? forward_bits, "
+            "int start) -> ()")
 _lib.define("scatter_bits_(Tensor(a!) target, Tensor values, Tensor bits, Tensor counts, int start) -> ()")
 _lib.define("gather_bits_(Tensor(a!) out, Tensor dense, Tensor bits, Tensor counts, int start, Tensor? forward_bits, "
             "Tensor? values, float l2_scale, float inverse_density, bool straight_through) -> ()")
@@ -83,12 +85,20 @@ def _forward_members(forward_bits: Tensor | None, first: int, count: int, device
 def expand_bits_reference(values, bits, counts, forward_bits, start, length, dtype):
     """Entries [start, start + length) of the dense tensor that holds `values` on the set (and, given
     `forward_bits`, only where those mark a value) and zero elsewhere, in `dtype`."""
-    inside, first, members = _range_members(bits, counts, start, length)
-    kept = values[first:first + members].to(dtype)
-    kept = torch.where(_forward_members(forward_bits, first, members, values.device), kept, torch.zeros_like(kept))
-    out = torch.zeros(length, dtype=dtype, device=values.device)
-    out[inside] = kept
+    out = torch.empty(length, dtype=dtype, device=values.device)
+    expand_bits_into_reference(out, values, bits, counts, forward_bits, start)
     return out
+
+
+def expand_bits_into_reference(out, values, bits, counts, forward_bits, start):
+    """expand_bits written into the contiguous `out` (entries [start, start + out.numel()), in out's dtype), every
+    entry of it."""
+    inside, first, members = _range_members(bits, counts, start, out.numel())
+    kept = values[first:first + members].to(out.dtype)
+    kept = torch.where(_forward_members(forward_bits, first, members, values.device), kept, torch.zeros_like(kept))
+    flat = out.view(-1)
+    flat.zero_()
+    flat[inside] = kept
 
 
 def scatter_bits_reference(target, values, bits, counts, start):
@@ -207,7 +217,8 @@ def radix_select_bits_reference(out_bits, source, rows, threshold, k, candidates
     out_bits |= words.to(torch.uint8)
 
 
-REFERENCES = {"expand_bits": expand_bits_reference, "scatter_bits_": scatter_bits_reference,
+REFERENCES = {"expand_bits": expand_bits_reference, "expand_bits_into_": expand_bits_into_reference,
+              "scatter_bits_": scatter_bits_reference,
               "gather_bits_": gather_bits_reference, "remap_positions": remap_positions_reference,
               "radix_histogram_": radix_histogram_reference, "radix_step": radix_step_reference,
               "radix_select_bits_": radix_select_bits_reference}
@@ -230,7 +241,7 @@ def _register_fakes() -> None:
     def _(histogram, prefix, remaining, width):
         return torch.empty_like(prefix), torch.empty_like(remaining)
 
-    for name in ("scatter_bits_", "gather_bits_", "radix_histogram_", "radix_select_bits_"):
+    for name in ("expand_bits_into_", "scatter_bits_", "gather_bits_", "radix_histogram_", "radix_select_bits_"):
         torch.library.register_fake(f"ds_topkast::{name}", lambda *args: None, lib=_lib)
 
 

@@ -55,6 +55,65 @@ def _alpha(values: Tensor, backward_bits: Tensor, counts: Tensor, forward_bits: 
     return ops.expand_bits(values, backward_bits, counts, forward_bits, 0, shape[0] * shape[1], dtype).view(shape)
 
 
+class LayerScratch:
+    """Two dense buffers per (entries, dtype, device), shared by every sparse layer of that size: α and dL/dα.
+
+    A layer's α and its dense gradient live only inside its own forward or backward (α is
+    rebuilt in backward, never saved; the gradient is gathered at B at once) and layers run
+    one after another on one stream, so one buffer of each serves them all. Allocated per
+    layer and pass instead, they were three layer-sized blocks per layer and step: on the CPU
+    accelerator glibc kept the freed ones resident between long-lived blocks (a rank's
+    resident memory grew well past the accounting), and every fresh block is page faults on
+    the CPU and a caching-allocator call on the host-bound GPU path. memory_report counts
+    these buffers (`layer_scratch`). Not used while torch.compile traces (it sees fresh tensors).
+    """
+
+    def __init__(self):
+        self._buffers: dict[tuple[str, int, torch.dtype, torch.device], Tensor] = {}
+        self._views: dict[tuple[str, tuple[int, int], torch.dtype, torch.device], Tensor] = {}
+
+    def buffer(self, role: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The `role` buffer for layers of shape's size, viewed as `shape` (the view is kept too: no op per call)."""
+        view_key = (role, shape, dtype, device)
+        if view_key not in self._views:
+            key = (role, shape[0] * shape[1], dtype, device)
+            if key not in self._buffers:
+                self._buffers[key] = torch.empty(shape[0] * shape[1], dtype=dtype, device=device)
+            self._views[view_key] = self._buffers[key].view(shape)
+        return self._views[view_key]
+
+    def nbytes(self, device: torch.device | None = None) -> int:
+        """Bytes the buffers hold (on `device`, or on every device)."""
+        return sum(b.numel() * b.element_size() for (_, _, _, d), b in self._buffers.items()
+                   if device is None or d == device)
+
+    def clear(self) -> None:
+        """Free every buffer (the next pass allocates again): after training, or to measure without them."""
+        self._buffers.clear()
+        self._views.clear()
+
+
+layer_scratch = LayerScratch()
+
+
+def _scratch_alpha(values: Tensor, backward_bits: Tensor, counts: Tensor, forward_bits: Tensor,
+                   shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """α built into the shared α buffer (a fresh tensor while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return _alpha(values, backward_bits, counts, forward_bits, shape, dtype)
+    out = layer_scratch.buffer("alpha", shape, dtype, values.device)
+    ops.expand_bits_into_(out, values, backward_bits, counts, forward_bits, 0)
+    return out
+
+
+def _scratch_weight_gradient(flat_grad_out: Tensor, x: Tensor, shape: tuple[int, int]) -> Tensor:
+    """dL/dα = grad_out^T x, (out, in), into the shared gradient buffer (fresh while torch.compile traces)."""
+    x = x.reshape(-1, shape[1])
+    if torch.compiler.is_compiling():
+        return flat_grad_out.t() @ x
+    return torch.mm(flat_grad_out.t(), x, out=layer_scratch.buffer("weight_gradient", shape, x.dtype, x.device))
+
+
 def alpha_from_sets(values: Tensor, backward_bits: Tensor, forward_bits: Tensor, shape: tuple[int, int]) -> Tensor:
     """α of a layer from its values and set bitmaps (as its state dict holds them), in the values' dtype, on their
     device."""
@@ -67,12 +126,12 @@ class SparseLinearFunction(torch.autograd.Function):
     """y = x α^T + b; dL/dvalues = (dL/dα) gathered at B (straight through for B\\A) plus the regulariser's gradient.
 
     α is built from the bitmaps by one fused op in forward and again in backward (it is
-    never saved: one layer's dense weight at a time); the gather of dL/dα at B, with the
-    regulariser's gradient added, is one more. The bias goes into the matmul.
+    never saved: one layer's dense weight at a time, in LayerScratch's shared buffer, as is
+    dL/dα); the gather of dL/dα at B, with the regulariser's gradient added, is one more. The bias goes into the matmul.
     Without `straight_through` the gradient of B\\A is zero (masked algorithms: pruned
     entries stay zero). `dense_gradient_sink`, when given, receives dL/dα of the whole
     layer, which the backward computes anyway (RigL's growth criterion takes it at an
-    update step; the layer does not keep it).
+    update step; the layer does not keep it, and neither may the sink: it is the shared buffer).
 
     Under autocast the matmuls run in autocast's dtype, as `F.linear` would: the input and
     bias are cast to it and α is built in it, so autocast itself has nothing left to cast
@@ -91,7 +150,7 @@ class SparseLinearFunction(torch.autograd.Function):
         x = x.to(compute_dtype)
         # aten's linear (addmm with the bias), not F.linear: DeepSpeed's zero.Init replaces F.linear for the rest of
         # the process with its own autograd function, which splits the bias add from the matmul.
-        y = torch.ops.aten.linear(x, _alpha(values, backward_bits, counts, forward_bits, shape, compute_dtype),
+        y = torch.ops.aten.linear(x, _scratch_alpha(values, backward_bits, counts, forward_bits, shape, compute_dtype),
                                   None if bias is None else bias.to(compute_dtype))
         ctx.save_for_backward(x, values, backward_bits, counts, forward_bits)  # the bitmaps, not α
         ctx.shape, ctx.compute_dtype = shape, compute_dtype
@@ -106,11 +165,12 @@ class SparseLinearFunction(torch.autograd.Function):
         grad_out = grad_out.to(ctx.compute_dtype)
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ _alpha(values, backward_bits, counts, forward_bits, ctx.shape, ctx.compute_dtype)
+            grad_x = grad_out @ _scratch_alpha(values, backward_bits, counts, forward_bits, ctx.shape,
+                                               ctx.compute_dtype)
         flat_grad_out = grad_out.reshape(-1, ctx.shape[0])
         if ctx.needs_input_grad[1]:
             # (out, in) = (out, tokens) @ (tokens, in); dense-then-gather (DESIGN.md, Section 2).
-            grad_weight = flat_grad_out.t() @ x.reshape(-1, ctx.shape[1])
+            grad_weight = _scratch_weight_gradient(flat_grad_out, x, ctx.shape)
             if ctx.dense_gradient_sink is not None:
                 ctx.dense_gradient_sink(grad_weight)
             grad_values = torch.empty_like(values)

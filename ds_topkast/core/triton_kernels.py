@@ -159,11 +159,15 @@ def _blocks(start: int, length: int) -> int:
 
 def expand_bits(values, bits, counts, forward_bits, start, length, dtype):
     out = torch.empty(length, dtype=dtype, device=values.device)
-    if length:
-        _expand_kernel[(_blocks(start, length),)](
-            values, bits, counts, bits if forward_bits is None else forward_bits, out, start, length,
-            8 * bits.numel(), HAS_FORWARD=forward_bits is not None, BLOCK=BLOCK_BITS)
+    expand_bits_into_(out, values, bits, counts, forward_bits, start)
     return out
+
+
+def expand_bits_into_(out, values, bits, counts, forward_bits, start):
+    if out.numel():
+        _expand_kernel[(_blocks(start, out.numel()),)](
+            values, bits, counts, bits if forward_bits is None else forward_bits, out, start, out.numel(),
+            8 * bits.numel(), HAS_FORWARD=forward_bits is not None, BLOCK=BLOCK_BITS)
 
 
 def scatter_bits_(target, values, bits, counts, start):
@@ -246,6 +250,6 @@ def radix_select_bits_(out_bits, source, rows, threshold, k, candidates, positio
             CHUNK_SIZE=CHUNK)
 
 
-LAUNCHERS = {"expand_bits": expand_bits, "scatter_bits_": scatter_bits_, "gather_bits_": gather_bits_,
+LAUNCHERS = {"expand_bits": expand_bits, "expand_bits_into_": expand_bits_into_, "scatter_bits_": scatter_bits_, "gather_bits_": gather_bits_,
              "remap_positions": remap_positions, "radix_histogram_": radix_histogram_, "radix_step": radix_step,
              "radix_select_bits_": radix_select_bits_}
