@@ -27,7 +27,9 @@ setup(
         "compressed": ["compressed-tensors>=0.15,<0.21"],  # save_compressed: the sparse-bitmask format
         "test": ["ds_topkast[lm,compressed]", "pytest", "pytest-xdist", "tensorboard",
                  "triton==3.6.0"],  # the kernels' tests run their Triton code in its interpreter
-        "bench": ["ds_topkast[lm]", "sparsimony==0.1.0"],  # bench/: the peer library bench_sparsimony.py compares with
+        # bench/: the peer library bench_sparsimony.py compares with, the memory-saving optimizers of bench_headline.py
+        "bench": ["ds_topkast[lm]", "sparsimony==0.1.0", "galore-torch==1.0", "apollo-torch==1.0.3",
+                  "bitsandbytes==0.50.2", "torchao==0.18.0"],
     },
     entry_points={"console_scripts": ["ds-topkast-train = ds_topkast.train:main"]},
 )

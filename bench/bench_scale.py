@@ -143,16 +143,15 @@ def worker(args) -> None:
     baseline = _status_kib("VmRSS") * 1024
     config = ds_config(args.worker, args.size, args.nvme, args.lean)
     watchdog.phase = "build"
-    if args.worker == "ds_topkast":
+    if args.worker == "ds_topkast" and args.start == "meta":
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(llama_config(args.size))
         ds_topkast.sparsify(model, config)
-        initialize = ds_topkast.initialize
     else:
         hf_config = HfDeepSpeedConfig(config)  # while it lives, from_config builds inside deepspeed.zero.Init
         assert hf_config.is_zero3()
         model = AutoModelForCausalLM.from_config(llama_config(args.size))
-        initialize = deepspeed.initialize
+    initialize = ds_topkast.initialize if args.worker == "ds_topkast" else deepspeed.initialize
     watchdog.phase = "initialize"
     engine, *_ = initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                             config=config)
@@ -193,12 +192,14 @@ def run(system: str, size: str, args, budget_gib: float | None = None) -> dict:
     nvme.mkdir(parents=True, exist_ok=True)
     subprocess.run(["rm", "-rf", str(nvme)], check=True)
     nvme.mkdir(parents=True)
-    # A fixed mmap threshold: glibc's default raises it after the first large free and then keeps freed
-    # layer-sized blocks resident (about 1.5x the resident size of every system here); the same for all.
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    # A fixed mmap threshold (unless --glibc-default): glibc's default raises it after the first large free and then
+    # keeps freed layer-sized blocks resident (about 1.5x the resident size of every system here); the same for all.
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    if not args.glibc_default:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
     command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(args.port),
                __file__, "--worker", system, "--size", size, "--out", args.out, "--nvme", str(nvme),
-               "--budget-gib", str(budget_gib or args.budget_gib)] + (["--lean"] if args.lean else [])
+               "--budget-gib", str(budget_gib or args.budget_gib), "--start", args.start] + (["--lean"] if args.lean else [])
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -211,7 +212,8 @@ def run(system: str, size: str, args, budget_gib: float | None = None) -> dict:
     merged = over[0] if over else {key: max(r[key] for r in records) if key != "peak_by_phase" else records[0][key]
                                    for key in records[0]}
     return {"system": system, "size": size, "params": parameter_count(size), "wall_s": wall,
-            "budget_gib": budget_gib or args.budget_gib, "lean": args.lean, **merged}
+            "budget_gib": budget_gib or args.budget_gib, "lean": args.lean, "start": args.start,
+            "glibc_default": args.glibc_default, **merged}
 
 
 def main() -> None:
@@ -223,6 +225,10 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_scale")
     parser.add_argument("--port", type=int, default=29771)
     parser.add_argument("--lean", action="store_true", help="limit ZeRO-3's gathered parameters (see ds_config)")
+    parser.add_argument("--start", choices=["meta", "zero_init"], default="meta",
+                        help="how ds_topkast's model is built: on the meta device, or inside deepspeed.zero.Init")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="leave glibc's allocator at its defaults (no fixed MALLOC_MMAP_THRESHOLD_)")
     parser.add_argument("--unbudgeted-gib", type=float, default=9.0,
                         help="the per-rank limit of a ZeRO-Infinity rerun when it cannot start in the budget")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)

@@ -39,7 +39,8 @@ from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
-from common import median_seconds, single_rank_environment, synchronize  # noqa: E402
+from common import (median_seconds, single_rank_environment, store_floor_seconds, synchronize,  # noqa: E402
+                    transfer_floor_seconds)
 from op_counts import OpCounter, counted_refresh  # noqa: E402
 
 SIZES = {  # GPT-2 shapes: layers, width, heads, tokens per row, rows per step
@@ -73,23 +74,6 @@ def build_model(shape: dict):
     return AutoModelForCausalLM.from_config(GPT2Config(
         n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"], n_positions=shape["seq"],
         vocab_size=256, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-
-
-def store_floor_seconds(store, repeats: int = 3) -> float:
-    """One read and one write of every byte of the store (an in-place pass over each shard)."""
-    def one_pass():
-        for name in store.names():
-            store.shard(name).theta.mul_(1.0)
-    return median_seconds(one_pass, repeats)
-
-
-def transfer_floor_seconds(store, device) -> float:
-    """Each shard copied to the accelerator and back: the host-link floor of a refresh that streams through it."""
-    def one_pass():
-        for name in store.names():
-            theta = store.shard(name).theta
-            theta.copy_(theta.to(device, non_blocking=True))
-    return median_seconds(one_pass, 3)
 
 
 def release_accelerator_memory() -> int:

@@ -1,5 +1,5 @@
-"""What several benchmarks share: a median timer that waits for the GPU, a stack of square layers, a one-rank
-environment, and the training command on one rank with its peak memory measured."""
+"""What several benchmarks share: a median timer that waits for the GPU, a refresh's floors, a stack of square
+layers, a one-rank environment, and the training command on one rank with its peak memory measured."""
 from __future__ import annotations
 
 import os
@@ -32,6 +32,23 @@ def median_seconds(fn, repeats: int, warm_up: bool = False) -> float:
         synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def store_floor_seconds(store, repeats: int = 3) -> float:
+    """One read and one write of every byte of the store (an in-place pass over each shard)."""
+    def one_pass():
+        for name in store.names():
+            store.shard(name).theta.mul_(1.0)
+    return median_seconds(one_pass, repeats)
+
+
+def transfer_floor_seconds(store, device, repeats: int = 3) -> float:
+    """Each shard copied to the accelerator and back: the host-link floor of a refresh that streams through it."""
+    def one_pass():
+        for name in store.names():
+            theta = store.shard(name).theta
+            theta.copy_(theta.to(device, non_blocking=True))
+    return median_seconds(one_pass, repeats)
 
 
 class Stack(nn.Module):

@@ -25,9 +25,13 @@
 #      peak accelerator memory, eval loss;
 #   5. bench_lm.py: the training command on the 69M Transformer-XL paper setup
 #      (configs/paper/enwik8_txl69m_90_80.json) on the embedded corpus, dense and 90/80,
-#      about 150 s each: tokens/s and peak accelerator memory side by side.
+#      about 150 s each: tokens/s and peak accelerator memory side by side;
+#   6. bench_headline.py: Llama-7B's shape on one GPU, Top-KAST 90/80 in an 80 GB budget and
+#      95/90 in a 24 GB one, against dense ZeRO-2 (expected not to start), ZeRO-Offload, GaLore
+#      and 8-bit AdamW (those two where WITH_PEERS=1 gpu_wheels.sh carried their packages).
 # --only STEP[,STEP...] runs just those steps (machine, gpu_tests, bench_training,
-# run_clm, lm), for a device budget too short for all of them.
+# run_clm, lm, headline), for a device budget too short for all of them: the headline
+# alone is `--only machine,headline`.
 # DIR defaults to $OUT (the device tool's folder) or runs/gpu_check. The exit status is
 # non-zero if any step failed; every step runs regardless.
 set -uo pipefail
@@ -52,11 +56,13 @@ if [[ $smoke == 1 ]]; then
   export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
   size=tiny precision=fp32 variants=dense,90/80 steps=2 clm_flags=(--smoke)
   lm_flags=(--config configs/tiny_transformer_xl.json --seconds 40)
+  headline_flags=(--smoke)
 else
   # shellcheck source=bench/gpu_env.sh
   source bench/gpu_env.sh || exit 1
   size=gpt2-medium precision=bf16 variants=dense,offload,90/80 steps=10 clm_flags=(--size gpt2-small --steps 150)
   lm_flags=(--config configs/paper/enwik8_txl69m_90_80.json --seconds 150)
+  headline_flags=(--shape llama-7b)
 fi
 export PYTHONUNBUFFERED=1 MASTER_PORT=${MASTER_PORT:-29611}
 python=${GPU_PYTHON:-python3}
@@ -86,6 +92,7 @@ run_step bench_training 320 "$python" bench/bench_training.py --size "$size" --p
   --steps "$steps" --variants "$variants" --out "$out"
 run_step run_clm 300 "$python" bench/bench_clm.py "${clm_flags[@]}" --out "$out/clm"
 run_step lm 400 "$python" bench/bench_lm.py "${lm_flags[@]}" --variants dense 90_80 --out "$out/lm"
+run_step headline 540 "$python" bench/bench_headline.py "${headline_flags[@]}" --out "$out/headline"
 
 echo "results: $results" >&2
 if [[ ${#failed[@]} -gt 0 ]]; then

@@ -11,6 +11,10 @@
 #     typing-extensions, hjson) and,
 #     unless WITH_DATASETS=0, datasets + dill + multiprocess, pinned to the
 #     versions installed in .venv;
+#   * with WITH_PEERS=1, the peers bench_headline.py compares with (galore-torch,
+#     apollo-torch, bitsandbytes, torchao: `pip install -e '.[bench]'` first, their
+#     versions are .venv's; bitsandbytes alone is 43 MB, so pair it with WITH_DATASETS=0,
+#     which the headline does not need, to stay under the size limit);
 #   * a py3-none-any wheel of deepspeed==0.19.8 built here from the sdist with
 #     no op prebuilt (DS_BUILD_OPS=0: the GPU machine JIT-builds its ops);
 #   * bookworm's libaio1 and libaio-dev .deb files (for DeepSpeed's async_io).
@@ -22,6 +26,7 @@
 # Usage: bash bench/gpu_wheels.sh          (from anywhere)
 # Env:   PY=path/to/python   (default: .venv/bin/python; must see torch)
 #        WITH_DATASETS=0     (skip datasets/dill/multiprocess)
+#        WITH_PEERS=1        (add galore-torch, apollo-torch, bitsandbytes, torchao)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,8 +45,11 @@ PKGS=(pydantic pydantic-core annotated-types typing-inspection typing-extensions
 if [[ ${WITH_DATASETS:-1} != 0 ]]; then
     PKGS+=(datasets dill multiprocess)
 fi
+if [[ ${WITH_PEERS:-0} == 1 ]]; then
+    PKGS+=(galore-torch apollo-torch bitsandbytes torchao)
+fi
 
-PLATFORM_ARGS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
+PLATFORM_ARGS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
                --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
                --platform manylinux1_x86_64)
 
@@ -166,8 +174,9 @@ wheels = sorted(glob.glob(os.path.join(whl, "*.whl")))
 carried = {}
 for w in wheels:
     name, ver, _, tags = parse_wheel_filename(os.path.basename(w))
-    good = any(t.interpreter in ("py3", "py312", "cp312") and
-               t.abi in ("none", "abi3", "cp312") and
+    # abi3: a stable-ABI wheel built for CPython 3.N runs on 3.12 for any N <= 12 (torchao's cp310-abi3)
+    stable_abi = lambda t: t.abi == "abi3" and re.fullmatch(r"cp3(\d+)", t.interpreter) and int(t.interpreter[3:]) <= 12
+    good = any((t.interpreter in ("py3", "py312", "cp312") and t.abi in ("none", "abi3", "cp312") or stable_abi(t)) and
                (t.platform == "any" or
                 re.fullmatch(r"manylinux(1|2010|2014|_2_\d+)_x86_64", t.platform))
                for t in tags)

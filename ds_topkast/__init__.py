@@ -16,7 +16,7 @@ from ds_topkast.convert.plain_save import plain_state_dict
 from ds_topkast.convert.sparsify import sparsify
 from ds_topkast.core.layers import TopKASTLinear
 from ds_topkast.engine.deepspeed_engine import initialize
-from ds_topkast.engine.memory_accounting import memory_report
+from ds_topkast.engine.memory_accounting import estimate_memory, memory_report
 from ds_topkast.errors import (CheckpointError, CollectiveCallError, CorpusError, DenseStoreError, NonFiniteScoresError,
                                NVMeStoreError, PretrainedWeightsError, RefreshError, TopKASTConfigError, TopKASTError,
                                TrainConfigError, UnsupportedOptimizerError)
@@ -25,8 +25,9 @@ from ds_topkast.runtime.regulariser import exploration_penalty
 __all__ = ["CheckpointError", "CollectiveCallError", "CorpusError", "DenseStoreError", "NVMeStoreError",
            "NonFiniteScoresError", "PretrainedWeightsError", "RefreshError", "TopKASTAccelerate", "TopKASTCallback",
            "TopKASTConfig", "TopKASTConfigError", "TopKASTError", "TopKASTLinear", "TrainConfigError",
-           "UnsupportedOptimizerError", "exploration_penalty", "export", "from_compressed", "initialize",
-           "load_compressed", "load_dense_weights", "memory_report", "plain_state_dict", "save_compressed", "sparsify"]
+           "UnsupportedOptimizerError", "estimate_memory", "exploration_penalty", "export", "from_compressed",
+           "initialize", "load_compressed", "load_dense_weights", "memory_report", "plain_state_dict",
+           "save_compressed", "sparsify"]
 
 
 def __getattr__(name: str):

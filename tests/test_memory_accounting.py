@@ -1,6 +1,16 @@
-"""memory_report: the sparsified layers of a GPT-2-small-shaped model at 90/80 hold <= 0.3 of dense bytes."""
+"""memory_report and estimate_memory: the accounting of what each rank holds, checked against the tensors held.
+
+A GPT-2-small-shaped model at 90/80 holds <= 0.3 of dense bytes in its sparsified layers; the estimate
+from a meta-device model equals the report of the engine built from the same config and the sizes of
+the tensors that engine holds; and at Llama-7B's shape the estimate gives the arithmetic of the headline
+benchmark (bench/bench_headline.py).
+"""
+import sys
+from pathlib import Path
+
 import pytest
-from models import ds_config, tiny_gpt2
+import torch
+from models import ds_config, tiny_gpt2, tiny_llama
 
 import ds_topkast
 from ds_topkast.core.layers import sparse_layers
@@ -22,3 +32,60 @@ def test_gpt2_small_shape_at_90_80(stage, bf16):
     assert report.dense_store_bytes == 4 * dense_entries
     assert report.dense_total == 16 * dense_entries  # 2+2+4+8 (bf16 + Adam) or 4+4+0+8 (fp32 + Adam)
     assert report.ratio <= 0.3
+
+
+def _meta_llama():
+    with torch.device("meta"):
+        return tiny_llama()
+
+
+def _optimizer_state_bytes(params) -> int:
+    """fp32 master and Adam moments DeepSpeed holds for these parameters, wherever it holds them."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    return sum(4 * (safe_get_full_fp32_param(p).numel()
+                    + sum(safe_get_full_optimizer_state(p, key).numel() for key in ("exp_avg", "exp_avg_sq")))
+               for p in params)
+
+
+@pytest.mark.parametrize("stage,bf16,offload", [(2, True, False), (1, False, False), (2, True, True)],
+                         ids=["zero2-bf16", "zero1-fp32", "offload"])
+def test_the_estimate_before_the_run_is_the_report_of_the_run_and_the_tensors_it_holds(stage, bf16, offload):
+    """estimate_memory on a meta model = memory_report of the engine that config builds = the tensors it holds."""
+    cfg = ds_config(stage=stage, bf16=bf16, offload_optimizer=offload, forward_sparsity=0.9, backward_sparsity=0.8,
+                    distribution="erk", include=["*proj"])
+    estimate = ds_topkast.estimate_memory(_meta_llama(), cfg)
+    engine, *_ = ds_topkast.initialize(model=tiny_llama(), config=cfg)
+    batch = torch.randint(0, 64, (4, 8))
+    engine.backward(engine(input_ids=batch, labels=batch).loss)
+    engine.step()
+    report = ds_topkast.memory_report(engine)
+    assert estimate.as_dict() == report.as_dict()
+    layers = list(sparse_layers(engine.module).values())
+    assert report.sparse["values"] == sum(l.values.numel() * l.values.element_size() for l in layers)
+    assert report.sparse["set_bitmaps"] == sum(l.backward_bits.numel() + l.forward_bits.numel() for l in layers)
+    assert report.dense_store_bytes == engine.topkast.state.store.nbytes()
+    compact_state = _optimizer_state_bytes(l.values for l in layers)
+    if offload:
+        assert report.sparse["fp32_master"] == report.sparse["moments"] == 0
+        trained = [p for p in engine.module.parameters() if p.requires_grad]
+        assert report.host_optimizer_state == _optimizer_state_bytes(trained)
+    else:
+        assert report.sparse["fp32_master"] + report.sparse["moments"] == compact_state
+
+
+def test_a_7b_llama_fits_an_80_gb_card_at_90_80_and_a_24_gb_one_at_95_90_by_the_accounting():
+    """Llama-7B's shape (meta device) in bf16 + AdamW, ZeRO-2, one GPU: the issue's arithmetic, from the estimate."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_headline import headline_config, meta_llama
+
+    model = meta_llama("llama-7b")
+    gb = 1e9
+    top_kast = {}
+    for sparsity in ("90/80", "95/90"):
+        report = ds_topkast.estimate_memory(model, headline_config(sparsity))
+        top_kast[sparsity] = (report.sparse_total + report.other_parameters) / gb
+        assert report.dense_store_bytes / gb == pytest.approx(25.9, abs=0.05)  # 6.48B fp32 weights, on the host
+        dense = (report.dense_total + report.other_parameters) / gb
+    assert top_kast["90/80"] == pytest.approx(25.9, abs=0.1) and top_kast["95/90"] == pytest.approx(15.5, abs=0.1)
+    assert dense == pytest.approx(107.8, abs=0.1)  # 16 bytes per weight: dense ZeRO-2 cannot start on an 80 GB card

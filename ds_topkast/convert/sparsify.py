@@ -15,6 +15,7 @@ import ctypes
 import fnmatch
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -129,7 +130,7 @@ def _refuse_non_finite(name: str, shard: Tensor, comm: Collectives) -> None:
 
 
 def _kept_counts(chosen: Mapping[str, nn.Module], shapes: list[tuple[int, int]], cfg: TopKASTConfig,
-                 weights: LayerWeights, comm: Collectives) -> list[tuple[int, int]]:
+                 weights: LayerWeights | None, comm: Collectives | None) -> list[tuple[int, int]]:
     """(k_A, k_B) of every chosen layer under the configured distribution; k_A is the final one under gmp."""
     numels = [o * i for o, i in shapes]
     if cfg.distribution == "global":
@@ -153,6 +154,29 @@ def _kept_counts(chosen: Mapping[str, nn.Module], shapes: list[tuple[int, int]],
         backward = [kept_count(n, d) for n, d in zip(numels, layer_densities(shapes, cfg.backward_density,
                                                                               cfg.distribution))]
     return [(k_f, max(k_f, k_b)) for k_f, k_b in zip(forward, backward)]
+
+
+@dataclass
+class LayerPlan:
+    """The layers sparsify would replace (by name) and each one's (weights, k_B)."""
+
+    modules: dict[str, nn.Module]
+    counts: list[tuple[int, int]]
+
+
+def planned_layers(model: nn.Module, cfg: TopKASTConfig) -> LayerPlan:
+    """What sparsify(model, cfg) would do to each layer, without doing it (memory_accounting.estimate_memory).
+
+    The "global" distribution is refused: its k per layer depends on the weights' values.
+    """
+    if cfg.distribution == "global":
+        raise TopKASTConfigError('The "global" distribution sets each layer\'s k from the initial weights\' values, '
+                                 "so it cannot be planned before they exist; estimate with \"erk\" or \"uniform\" "
+                                 "(the same total), or build the engine and call memory_report.")
+    chosen = _choose_modules(model, cfg)
+    shapes = [linear_shape(m) for m in chosen.values()]
+    counts = _kept_counts(chosen, shapes, cfg, weights=None, comm=None)
+    return LayerPlan(chosen, [(o * i, k_backward) for (o, i), (_, k_backward) in zip(shapes, counts)])
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -10,15 +10,23 @@ benchmarks (bench/) measure peak device memory; this report explains where it go
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 
+from ds_topkast.config import load_deepspeed_config, topkast_section
+from ds_topkast.core.bitmaps import bitmap_bytes
 from ds_topkast.core.layers import sparse_layers
+from ds_topkast.errors import TopKASTConfigError
 from ds_topkast.parallel.zero3 import full_numel
 from ds_topkast.runtime.state import topkast_state
+from ds_topkast.store.shards import shard_range
 
 _FP32 = 4
+# DeepSpeed config spellings of data_types.grad_accum_dtype.
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
 
 
 @dataclass
@@ -30,6 +38,7 @@ class MemoryReport:
     other_parameters: int = 0
     dense_store_bytes: int = 0
     host_optimizer_state: int = 0  # ZeRO-Offload keeps master and moments on the host
+    layer_scratch: int = 0  # the sparse layers' shared α and dL/dα buffers (core/layers.LayerScratch)
 
     @property
     def sparse_total(self) -> int:
@@ -47,7 +56,8 @@ class MemoryReport:
     def as_dict(self) -> dict[str, float]:
         return {**{f"sparse_{k}": v for k, v in self.sparse.items()}, "sparse_total": self.sparse_total,
                 "dense_total": self.dense_total, "ratio": self.ratio, "other_parameters": self.other_parameters,
-                "dense_store": self.dense_store_bytes, "host_optimizer_state": self.host_optimizer_state}
+                "layer_scratch": self.layer_scratch, "dense_store": self.dense_store_bytes,
+                "host_optimizer_state": self.host_optimizer_state}
 
     def format(self) -> str:
         mib = 2**20
@@ -57,6 +67,7 @@ class MemoryReport:
         rows.append(f"  {'sparsified layers total':<26}{self.sparse_total / mib:>10.2f}Mi"
                     f"{self.dense_total / mib:>10.2f}Mi  (ratio {self.ratio:.3f})")
         rows.append(f"  {'other parameters':<26}{self.other_parameters / mib:>10.2f}Mi")
+        rows.append(f"  {'layer scratch (α, dL/dα)':<26}{self.layer_scratch / mib:>10.2f}Mi")
         rows.append(f"{'dense store (host, fp32)':<28}{self.dense_store_bytes / mib:>10.2f}Mi")
         if self.host_optimizer_state:
             rows.append(f"{'optimizer state (host)':<28}{self.host_optimizer_state / mib:>10.2f}Mi")
@@ -85,14 +96,32 @@ class TrainingSetup:
                    bool(engine.zero_use_cpu_optimizer()))
 
     @classmethod
+    def of_config(cls, module: torch.nn.Module, ds_config: dict, world: int) -> "TrainingSetup":
+        """The setup a DeepSpeed config asks for, before an engine exists (estimate_memory)."""
+        zero = ds_config.get("zero_optimization", {})
+        model_dtype = (torch.float16 if ds_config.get("fp16", {}).get("enabled") else
+                       torch.bfloat16 if ds_config.get("bf16", ds_config.get("bfloat16", {})).get("enabled") else
+                       torch.float32)
+        grad_dtype = _DTYPES.get(ds_config.get("data_types", {}).get("grad_accum_dtype"), model_dtype)
+        optimizer = ds_config.get("optimizer")
+        if not optimizer or str(optimizer.get("type", "")).lower() not in _CONFIG_MOMENTS:
+            raise TopKASTConfigError(
+                f"estimate_memory needs the optimizer in the DeepSpeed config to count its state: "
+                f"\"optimizer\": {{\"type\": ...}} with one of Adam, AdamW, SGD (got {optimizer!r}).")
+        moments = _CONFIG_MOMENTS[optimizer["type"].lower()]
+        if optimizer["type"].lower() == "sgd" and not optimizer.get("params", {}).get("momentum", 0):
+            moments = 0
+        offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+        return cls(module, int(zero.get("stage", 0)), world, model_dtype, grad_dtype, moments, offload)
+
+    @classmethod
     def of_trainer(cls, model: torch.nn.Module, ds_config: dict, optimizer, world: int) -> "TrainingSetup":
         """The Hugging Face Trainer's setup: its DeepSpeed config ("auto" filled), or none (fp32 torch optimizer)."""
         from ds_topkast.engine.optimizer_adapters import adapter_for_optimizer
 
         zero = ds_config.get("zero_optimization", {})
         model_dtype = next(iter(sparse_layers(model).values())).values.dtype
-        grad_dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-                      "float32": torch.float32}.get(ds_config.get("data_types", {}).get("grad_accum_dtype"), model_dtype)
+        grad_dtype = _DTYPES.get(ds_config.get("data_types", {}).get("grad_accum_dtype"), model_dtype)
         offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
         return cls(model, int(zero.get("stage", 0)), world, model_dtype, grad_dtype,
                    len(adapter_for_optimizer(optimizer).state_keys), offload)
@@ -154,17 +183,52 @@ def trainer_memory_report(model: torch.nn.Module, ds_config: dict, optimizer, wo
 
 
 def setup_memory_report(setup: TrainingSetup) -> MemoryReport:
-    rules = _Rules(setup)
     layers = sparse_layers(setup.module)
-    compact = sum(layer.k_backward for layer in layers.values())
-    dense_n = sum(layer.in_features * layer.out_features for layer in layers.values())
-    report = MemoryReport(sparse=rules.trained(compact), dense=rules.trained(dense_n))
-    report.sparse["set_bitmaps"] = sum(l.backward_bits.numel() + l.forward_bits.numel() for l in layers.values())
     values = {id(layer.values) for layer in layers.values()}
     other_n = sum(full_numel(p) for p in setup.module.parameters()
                   if p.requires_grad and id(p) not in values)
+    return _report(setup, [(layer.in_features * layer.out_features, layer.k_backward) for layer in layers.values()],
+                   other_n, topkast_state(setup.module).store.nbytes())
+
+
+def _report(setup: TrainingSetup, layers: list[tuple[int, int]], other_n: int, store_bytes: int) -> MemoryReport:
+    """The report of sparsified layers given as (weights, k_B), `other_n` other trained entries and the store."""
+    rules = _Rules(setup)
+    compact = sum(k_backward for _, k_backward in layers)
+    report = MemoryReport(sparse=rules.trained(compact), dense=rules.trained(sum(n for n, _ in layers)))
+    report.sparse["set_bitmaps"] = sum(bitmap_bytes(n) + bitmap_bytes(k_backward) for n, k_backward in layers)
     report.other_parameters = sum(rules.trained(other_n).values())
     if rules.offloaded:
         report.host_optimizer_state = rules.optimizer_state(compact + other_n)
-    report.dense_store_bytes = topkast_state(setup.module).store.nbytes()
+    report.dense_store_bytes = store_bytes
+    report.layer_scratch = 2 * (torch.finfo(setup.model_dtype).bits // 8) * sum({n for n, _ in layers})
     return report
+
+
+# Per-entry optimizer state tensors of the optimizers a DeepSpeed config can name (see optimizer_adapters).
+_CONFIG_MOMENTS = {"adam": 2, "adamw": 2, "sgd": 1}
+
+
+def estimate_memory(model: torch.nn.Module, config: dict | str | os.PathLike, world: int = 1) -> MemoryReport:
+    """memory_report's bytes per rank for `model` trained under DeepSpeed `config` on `world` ranks, before any of it.
+
+    The model may be on the meta device (a 7B model costs nothing to describe); nothing is
+    sparsified or allocated. `config` is the DeepSpeed config with its "topkast" section:
+    its ZeRO stage, bf16/fp16, data_types.grad_accum_dtype, optimizer (Adam, AdamW or SGD;
+    SGD's momentum decides its state) and offload_optimizer fix the rules memory_report
+    applies to a built engine, and the section's include/exclude, sparsities and
+    distribution fix each layer's k_B. `dense_store_bytes` is this rank's share of the
+    store in fp32 (host memory for a CPU store; on NVMe the host holds only its I/O
+    buffers). Equal, field by field, to memory_report of the engine that config builds
+    (tests/test_memory_accounting.py), so what fits a card can be checked before a run.
+    The "global" distribution needs the initial weights, so it is refused here.
+    """
+    from ds_topkast.convert.sparsify import planned_layers
+
+    ds_config = load_deepspeed_config(config)
+    plan = planned_layers(model, topkast_section(ds_config))
+    chosen = {id(module.weight) for module in plan.modules.values()}
+    other_n = sum(full_numel(p) for p in model.parameters() if p.requires_grad and id(p) not in chosen)
+    setup = TrainingSetup.of_config(model, ds_config, world)
+    store_bytes = sum(_FP32 * (end - start) for start, end in (shard_range(n, 0, world) for n, _ in plan.counts))
+    return _report(setup, plan.counts, other_n, store_bytes)
