@@ -30,7 +30,7 @@ from ds_topkast.core.distributions import global_kept_counts, kept_count, layer_
 from ds_topkast.core.kernels import ops
 from ds_topkast.core.layers import TopKASTLinear, sparse_layers
 from ds_topkast.core.seeds import selection_seed
-from ds_topkast.core.select import Collectives, assemble_sets
+from ds_topkast.core.select import Collectives, LayerSets, assemble_sets
 from ds_topkast.errors import TopKASTConfigError
 from ds_topkast.parallel.collectives import job_collectives
 from ds_topkast.runtime.state import TopKASTState
@@ -179,6 +179,24 @@ def planned_layers(model: nn.Module, cfg: TopKASTConfig) -> LayerPlan:
     return LayerPlan(chosen, [(o * i, k_backward) for (o, i), (_, k_backward) in zip(shapes, counts)])
 
 
+def selection_device() -> torch.device:
+    """Where sparsify selects each layer's sets: this rank's GPU when there is one, else the CPU.
+
+    The selection is exact (ties by index) and its kernels equal their torch references, so
+    the sets are the same on either; on a GPU a layer's selection is the refresh's kernels,
+    on the CPU the references cost about 0.2 s per million weights on 2 cores (docs/RESULTS.md,
+    issue 27), which at 7B would be most of the start-up. One layer's shard is on the GPU at a time.
+    """
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _on_host(sets: LayerSets) -> LayerSets:
+    """The sets in host memory, where sparsify leaves the model (the engine moves it to its device)."""
+    return LayerSets(*(t.cpu() for t in (sets.backward_bits, sets.counts, sets.values, sets.forward_bits)))
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put `module` at the dotted path `name` of `model`."""
     parent_name, _, child = name.rpartition(".")
@@ -225,6 +243,7 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
     store.require_room(sum(4 * (end - start) for start, end in (shard_range(o * i, comm.rank, comm.world)
                                                                 for o, i in shapes)))
     state = TopKASTState(config=cfg, store=store, layer_names=list(chosen), algorithm=algorithm)
+    device = selection_device()
     layers = {}
     for index, ((name, module), (out_f, in_f), (k_target, k_backward)) in enumerate(zip(chosen.items(), shapes,
                                                                                          counts)):
@@ -235,9 +254,11 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
         with weights.full(name, module) as weight:
             shard = weight.detach().reshape(-1)[start:end].float()
             _refuse_non_finite(name, shard, comm)
-            local = algorithm.initial_backward(shard, start, numel, k_forward, k_backward,
+            selected = shard.to(device, non_blocking=True)
+            local = algorithm.initial_backward(selected, start, numel, k_forward, k_backward,
                                                selection_seed(cfg.seed, 0, index), comm)
-            sets = assemble_sets(local, shard, start, numel, k_forward, k_backward, comm)
+            sets = _on_host(assemble_sets(local, selected, start, numel, k_forward, k_backward, comm))
+            del selected
             if algorithm.masked:  # the store holds zero outside A: grown entries start there, pruned ones stay
                 shard = ops.expand_bits(sets.values, sets.backward_bits, sets.counts, sets.forward_bits, start,
                                         end - start, torch.float32)
