@@ -66,10 +66,14 @@ def test_the_estimate_before_the_run_is_the_report_of_the_run_and_the_tensors_it
     assert report.sparse["set_bitmaps"] == sum(l.backward_bits.numel() + l.forward_bits.numel() for l in layers)
     assert report.dense_store_bytes == engine.topkast.state.store.nbytes()
     compact_state = _optimizer_state_bytes(l.values for l in layers)
-    if offload:
-        assert report.sparse["fp32_master"] == report.sparse["moments"] == 0
+    if offload:  # on the host: master, moments, the fp32 gradient partition and the bf16 staging copy
+        assert report.sparse["fp32_master"] == report.sparse["moments"] == report.sparse["gradients"] == 0
         trained = [p for p in engine.module.parameters() if p.requires_grad]
-        assert report.host_optimizer_state == _optimizer_state_bytes(trained)
+        zero = engine.optimizer
+        held = (_optimizer_state_bytes(trained)
+                + sum(4 * p.grad.numel() for p in zero.single_partition_of_fp32_groups)
+                + sum(b.numel() * b.element_size() for b in zero.param_buffer_of_bit16_for_cpu_offload_groups))
+        assert 0 <= held - report.host_optimizer_state <= 64 * len(zero.single_partition_of_fp32_groups)
     else:
         assert report.sparse["fp32_master"] + report.sparse["moments"] == compact_state
 
@@ -89,3 +93,21 @@ def test_a_7b_llama_fits_an_80_gb_card_at_90_80_and_a_24_gb_one_at_95_90_by_the_
         dense = (report.dense_total + report.other_parameters) / gb
     assert top_kast["90/80"] == pytest.approx(25.9, abs=0.1) and top_kast["95/90"] == pytest.approx(15.5, abs=0.1)
     assert dense == pytest.approx(107.8, abs=0.1)  # 16 bytes per weight: dense ZeRO-2 cannot start on an 80 GB card
+    offload = ds_topkast.estimate_memory(model, headline_config("offload"))
+    assert (offload.dense_total + offload.other_parameters) / gb == pytest.approx(13.5, abs=0.1)  # bf16 weights
+
+
+def test_the_estimate_refuses_what_it_cannot_count():
+    model = _meta_llama()
+    cfg = ds_config(stage=2, bf16=True)
+    for change, message in [(lambda c: c["zero_optimization"].update(stage="auto"), "zero_optimization.stage"),
+                            (lambda c: c["bf16"].update(enabled="auto"), "bf16.enabled"),
+                            (lambda c: c.pop("optimizer"), "needs the optimizer"),
+                            (lambda c: c.setdefault("data_types", {}).update(grad_accum_dtype="fp8"), "fp8"),
+                            (lambda c: c["topkast"].update(distribution="global"), "global")]:
+        bad = ds_config(stage=2, bf16=True)
+        change(bad)
+        with pytest.raises(ds_topkast.TopKASTConfigError, match=message):
+            ds_topkast.estimate_memory(model, bad)
+    with pytest.raises(ds_topkast.TopKASTConfigError, match="world"):
+        ds_topkast.estimate_memory(model, cfg, world=0)

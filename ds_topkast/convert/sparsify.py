@@ -11,6 +11,7 @@ torch's nn.Linear and transformers' Conv1D (GPT-2).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fnmatch
 import os
@@ -185,11 +186,13 @@ def selection_device() -> torch.device:
     The selection is exact (ties by index) and its kernels equal their torch references, so
     the sets are the same on either; on a GPU a layer's selection is the refresh's kernels,
     on the CPU the references cost about 0.2 s per million weights on 2 cores (docs/RESULTS.md,
-    issue 27), which at 7B would be most of the start-up. One layer's shard is on the GPU at a time.
+    issue 27), which at 7B would be most of the start-up. One layer's shard is on the GPU at a
+    time. The GPU is LOCAL_RANK's (modulo the visible devices, as when CUDA_VISIBLE_DEVICES
+    gives each rank one); DS_ACCELERATOR=cpu keeps it on the CPU.
     """
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    if not torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR", "cuda") != "cuda":
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 def _on_host(sets: LayerSets) -> LayerSets:
@@ -254,11 +257,12 @@ def sparsify(model: nn.Module, config: TopKASTConfig | Mapping[str, Any] | str |
         with weights.full(name, module) as weight:
             shard = weight.detach().reshape(-1)[start:end].float()
             _refuse_non_finite(name, shard, comm)
-            selected = shard.to(device, non_blocking=True)
-            local = algorithm.initial_backward(selected, start, numel, k_forward, k_backward,
-                                               selection_seed(cfg.seed, 0, index), comm)
-            sets = _on_host(assemble_sets(local, selected, start, numel, k_forward, k_backward, comm))
-            del selected
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                selected = shard.to(device)  # Triton launches on the current device: make it this one
+                local = algorithm.initial_backward(selected, start, numel, k_forward, k_backward,
+                                                   selection_seed(cfg.seed, 0, index), comm)
+                sets = _on_host(assemble_sets(local, selected, start, numel, k_forward, k_backward, comm))
+                del selected
             if algorithm.masked:  # the store holds zero outside A: grown entries start there, pruned ones stay
                 shard = ops.expand_bits(sets.values, sets.backward_bits, sets.counts, sets.forward_bits, start,
                                         end - start, torch.float32)

@@ -65,7 +65,9 @@ class LayerScratch:
     accelerator glibc kept the freed ones resident between long-lived blocks (a rank's
     resident memory grew well past the accounting), and every fresh block is page faults on
     the CPU and a caching-allocator call on the host-bound GPU path. memory_report counts
-    these buffers (`layer_scratch`). Not used while torch.compile traces (it sees fresh tensors).
+    these buffers (`layer_scratch`). Not used while torch.compile traces (it sees fresh tensors),
+    for a backward that builds its own graph (create_graph=True) or for meta tensors. One
+    stream and one thread per device run sparse layers at a time, as in training.
     """
 
     def __init__(self):
@@ -78,7 +80,8 @@ class LayerScratch:
         if view_key not in self._views:
             key = (role, shape[0] * shape[1], dtype, device)
             if key not in self._buffers:
-                self._buffers[key] = torch.empty(shape[0] * shape[1], dtype=dtype, device=device)
+                with torch.inference_mode(False):  # an ordinary tensor even if the first pass is an inference one
+                    self._buffers[key] = torch.empty(shape[0] * shape[1], dtype=dtype, device=device)
             self._views[view_key] = self._buffers[key].view(shape)
         return self._views[view_key]
 
@@ -96,10 +99,16 @@ class LayerScratch:
 layer_scratch = LayerScratch()
 
 
+def _shared(tensor: Tensor) -> bool:
+    """Whether LayerScratch's buffers may serve this pass: not while torch.compile traces, not when autograd records
+    the pass (a backward with create_graph=True: out= cannot be differentiated), not for meta tensors."""
+    return not (torch.compiler.is_compiling() or torch.is_grad_enabled() or tensor.device.type == "meta")
+
+
 def _scratch_alpha(values: Tensor, backward_bits: Tensor, counts: Tensor, forward_bits: Tensor,
                    shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
-    """α built into the shared α buffer (a fresh tensor while torch.compile traces)."""
-    if torch.compiler.is_compiling():
+    """α built into the shared α buffer (a fresh tensor where the buffer cannot serve, `_shared`)."""
+    if not _shared(values):
         return _alpha(values, backward_bits, counts, forward_bits, shape, dtype)
     out = layer_scratch.buffer("alpha", shape, dtype, values.device)
     ops.expand_bits_into_(out, values, backward_bits, counts, forward_bits, 0)
@@ -107,9 +116,9 @@ def _scratch_alpha(values: Tensor, backward_bits: Tensor, counts: Tensor, forwar
 
 
 def _scratch_weight_gradient(flat_grad_out: Tensor, x: Tensor, shape: tuple[int, int]) -> Tensor:
-    """dL/dα = grad_out^T x, (out, in), into the shared gradient buffer (fresh while torch.compile traces)."""
+    """dL/dα = grad_out^T x, (out, in), into the shared gradient buffer (fresh where it cannot serve, `_shared`)."""
     x = x.reshape(-1, shape[1])
-    if torch.compiler.is_compiling():
+    if not _shared(x):
         return flat_grad_out.t() @ x
     return torch.mm(flat_grad_out.t(), x, out=layer_scratch.buffer("weight_gradient", shape, x.dtype, x.device))
 

@@ -247,7 +247,12 @@ def _config_source(args: Any, config: Any, config_params: Any) -> Any:
 
 
 def _init_distributed(kwargs: dict[str, Any]) -> None:
-    """The process group, as `deepspeed.initialize` would create it (it then reuses it)."""
+    """The process group, as `deepspeed.initialize` would create it (it then reuses it), and this rank's device.
+
+    The device is set now, as DeepSpeed's engine sets it when it is built (LOCAL_RANK's), because
+    sparsify runs first: its collectives and its selection kernels use the current device, which
+    would otherwise be device 0 on every rank.
+    """
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
     from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
@@ -255,6 +260,8 @@ def _init_distributed(kwargs: dict[str, Any]) -> None:
     dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                           distributed_port=kwargs.get("distributed_port", TORCH_DISTRIBUTED_DEFAULT_PORT),
                           dist_init_required=kwargs.get("dist_init_required"))
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")) % get_accelerator().device_count())
 
 
 def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_parameters=None,

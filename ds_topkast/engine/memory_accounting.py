@@ -37,7 +37,7 @@ class MemoryReport:
     dense: dict[str, int] = field(default_factory=dict)
     other_parameters: int = 0
     dense_store_bytes: int = 0
-    host_optimizer_state: int = 0  # ZeRO-Offload keeps master and moments on the host
+    host_optimizer_state: int = 0  # ZeRO-Offload: master, moments, fp32 gradients and a staging copy on the host
     layer_scratch: int = 0  # the sparse layers' shared α and dL/dα buffers (core/layers.LayerScratch)
 
     @property
@@ -84,7 +84,7 @@ class TrainingSetup:
     model_dtype: torch.dtype
     grad_dtype: torch.dtype
     moments: int
-    offloaded: bool  # ZeRO-Offload: master and moments on the host
+    offloaded: bool  # ZeRO-Offload: master, moments and gradients on the host
 
     @classmethod
     def of_engine(cls, engine, world: int | None = None) -> "TrainingSetup":
@@ -97,22 +97,41 @@ class TrainingSetup:
 
     @classmethod
     def of_config(cls, module: torch.nn.Module, ds_config: dict, world: int) -> "TrainingSetup":
-        """The setup a DeepSpeed config asks for, before an engine exists (estimate_memory)."""
+        """The setup a DeepSpeed config asks for, before an engine exists (estimate_memory).
+
+        Every value it reads must be concrete: the Hugging Face integration's "auto" is
+        filled in only when the Trainer builds the engine, so it is refused here by name.
+        """
+        def concrete(value, where: str):
+            if value == "auto":
+                raise TopKASTConfigError(f"estimate_memory needs {where} set in the DeepSpeed config, not \"auto\" "
+                                         "(the Trainer fills that in later); give the value the run will use.")
+            return value
+
+        if not isinstance(world, int) or world < 1:
+            raise TopKASTConfigError(f"estimate_memory: world is the number of data-parallel ranks, >= 1 "
+                                     f"(got {world!r}).")
         zero = ds_config.get("zero_optimization", {})
-        model_dtype = (torch.float16 if ds_config.get("fp16", {}).get("enabled") else
-                       torch.bfloat16 if ds_config.get("bf16", ds_config.get("bfloat16", {})).get("enabled") else
-                       torch.float32)
-        grad_dtype = _DTYPES.get(ds_config.get("data_types", {}).get("grad_accum_dtype"), model_dtype)
+        stage = concrete(zero.get("stage", 0), "zero_optimization.stage")
+        fp16 = concrete(ds_config.get("fp16", {}).get("enabled", False), "fp16.enabled") is True
+        bf16 = concrete(ds_config.get("bf16", ds_config.get("bfloat16", {})).get("enabled", False),
+                        "bf16.enabled") is True
+        model_dtype = torch.float16 if fp16 else torch.bfloat16 if bf16 else torch.float32
+        grad_accum = ds_config.get("data_types", {}).get("grad_accum_dtype")
+        if grad_accum is not None and grad_accum not in _DTYPES:
+            raise TopKASTConfigError(f"data_types.grad_accum_dtype {grad_accum!r} is not one of {sorted(_DTYPES)}.")
+        grad_dtype = _DTYPES.get(grad_accum, model_dtype)
         optimizer = ds_config.get("optimizer")
-        if not optimizer or str(optimizer.get("type", "")).lower() not in _CONFIG_MOMENTS:
+        name = str(optimizer.get("type", "")).lower() if isinstance(optimizer, dict) else ""
+        if name not in _CONFIG_MOMENTS:
             raise TopKASTConfigError(
                 f"estimate_memory needs the optimizer in the DeepSpeed config to count its state: "
                 f"\"optimizer\": {{\"type\": ...}} with one of Adam, AdamW, SGD (got {optimizer!r}).")
-        moments = _CONFIG_MOMENTS[optimizer["type"].lower()]
-        if optimizer["type"].lower() == "sgd" and not optimizer.get("params", {}).get("momentum", 0):
+        moments = _CONFIG_MOMENTS[name]
+        if name == "sgd" and not optimizer.get("params", {}).get("momentum", 0):
             moments = 0
         offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-        return cls(module, int(zero.get("stage", 0)), world, model_dtype, grad_dtype, moments, offload)
+        return cls(module, int(stage), world, model_dtype, grad_dtype, moments, offload)
 
     @classmethod
     def of_trainer(cls, model: torch.nn.Module, ds_config: dict, optimizer, world: int) -> "TrainingSetup":
@@ -140,17 +159,19 @@ class _Rules:
         self.moments = setup.moments
         self.offloaded = setup.offloaded
 
-    def optimizer_state(self, n: int) -> int:
-        """fp32 master and moments of n entries on this rank, wherever they live."""
-        master = round(n * _FP32 * self.state_share) if self.separate_master else 0
-        return master + round(n * _FP32 * self.moments * self.state_share)
+    def host_state(self, n: int) -> int:
+        """ZeRO-Offload's host bytes of n entries on this rank (DeepSpeed's stage_1_and_2): the fp32 master, the
+        moments, the fp32 gradient partition and a low-precision copy of the partition staged for the accelerator."""
+        share = n * self.state_share
+        return round(share * (_FP32 * (2 + self.moments) + self.param_bytes))
 
     def trained(self, n: int) -> dict[str, int]:
-        """Accelerator bytes of n trained entries by category."""
+        """Accelerator bytes of n trained entries by category (offloaded: the gradients go to the host too, through
+        DeepSpeed's reduce bucket, a fixed cost not counted here)."""
         on_device = not self.offloaded
         return {
             "values": round(n * self.param_bytes * self.param_share),
-            "gradients": round(n * self.grad_bytes * self.grad_share),
+            "gradients": round(n * self.grad_bytes * self.grad_share) if on_device else 0,
             "fp32_master": round(n * _FP32 * self.state_share) if self.separate_master and on_device else 0,
             "moments": round(n * _FP32 * self.moments * self.state_share) if on_device else 0,
         }
@@ -164,7 +185,7 @@ def trained_bytes(engine) -> dict[str, int]:
     """
     rules = _Rules(TrainingSetup.of_engine(engine))
     n = sum(full_numel(p) for p in engine.module.parameters() if p.requires_grad)
-    return {**rules.trained(n), "host_optimizer_state": rules.optimizer_state(n) if rules.offloaded else 0}
+    return {**rules.trained(n), "host_optimizer_state": rules.host_state(n) if rules.offloaded else 0}
 
 
 def memory_report(engine, world: int | None = None) -> MemoryReport:
@@ -199,7 +220,7 @@ def _report(setup: TrainingSetup, layers: list[tuple[int, int]], other_n: int, s
     report.sparse["set_bitmaps"] = sum(bitmap_bytes(n) + bitmap_bytes(k_backward) for n, k_backward in layers)
     report.other_parameters = sum(rules.trained(other_n).values())
     if rules.offloaded:
-        report.host_optimizer_state = rules.optimizer_state(compact + other_n)
+        report.host_optimizer_state = rules.host_state(compact + other_n)
     report.dense_store_bytes = store_bytes
     report.layer_scratch = 2 * (torch.finfo(setup.model_dtype).bits // 8) * sum({n for n, _ in layers})
     return report
