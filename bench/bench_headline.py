@@ -20,12 +20,16 @@ budget only):
   dense         dense ZeRO-2 (DeepSpeed): expected not to start at 7B in 80 GB; it is tried
                 all the same and the phase it runs out of memory in is recorded, with the
                 bytes the accounting says it needs;
-  offload       ZeRO-Offload (ZeRO-2, optimizer state and step on the host: DeepSpeedCPUAdam);
+  offload       ZeRO-Offload (ZeRO-2, optimizer state, gradients and step on the host:
+                DeepSpeedCPUAdam); skipped, saying why, when the accounting's 18 bytes per
+                parameter of host memory are more than the machine has free (121 GB at 7B);
   galore        GaLore (galore-torch's GaLoreAdamW8bit, per-layer weight updates from
                 gradient hooks as in its 7B recipe, rank --galore-rank), plain PyTorch;
   adam8bit      8-bit AdamW (bitsandbytes, else torchao's AdamW8bit), bf16 weights, plain PyTorch.
-A peer whose package is missing is reported as such (bench/gpu_wheels.sh WITH_PEERS=1 carries
-them to an offline GPU machine). Each record: tokens/s (median step), peak accelerator
+A variant may be given a time limit (--variant-seconds); what it measured before it stops
+is kept, and headline.json is rewritten after every variant. A peer whose package is
+missing is reported as such (bench/gpu_wheels.sh WITH_PEERS=1 carries them to an offline
+GPU machine). Each record: tokens/s (median step), peak accelerator
 memory (max_memory_allocated) against the accounting (ds_topkast.estimate_memory, from the
 meta model before anything is built), peak host memory of the process, start-up phases, and
 for ds_topkast the refresh against its floor and amortised over --interval steps. Prints the
@@ -89,8 +93,9 @@ def headline_config(variant: str, micro: int = 16, store: str = "cpu", nvme: str
     config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
               "gradient_clipping": 1.0, "bf16": {"enabled": True}, "zero_optimization": zero,
               "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": 0.0, "torch_adam": True}}}
-    if variant == "offload":
+    if variant == "offload":  # its own CPU Adam (JIT-built on first use), as ZeRO-Offload users run it
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        del config["optimizer"]["params"]["torch_adam"]
     forward, backward = TOP_KAST.get(variant, TOP_KAST["90/80"])
     dense_store = {"device": store, **({"nvme_path": nvme} if store == "nvme" else {})}
     config["topkast"] = {"forward_sparsity": forward, "backward_sparsity": backward, "refresh_interval": interval,
@@ -178,6 +183,7 @@ def deepspeed_worker(record: Record, args) -> None:
     import ds_topkast
     from common import store_floor_seconds, transfer_floor_seconds
     from ds_topkast.store.cpu import CPUDenseStore
+    from ds_topkast.store.shards import available_host_memory
 
     variant = record["variant"]
     config = headline_config(variant, args.micro, args.store, args.nvme, args.interval)
@@ -185,10 +191,18 @@ def deepspeed_worker(record: Record, args) -> None:
     model = meta_llama(args.shape)
     estimate = ds_topkast.estimate_memory(model, config)
     sparse = variant in TOP_KAST
+    parameters = sum(p.numel() for p in model.parameters())
+    # ZeRO-Offload's host bytes by the accounting's rule (memory_accounting._Rules.host_state): fp32 master (4),
+    # moments (8), fp32 gradients (4) and a bf16 staging copy (2) per parameter
+    dense_host = 18 * parameters if variant == "offload" else 0
     record.update(predicted_accelerator=(estimate.sparse_total if sparse else estimate.dense_total)
                   + estimate.other_parameters,
-                  predicted_host=estimate.dense_store_bytes if sparse else estimate.host_optimizer_state,
-                  parameters=sum(p.numel() for p in model.parameters()))
+                  predicted_host=estimate.dense_store_bytes if sparse else dense_host, parameters=parameters)
+    available = available_host_memory()
+    if available is not None and record["predicted_host"] > available:
+        record.update(status="skipped", reason=f"needs {record['predicted_host'] / 2**30:.1f} GiB of host memory "
+                                               f"by the accounting, {available / 2**30:.1f} GiB available")
+        return
     deepspeed.init_distributed()
     device = _accelerator().device_name(0)
     if sparse:
@@ -227,10 +241,26 @@ def deepspeed_worker(record: Record, args) -> None:
             record["refresh_floor_s"] = (transfer_floor_seconds(store, engine.device, repeats=1) if _cuda() else
                                          store_floor_seconds(store, repeats=1))
         record["store_bytes"] = store.nbytes()
-        record.phase("checkpoint")
-        folder = Path(args.nvme or args.out) / f"checkpoint_{variant.replace('/', '_')}"
+        if args.checkpoint:
+            timed_checkpoint(record, engine, Path(args.scratch) / f"checkpoint_{variant.replace('/', '_')}")
+
+
+def timed_checkpoint(record: Record, engine, folder: Path) -> None:
+    """One checkpoint, timed, in a folder that is removed again whatever happens (at 7B it is some 45 GB)."""
+    import shutil
+
+    record.phase("checkpoint")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    needed = 2 * record["predicted_accelerator"] + record["predicted_host"]  # generous: values, state, store
+    free = shutil.disk_usage(folder.parent).free
+    if free < needed:
+        record["checkpoint"] = f"not taken: {free / 2**30:.0f} GiB free under {folder.parent}, about " \
+                               f"{needed / 2**30:.0f} GiB needed (--scratch elsewhere, or --no-checkpoint)"
+        return
+    try:
         record["checkpoint_s"] = _timed(lambda: engine.save_checkpoint(str(folder)))
-        subprocess.run(["rm", "-rf", str(folder)], check=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _eight_bit_adamw():
@@ -242,7 +272,7 @@ def _eight_bit_adamw():
     except Exception as bnb_error:  # noqa: BLE001 - any import failure means: try the other package
         try:
             from torchao.optim import AdamW8bit
-        except ImportError as torchao_error:
+        except Exception as torchao_error:  # noqa: BLE001 - the same for torchao
             raise ImportError(f"neither bitsandbytes ({bnb_error}) nor torchao ({torchao_error}) imports") from None
         return "torchao AdamW8bit", AdamW8bit
 
@@ -288,6 +318,9 @@ def plain_worker(record: Record, args) -> None:
                                              _eight_bit_adamw)()
     except ImportError as error:
         record.update(status="not installed", reason=str(error).splitlines()[0][:300])
+        return
+    except Exception as error:  # noqa: BLE001 - installed but not loadable here (a CUDA library it was not built for)
+        record.update(status="not usable", reason=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
         return
     device = "cuda" if _cuda() else "cpu"
     record.phase("build on the accelerator")
@@ -346,19 +379,24 @@ def run_variant(spec: str, args) -> dict:
     env = {**os.environ, "MASTER_PORT": str(free_port())}
     command = [sys.executable, __file__, "--worker", spec, "--shape", args.shape, "--steps", str(args.steps),
                "--micro", str(args.micro), "--seq", str(args.seq), "--store", args.store, "--interval",
-               str(args.interval), "--galore-rank", str(args.galore_rank), "--out", args.out] + (
-                   ["--nvme", args.nvme] if args.nvme else [])
+               str(args.interval), "--galore-rank", str(args.galore_rank), "--out", args.out,
+               "--scratch", args.scratch] + (["--nvme", args.nvme] if args.nvme else []) + (
+                   [] if args.checkpoint else ["--no-checkpoint"])
+    if args.variant_seconds:  # the process stops itself at the limit (timeout sends SIGTERM, then SIGKILL)
+        command = ["timeout", "--kill-after=10", str(args.variant_seconds)] + command
     started = time.perf_counter()
     try:
         host_peak = run_with_peak_rss(command, Path(args.out) / f"{variant.replace('/', '_')}.log", env=env,
                                       cwd=REPO)
-    except subprocess.CalledProcessError as error:  # killed (host memory, a signal): what it recorded stands
+    except subprocess.CalledProcessError as error:  # killed (host memory, a signal, the limit): its record stands
         host_peak = None
         if not path.is_file():
             return {"variant": variant, "status": "failed", "reason": error.output[-1500:]}
     record = json.loads(path.read_text())
     if record["status"] == "started":
-        record.update(status="killed", reason=f"the process ended in phase {record['phase']!r}")
+        limit = args.variant_seconds and time.perf_counter() - started >= args.variant_seconds
+        record.update(status="time limit" if limit else "killed",
+                      reason=f"the process ended in phase {record['phase']!r}")
     record.update(host_peak=host_peak, wall_s=time.perf_counter() - started)
     return record
 
@@ -371,7 +409,8 @@ def table(rows: list[dict], interval: int) -> str:
     """The side-by-side table and the targets of issue 27."""
     by_variant = {r["variant"]: r for r in rows}
     lines = [f"{'variant':<10}{'budget':>7}{'status':>16}{'tokens/s':>10}{'peak GiB':>10}{'predicted':>10}"
-             f"{'host GiB':>10}{'start s':>9}{'refresh s':>10}{'/floor':>8}{'refresh %':>10}{'loss':>14}"]
+             f"{'host GiB':>10}{'predicted':>10}{'start s':>9}{'refresh s':>10}{'/floor':>8}{'refresh %':>10}"
+             f"{'loss':>14}"]
     for r in rows:
         start = sum(r.get(key, 0.0) for key in ("sparsify_s", "build_s", "initialize_s"))
         refresh = r.get("refresh_s")
@@ -381,10 +420,14 @@ def table(rows: list[dict], interval: int) -> str:
         tokens = f"{r['tokens_s']:.0f}" if "tokens_s" in r else "-"
         lines.append(f"{r['variant']:<10}{r.get('budget_gib', 0):>7g}{r['status']:>16}{tokens:>10}"
                      f"{_gib(r.get('peak_accelerator')):>10}{_gib(r.get('predicted_accelerator')):>10}"
-                     f"{_gib(r.get('host_peak')):>10}{start:>9.1f}{refresh or 0:>10.2f}{floor:>8}{share:>10}{loss:>14}")
+                     f"{_gib(r.get('host_peak')):>10}{_gib(r.get('predicted_host')):>10}{start:>9.1f}"
+                     f"{refresh or 0:>10.2f}{floor:>8}{share:>10}{loss:>14}")
+        if r.get("checkpoint"):
+            lines.append(f"  {r['variant']}: checkpoint {r['checkpoint']}")
         if r["status"] not in ("trained",):
             lines.append(f"  {r['variant']}: {r['status']} in {r.get('phase', '?')}: {r.get('reason', '')}"[:400])
-    lines.append("predicted: the accounting's accelerator bytes of trained state (estimate_memory); peak: "
+    lines.append("predicted: the accounting's bytes of trained state (estimate_memory) on the accelerator, and on the "
+                 "host (the dense store; ZeRO-Offload's master, moments, gradients and staging copy); peak: "
                  "max_memory_allocated over the timed steps (activations included; CUDA only); host: peak resident "
                  f"memory of the variant's process; refresh %: of training time at one refresh per {interval} steps")
 
@@ -405,7 +448,8 @@ def table(rows: list[dict], interval: int) -> str:
         row = by_variant.get(name, {})
         if row.get("refresh_s") and row.get("refresh_floor_s"):
             ratio = row["refresh_s"] / row["refresh_floor_s"]
-            lines.append(f"Top-KAST {name} refresh <= 2x its floor: {ratio:.2f}x ({'met' if ratio <= 2 else 'not met'})")
+            verdict = "met" if ratio <= 2 else "not met"
+            lines.append(f"Top-KAST {name} refresh <= 2x its floor: {ratio:.2f}x ({verdict})")
     return "\n".join(lines)
 
 
@@ -420,7 +464,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256, help="tokens per row")
     parser.add_argument("--interval", type=int, default=100, help="refresh interval the refresh is amortised over")
     parser.add_argument("--store", choices=["cpu", "nvme"], default="cpu", help="where ds_topkast's dense store lives")
-    parser.add_argument("--nvme", help="folder for an NVMe store and the checkpoints (default: --out)")
+    parser.add_argument("--nvme", help="folder for an NVMe store")
+    parser.add_argument("--scratch", default=None,
+                        help="folder for the one checkpoint, removed after it (default: --nvme, else a folder in /tmp)")
+    parser.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
+                        help="skip the timed checkpoint (at 7B some 45 GB written)")
+    parser.add_argument("--variant-seconds", type=int, default=0,
+                        help="stop a variant after this many seconds (0: no limit); its record says where it was")
     parser.add_argument("--galore-rank", type=int, default=1024, help="GaLore's projection rank (its 7B recipe: 1024)")
     parser.add_argument("--smoke", action="store_true",
                         help="DeepSpeed's CPU accelerator, the smoke shape, 2 timed steps (CI)")
@@ -434,6 +484,7 @@ def main() -> None:
     args.variants = args.variants or DEFAULT_VARIANTS
     if args.store == "nvme" and not args.nvme:
         parser.error("--store nvme needs --nvme DIR (a folder on the NVMe drive)")
+    args.scratch = args.scratch or args.nvme or "/tmp/ds_topkast_headline"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.worker:
         return worker(args)
@@ -446,10 +497,10 @@ def main() -> None:
           f"tokens per step, bf16, AdamW, activation checkpointing; "
           f"{torch.cuda.get_device_name() if _cuda() else 'CPU accelerator (budgets not enforced)'}", flush=True)
     rows = []
-    for spec in specs:
+    for spec in specs:  # headline.json after every variant: a run stopped by a time limit keeps what it measured
         rows.append(run_variant(spec, args))
         print(json.dumps(rows[-1]), flush=True)
-    (Path(args.out) / "headline.json").write_text(json.dumps({"shape": args.shape, "rows": rows}, indent=1))
+        (Path(args.out) / "headline.json").write_text(json.dumps({"shape": args.shape, "rows": rows}, indent=1))
     print(table(rows, args.interval))
     if any(r["status"] == "failed" for r in rows):
         sys.exit(1)
