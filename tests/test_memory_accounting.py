@@ -13,7 +13,7 @@ import torch
 from models import ds_config, tiny_gpt2, tiny_llama
 
 import ds_topkast
-from ds_topkast.core.layers import sparse_layers
+from ds_topkast.core.layers import layer_scratch, sparse_layers
 
 
 @pytest.mark.parametrize("stage,bf16", [(1, True), (0, False)])
@@ -56,11 +56,13 @@ def test_the_estimate_before_the_run_is_the_report_of_the_run_and_the_tensors_it
                     distribution="erk", include=["*proj"])
     estimate = ds_topkast.estimate_memory(_meta_llama(), cfg)
     engine, *_ = ds_topkast.initialize(model=tiny_llama(), config=cfg)
+    layer_scratch.clear()  # what earlier tests in this process left
     batch = torch.randint(0, 64, (4, 8))
     engine.backward(engine(input_ids=batch, labels=batch).loss)
     engine.step()
     report = ds_topkast.memory_report(engine)
     assert estimate.as_dict() == report.as_dict()
+    assert layer_scratch.nbytes() == report.layer_scratch  # α and dL/dα, one pair per distinct layer size
     layers = list(sparse_layers(engine.module).values())
     assert report.sparse["values"] == sum(l.values.numel() * l.values.element_size() for l in layers)
     assert report.sparse["set_bitmaps"] == sum(l.backward_bits.numel() + l.forward_bits.numel() for l in layers)
