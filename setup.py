@@ -27,8 +27,9 @@ setup(
         "compressed": ["compressed-tensors>=0.15,<0.21"],  # save_compressed: the sparse-bitmask format
         "test": ["ds_topkast[lm,compressed]", "pytest", "pytest-xdist", "tensorboard",
                  "triton==3.6.0"],  # the kernels' tests run their Triton code in its interpreter
-        # bench/: the peer library bench_sparsimony.py compares with, the memory-saving optimizers of bench_headline.py
-        "bench": ["ds_topkast[lm]", "sparsimony==0.1.0", "galore-torch==1.0", "apollo-torch==1.0.3",
+        # bench/: the memory-saving optimizers of bench_headline.py and bench_peers.py. Not sparsimony
+        # (bench_sparsimony.py): it pins numpy 1.x, which breaks datasets' pyarrow; install it with --no-deps
+        "bench": ["ds_topkast[lm]", "galore-torch==1.0", "apollo-torch==1.0.3",
                   "bitsandbytes==0.50.2", "torchao==0.18.0"],
     },
     entry_points={"console_scripts": ["ds-topkast-train = ds_topkast.train:main"]},

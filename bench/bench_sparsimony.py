@@ -1,6 +1,6 @@
 """Our RigL and SET against sparsimony's (a masked-dense PyTorch library), on the tiny GPT-2 at 90% sparsity.
 
-    pip install -e '.[bench]'        # sparsimony 0.1.0
+    pip install --no-deps sparsimony==0.1.0   # it pins numpy 1.x, which would break datasets (pyarrow)
     python bench/bench_sparsimony.py [--steps 400] [--out runs/sparsimony]
 
 Our side is the training command (`deepspeed --module ds_topkast.train`, one rank) on
@@ -55,8 +55,8 @@ try:
     from sparsimony.dst.set import SET
     from sparsimony.schedulers.base import CosineDecayScheduler
 except ImportError:
-    raise SystemExit("bench_sparsimony.py needs sparsimony 0.1.0: pip install -e '.[bench]' (sparsimony pins "
-                     "numpy 1.x; to keep numpy 2: pip install --no-deps sparsimony==0.1.0).") from None
+    raise SystemExit("bench_sparsimony.py needs sparsimony 0.1.0: pip install --no-deps sparsimony==0.1.0 "
+                     "(without --no-deps it downgrades numpy to 1.x, which breaks datasets' pyarrow).") from None
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs/tiny_gpt2.json"
