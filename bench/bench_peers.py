@@ -1,0 +1,441 @@
+"""Top-KAST against what users pick instead, at equal memory: GaLore, APOLLO, 8-bit AdamW, a smaller dense model.
+
+    python bench/bench_peers.py [--steps 300] [--seeds 0 1 2] [--confirm-steps 600] [--confirm-seeds 0]
+                                [--methods ...] [--out runs/peers]
+    python bench/bench_peers.py --smoke        # a few steps of every method, one learning rate (20 s)
+
+One Llama-style byte-level model (4 layers, width 128, intermediate 344, 128 tokens per row,
+16 rows per step; 0.86M parameters), trained from the same initialisation on the embedded corpus
+(the Python standard library's source; the last 5% held out) for the same token budget and the
+same schedule (linear warm-up over 10% of the steps, cosine decay to 10%), fp32 on the CPU.
+On 2 cores the defaults take about 70 minutes (51 for the 53 tuning and seed runs of 300 steps,
+17 for the 600-step runs of seed 0); width 256 (3.3M) would take four times as long. The methods:
+  dense AdamW      DeepSpeed engine (ZeRO-0), torch's AdamW;
+  small dense      the same, at the width whose sparsified layers hold as many weights as
+                   Top-KAST 90/80's A (about 10%);
+  Top-KAST         80/0, 90/80, 95/90: ds_topkast's engine (ZeRO-0), refresh every 50 steps;
+  GaLore           galore-torch's GaLoreAdamW (32-bit: its 8-bit optimizer needs CUDA), rank 32 on
+                   the projections (a quarter of the width: its moments and projector, 0.375 of a
+                   weight matrix, are then about Top-KAST 90/80's moments over B, 0.4), projection
+                   updated every 100 steps, scale 0.25;
+  APOLLO           apollo-torch's APOLLOAdamW, random projection of rank 32, channel-wise scaling;
+  APOLLO-Mini      the same at rank 1, tensor-wise scaling, scale 128 (its paper's setting);
+  8-bit AdamW      bitsandbytes' AdamW8bit (it runs on this CPU), else torchao's AdamW8bit.
+Each method's learning rate is tuned on seed 0 over a grid that grows while its best value
+is at an edge (recorded); then every seed trains at that rate. Reported per method: held-out
+loss (mean and sample standard deviation over seeds, nats per byte; also at half the steps and,
+at its tuned rate, at twice the steps: which pairs of methods change order with more steps),
+the trained state's bytes as the method holds them on the accelerator (weights, gradients, optimizer state: the
+tensors measured, and for Top-KAST memory_report's accelerator bytes, its dense store off the
+accelerator reported apart), the median step time against dense AdamW's in the same run, and
+the fraction of the weights its forward pass uses (the inference cost). Writes peers.json,
+the table (peers.md) and peers.png (held-out loss against accelerator bytes, error bars over
+seeds) to --out; finished runs in --out are reused, so an interrupted study continues.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch  # noqa: E402
+from common import single_rank_environment  # noqa: E402
+
+VOCAB, SEQ, ROWS, LAYERS = 256, 128, 16, 4
+GRID = (1e-3, 3e-3, 1e-2)  # the starting grid of every method; it grows by 3x past an edge
+TOP_KAST = {"Top-KAST 80/0": (0.8, 0.0), "Top-KAST 90/80": (0.9, 0.8), "Top-KAST 95/90": (0.95, 0.9)}
+METHODS = ("dense AdamW", "small dense", *TOP_KAST, "GaLore", "APOLLO", "APOLLO-Mini", "8-bit AdamW")
+PACKAGES = {"GaLore": ("galore-torch",), "APOLLO": ("apollo-torch",), "APOLLO-Mini": ("apollo-torch",),
+            "8-bit AdamW": ("bitsandbytes", "torchao")}  # each peer's package: any one of them runs it
+PEER_RANK = 32
+
+
+def llama(width: int, seed: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    heads = width // 32  # heads of 32: any width that is a multiple of 32
+    return AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=width, intermediate_size=(width * 8 // 3 + 7) // 8 * 8, num_hidden_layers=LAYERS,
+        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=VOCAB, max_position_embeddings=SEQ,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False))
+
+
+def projection_weights(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight"))
+
+
+def small_dense_width(width: int) -> int:
+    """The width (a multiple of 32) whose projections hold closest to 10% of the full model's: Top-KAST 90/80's A."""
+    target = 0.1 * projection_weights(llama(width, 0))
+    return min(range(32, width, 32), key=lambda w: abs(projection_weights(llama(w, 0)) - target))
+
+
+class Corpus:
+    """The embedded corpus as bytes: training windows drawn at random, a fixed set of held-out windows."""
+
+    def __init__(self, max_bytes: int, eval_windows: int):
+        from ds_topkast.lm.data.corpus_sources import default_corpus_bytes
+
+        data = torch.frombuffer(bytearray(default_corpus_bytes(max_bytes)), dtype=torch.uint8).long()
+        cut = int(0.95 * data.numel())
+        self.train, self.held_out = data[:cut], data[cut:]
+        starts = torch.linspace(0, self.held_out.numel() - SEQ - 1, eval_windows).long()
+        self.eval_rows = torch.stack([self.held_out[s:s + SEQ] for s in starts])
+
+    def batch(self, generator: torch.Generator) -> torch.Tensor:
+        starts = torch.randint(0, self.train.numel() - SEQ - 1, (ROWS,), generator=generator)
+        return torch.stack([self.train[s:s + SEQ] for s in starts])
+
+
+def schedule(step: int, steps: int, lr: float) -> float:
+    warm = max(1, steps // 10)
+    if step < warm:
+        return lr * (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of every tensor the optimizer keeps per parameter (moments, quantisation scales, projectors)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += tensor_bytes([value])
+            elif hasattr(value, "ortho_matrix"):  # GaLore's / APOLLO's projector object
+                total += tensor_bytes([value.ortho_matrix])
+    return total
+
+
+class DeepSpeedRun:
+    """Dense AdamW or Top-KAST through a DeepSpeed engine (ZeRO-0, fp32, torch's AdamW)."""
+
+    def __init__(self, method: str, width: int, lr: float, seed: int):
+        import deepspeed
+
+        import ds_topkast
+
+        config = {"train_micro_batch_size_per_gpu": ROWS, "gradient_accumulation_steps": 1,
+                  "steps_per_print": 10**9, "gradient_clipping": 1.0, "zero_optimization": {"stage": 0},
+                  "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}}}
+        model = llama(width, seed)
+        self.sparse = method in TOP_KAST
+        if self.sparse:
+            forward, backward = TOP_KAST[method]
+            config["topkast"] = {"forward_sparsity": forward, "backward_sparsity": backward, "refresh_interval": 50,
+                                 "include": ["*proj"], "seed": seed, "dense_store": {"device": "cpu"}}
+            self.engine, *_ = ds_topkast.initialize(model=model, config=config)
+        else:
+            self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        self.model = self.engine.module
+
+    def step(self, batch: torch.Tensor, lr: float) -> float:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.engine(input_ids=batch, labels=batch).loss
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.item()
+
+    def accounting(self) -> dict:
+        import ds_topkast
+        from ds_topkast.core.layers import sparse_layers
+        from ds_topkast.engine.memory_accounting import trained_bytes
+
+        if not self.sparse:
+            trained = trained_bytes(self.engine)
+            return {"accelerator_bytes": sum(v for k, v in trained.items() if k != "host_optimizer_state"),
+                    "store_bytes": 0, "forward_fraction": 1.0}
+        report = ds_topkast.memory_report(self.engine)
+        layers = sparse_layers(self.model).values()
+        dense = sum(p.numel() for p in self.model.parameters() if p.requires_grad) - sum(
+            layer.values.numel() for layer in layers)
+        forward = sum(layer.k_forward for layer in layers) + dense
+        full = sum(layer.in_features * layer.out_features for layer in layers) + dense
+        return {"accelerator_bytes": report.sparse_total + report.other_parameters,
+                "store_bytes": report.dense_store_bytes, "forward_fraction": forward / full}
+
+    def close(self) -> None:
+        self.engine.destroy()
+
+
+class PlainRun:
+    """A peer optimizer over the dense model in a plain PyTorch loop (what their repositories do)."""
+
+    def __init__(self, method: str, width: int, lr: float, seed: int):
+        self.model = llama(width, seed)
+        projections = [p for n, p in self.model.named_parameters() if n.endswith("proj.weight")]
+        chosen = {id(p) for p in projections}
+        rest = [p for p in self.model.parameters() if id(p) not in chosen]
+        if method == "GaLore":
+            from galore_torch import GaLoreAdamW
+
+            self.package = "galore-torch GaLoreAdamW"
+            groups = [{"params": rest}, {"params": projections, "rank": PEER_RANK, "update_proj_gap": 100,
+                                         "scale": 0.25, "proj_type": "std"}]
+            self.optimizer = GaLoreAdamW(groups, lr=lr, weight_decay=0.0)
+        elif method in ("APOLLO", "APOLLO-Mini"):
+            from apollo_torch import APOLLOAdamW
+
+            self.package = "apollo-torch APOLLOAdamW"
+            mini = method == "APOLLO-Mini"
+            groups = [{"params": rest}, {"params": projections, "rank": 1 if mini else PEER_RANK, "proj": "random",
+                                         "scale_type": "tensor" if mini else "channel", "scale": 128 if mini else 1,
+                                         "update_proj_gap": 100, "proj_type": "std"}]
+            self.optimizer = APOLLOAdamW(groups, lr=lr, weight_decay=0.0)
+        else:
+            self.package, adamw8bit = eight_bit_adamw()
+            self.optimizer = adamw8bit(self.model.parameters(), lr=lr, weight_decay=0.0)
+        self.model.train()
+
+    def step(self, batch: torch.Tensor, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)  # the gradients' memory stays, as it is held in training
+        return loss.item()
+
+    def accounting(self) -> dict:
+        params = list(self.model.parameters())
+        grads = [p.grad for p in params if p.grad is not None]
+        return {"accelerator_bytes": tensor_bytes(params) + tensor_bytes(grads)
+                + optimizer_state_bytes(self.optimizer), "store_bytes": 0, "forward_fraction": 1.0,
+                "package": self.package}
+
+    def close(self) -> None:
+        pass
+
+
+def eight_bit_adamw():
+    """bitsandbytes' AdamW8bit where it imports, else torchao's; the name says which."""
+    try:
+        import bitsandbytes
+
+        return "bitsandbytes AdamW8bit", bitsandbytes.optim.AdamW8bit
+    except Exception:  # noqa: BLE001 - any import failure: the other package
+        from torchao.optim import AdamW8bit
+
+        return "torchao AdamW8bit", AdamW8bit
+
+
+@torch.no_grad()
+def held_out_loss(model, corpus: Corpus) -> float:
+    model.eval()
+    losses = [model(input_ids=rows, labels=rows).loss.item() for rows in corpus.eval_rows.split(16)]
+    model.train()
+    return statistics.fmean(losses)
+
+
+def train(method: str, lr: float, seed: int, steps: int, corpus: Corpus, widths: dict) -> dict:
+    """One run to its end; its record (held-out loss, bytes, step time)."""
+    run_type = DeepSpeedRun if method in ("dense AdamW", "small dense", *TOP_KAST) else PlainRun
+    run = run_type(method, widths[method], lr, seed)
+    generator = torch.Generator().manual_seed(1000 + seed)
+    times, losses, halfway = [], [], None
+    for step in range(steps):
+        batch = corpus.batch(generator)
+        start = time.perf_counter()
+        losses.append(run.step(batch, schedule(step, steps, lr)))
+        times.append(time.perf_counter() - start)
+        if step + 1 == steps // 2:
+            halfway = held_out_loss(run.model, corpus)
+    record = {"method": method, "lr": lr, "seed": seed, "steps": steps, "train_loss": losses[-1],
+              "held_out_loss": held_out_loss(run.model, corpus), "held_out_halfway": halfway,
+              "step_s": statistics.median(times),
+              "parameters": sum(p.numel() for p in llama(widths[method], 0).parameters()),
+              **run.accounting()}
+    run.close()
+    for key in ("held_out_loss", "held_out_halfway"):
+        if record[key] is not None and not math.isfinite(record[key]):
+            record[key] = float("inf")
+    return record
+
+
+def cached_run(runs: Path, method: str, lr: float, seed: int, steps: int, corpus: Corpus, widths: dict) -> dict:
+    """The run's record from --out when an earlier invocation finished it, else trained now and kept there."""
+    path = runs / f"{method}_{lr:g}_{seed}_{steps}.json".replace(" ", "_").replace("/", "-")
+    if path.is_file():
+        return json.loads(path.read_text())
+    record = train(method, lr, seed, steps, corpus, widths)
+    path.write_text(json.dumps(record))
+    return record
+
+
+def tune(method: str, args, corpus: Corpus, widths: dict, runs: Path) -> tuple[float, list[dict]]:
+    """The best learning rate on seed 0 over a grid that grows past an edge while the best value sits there."""
+    grid, tried = list(args.grid), {}
+    while True:
+        for lr in grid:
+            if lr not in tried:
+                tried[lr] = cached_run(runs, method, lr, 0, args.steps, corpus, widths)
+                print(f"  {method} lr {lr:g}: held-out {tried[lr]['held_out_loss']:.4f}", flush=True)
+        best = min(tried, key=lambda lr: tried[lr]["held_out_loss"])
+        ordered = sorted(tried)
+        if len(ordered) >= args.max_grid or (best != ordered[0] and best != ordered[-1]):
+            return best, [tried[lr] for lr in ordered]
+        grid = [best / 3 if best == ordered[0] else best * 3]
+
+
+def summary(method: str, lr: float, records: list[dict], grid: list[dict], dense_step: float | None) -> dict:
+    losses = [r["held_out_loss"] for r in records]
+    first = records[0]
+    return {"method": method, "lr": lr, "grid": {f"{r['lr']:g}": r["held_out_loss"] for r in grid},
+            "held_out_mean": statistics.fmean(losses),
+            "halfway_mean": statistics.fmean(r["held_out_halfway"] for r in records),
+            "held_out_std": statistics.stdev(losses) if len(losses) > 1 else 0.0, "seeds": len(records),
+            "accelerator_bytes": first["accelerator_bytes"], "store_bytes": first["store_bytes"],
+            "forward_fraction": first["forward_fraction"], "parameters": first["parameters"],
+            "package": first.get("package", "ds_topkast" if method in TOP_KAST else "deepspeed"),
+            "step_s": statistics.median(r["step_s"] for r in records),
+            "step_vs_dense": statistics.median(r["step_s"] for r in records) / dense_step if dense_step else None}
+
+
+def swapped_pairs(rows: list[dict], key: str) -> list[tuple[str, str]]:
+    """The pairs of methods whose order by `key` (a held-out loss at another length) differs from the table's."""
+    return [(a["method"], b["method"]) for i, a in enumerate(rows) for b in rows[i + 1:]
+            if (a[key] < b[key]) != (a["held_out_mean"] < b["held_out_mean"])]
+
+
+def table(rows: list[dict], confirm_steps: int, confirm_seeds: list[int]) -> str:
+    column = f"at {confirm_steps} steps (seeds {' '.join(map(str, confirm_seeds))})" if confirm_steps else "longer"
+    lines = [f"| method | lr (grid: held-out loss) | held-out loss | at half the steps | {column} | accelerator MiB "
+             "| store MiB | forward weights | step / dense |", "|" + " --- |" * 9]
+    for r in sorted(rows, key=lambda r: r["held_out_mean"]):
+        grid = ", ".join(f"{lr}: {loss:.3f}" for lr, loss in r["grid"].items())
+        step = f"{r['step_vs_dense']:.2f}" if r["step_vs_dense"] else "-"
+        longer = f"{r['confirm_mean']:.4f} ± {r['confirm_std']:.4f}" if "confirm_mean" in r else "-"
+        lines.append(f"| {r['method']} | {r['lr']:g} ({grid}) | {r['held_out_mean']:.4f} ± {r['held_out_std']:.4f} "
+                     f"| {r['halfway_mean']:.4f} | {longer} | {r['accelerator_bytes'] / 2**20:.1f} "
+                     f"| {r['store_bytes'] / 2**20:.1f} | {r['forward_fraction']:.0%} | {step} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], steps: int, confirm_steps: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    figure, axes = plt.subplots(figsize=(7.5, 4.8))
+    for i, r in enumerate(sorted(rows, key=lambda r: r["accelerator_bytes"])):
+        sparse = r["method"] in TOP_KAST
+        color = "tab:red" if sparse else "tab:blue"
+        axes.errorbar(r["accelerator_bytes"] / 2**20, r["held_out_mean"], yerr=r["held_out_std"], fmt="o",
+                      capsize=3, color=color, label=f"{steps} steps" if i == 0 else None)
+        if "confirm_mean" in r:  # the same method trained longer, open marker below its point
+            axes.errorbar(r["accelerator_bytes"] / 2**20, r["confirm_mean"], yerr=r["confirm_std"], fmt="o",
+                          mfc="none", capsize=3, color=color, label=f"{confirm_steps} steps" if i == 0 else None)
+        axes.annotate(r["method"], (r["accelerator_bytes"] / 2**20, r["held_out_mean"]), textcoords="offset points",
+                      xytext=(6, 5 if i % 2 else -12), fontsize=8)  # neighbours' labels above and below
+    axes.set_xscale("log")
+    axes.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    axes.xaxis.set_major_formatter(ScalarFormatter())
+    axes.set_xlabel("accelerator bytes of trained state (MiB; weights, gradients, optimizer state)")
+    axes.set_ylabel("held-out loss (nats per byte)")
+    axes.set_title("Same model, data, schedule and tuned rate; mean ± std over seeds (red: Top-KAST)", fontsize=10)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--width", type=int, default=128, help="the model's width (a multiple of 32)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--grid", type=float, nargs="+", default=list(GRID), help="the starting learning rates")
+    parser.add_argument("--max-grid", type=int, default=5, help="the most learning rates tried per method")
+    parser.add_argument("--corpus-bytes", type=int, default=8 * 2**20)
+    parser.add_argument("--eval-windows", type=int, default=256)
+    parser.add_argument("--confirm-steps", type=int, default=None,
+                        help="train seed 0 of each method at its tuned rate this long too (default: twice --steps; "
+                             "0: not), to show whether the ordering still changes with more steps")
+    parser.add_argument("--confirm-seeds", type=int, nargs="+", default=[0], help="the seeds of those longer runs")
+    parser.add_argument("--smoke", action="store_true", help="4 steps, one rate, one seed: every code path")
+    parser.add_argument("--out", default="runs/peers")
+    args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.seeds, args.grid, args.max_grid, args.eval_windows = 4, [0], [3e-3], 1, 16
+    if args.confirm_steps is None:
+        args.confirm_steps = 2 * args.steps
+    if args.width % 32:
+        parser.error("--width must be a multiple of 32 (heads of 32)")
+    warnings.filterwarnings("ignore", message=".*without a Top-KAST runtime.*")
+    single_rank_environment()
+    import deepspeed
+
+    deepspeed.init_distributed()
+    out, started = Path(args.out), time.perf_counter()
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    corpus = Corpus(args.corpus_bytes, args.eval_windows)
+    widths = {**{method: args.width for method in METHODS}, "small dense": small_dense_width(args.width)}
+    versions = {name: metadata.version(name) for name in
+                ("torch", "deepspeed", "transformers", *sorted({n for names in PACKAGES.values() for n in names}))
+                if _installed(name)}
+    print(f"{LAYERS} layers, width {args.width} (small dense: {widths['small dense']}), {ROWS} x {SEQ} tokens per "
+          f"step, {args.steps} steps, seeds {args.seeds}; {versions}", flush=True)
+    rows, skipped, dense_step = [], {}, None
+    for method in args.methods:
+        if method in PACKAGES and not any(_installed(name) for name in PACKAGES[method]):
+            skipped[method] = f"{' or '.join(PACKAGES[method])} is not installed (pip install -e '.[bench]')"
+            print(f"{method}: {skipped[method]}; skipped", flush=True)
+            continue
+        lr, grid = tune(method, args, corpus, widths, runs)
+        records = [cached_run(runs, method, lr, seed, args.steps, corpus, widths) for seed in args.seeds]
+        if method == "dense AdamW":
+            dense_step = statistics.median(r["step_s"] for r in records)
+        rows.append(summary(method, lr, records, grid, dense_step))
+        if args.confirm_steps:
+            longer = [cached_run(runs, method, lr, seed, args.confirm_steps, corpus, widths)["held_out_loss"]
+                      for seed in args.confirm_seeds]
+            rows[-1].update(confirm_mean=statistics.fmean(longer), confirm_seeds=len(longer),
+                            confirm_std=statistics.stdev(longer) if len(longer) > 1 else 0.0)
+        print(json.dumps(rows[-1]), flush=True)
+    (out / "peers.json").write_text(json.dumps({"steps": args.steps, "width": args.width, "seeds": args.seeds,
+                                                "versions": versions,
+                                                "small_dense_width": widths["small dense"], "rows": rows,
+                                                "confirm_steps": args.confirm_steps,
+                                                "confirm_seeds": args.confirm_seeds,
+                                                "swapped_since_halfway": swapped_pairs(rows, "halfway_mean"),
+                                                "swapped_at_confirm": swapped_pairs(rows, "confirm_mean")
+                                                if args.confirm_steps else None, "skipped": skipped},
+                                               indent=1))
+    text = table(rows, args.confirm_steps, args.confirm_seeds)
+    (out / "peers.md").write_text(text + "\n")
+    plot(rows, args.steps, args.confirm_steps, out / "peers.png")
+    print(text)
+    print(f"order changed since half the steps: {swapped_pairs(rows, 'halfway_mean') or 'none'}")
+    if args.confirm_steps:
+        print(f"order changed at {args.confirm_steps} steps: {swapped_pairs(rows, 'confirm_mean') or 'none'}")
+    print(f"{time.perf_counter() - started:.0f} s; wrote {out / 'peers.json'}, peers.md, peers.png")
+
+
+def _installed(name: str) -> bool:
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

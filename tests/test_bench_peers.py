@@ -1,0 +1,50 @@
+"""bench/bench_peers.py in its smoke mode: every method's code path runs, and each one's bytes are what it holds."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import _free_port
+from launcher import REPO, remove_shm_buffers
+
+PEERS = ("GaLore", "APOLLO", "APOLLO-Mini", "8-bit AdamW")  # the bench extra's packages: trained there, else skipped
+
+
+def test_peers_smoke_trains_every_method_and_accounts_its_bytes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE")}
+    port = env["MASTER_PORT"] = _free_port()
+    try:
+        result = subprocess.run([sys.executable, "bench/bench_peers.py", "--smoke", "--out", str(tmp_path)], cwd=REPO,
+                                env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    finally:
+        remove_shm_buffers(port)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    study = json.loads((tmp_path / "peers.json").read_text())
+    rows = {row["method"]: row for row in study["rows"]}
+    assert set(rows) | set(study["skipped"]) == {"dense AdamW", "small dense", "Top-KAST 80/0", "Top-KAST 90/80",
+                                                 "Top-KAST 95/90", *PEERS}
+    assert set(study["skipped"]) <= set(PEERS), study["skipped"]
+    assert (tmp_path / "peers.png").stat().st_size > 0 and "| Top-KAST 90/80 |" in (tmp_path / "peers.md").read_text()
+
+    dense = rows["dense AdamW"]
+    assert dense["accelerator_bytes"] == 16 * dense["parameters"]  # fp32 weights, gradients and Adam's two moments
+    assert dense["step_vs_dense"] == 1.0 and dense["forward_fraction"] == 1.0 and dense["store_bytes"] == 0
+    assert rows["small dense"]["parameters"] < 0.2 * dense["parameters"]
+    width = study["width"]
+    projections = dense["parameters"] - 2 * 256 * width - 9 * width  # less embeddings, lm_head and 4 layers' norms
+    for method, forward, backward in (("Top-KAST 80/0", 0.8, 0.0), ("Top-KAST 90/80", 0.9, 0.8),
+                                      ("Top-KAST 95/90", 0.95, 0.9)):
+        row = rows[method]
+        assert row["store_bytes"] == 4 * projections  # the full fp32 projections, off the accelerator
+        kept = dense["parameters"] - projections  # embeddings, norms, lm_head: dense
+        assert abs(row["forward_fraction"] - ((1 - forward) * projections + kept) / dense["parameters"]) < 1e-3
+        if backward > 0:  # a sparse B: less than dense on the accelerator
+            assert row["accelerator_bytes"] < dense["accelerator_bytes"] * (1 - backward + 0.15)
+    for method in set(PEERS) & set(rows):
+        row = rows[method]
+        assert row["forward_fraction"] == 1.0 and row["store_bytes"] == 0 and row["package"]
+        assert 8 * row["parameters"] < row["accelerator_bytes"] < dense["accelerator_bytes"]  # less state than Adam's
+    assert study["confirm_steps"] == 8 and isinstance(study["swapped_at_confirm"], list)
+    for row in rows.values():
+        assert row["held_out_mean"] < row["halfway_mean"], row  # every method's last steps lowered the loss
+        assert row["confirm_mean"] < row["halfway_mean"] and row["confirm_seeds"] == 1, row  # seed 0's longer run
