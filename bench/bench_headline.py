@@ -263,20 +263,6 @@ def timed_checkpoint(record: Record, engine, folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _eight_bit_adamw():
-    """bitsandbytes' AdamW8bit where it runs, else torchao's; the name says which."""
-    try:
-        import bitsandbytes
-
-        return "bitsandbytes AdamW8bit", bitsandbytes.optim.AdamW8bit
-    except Exception as bnb_error:  # noqa: BLE001 - any import failure means: try the other package
-        try:
-            from torchao.optim import AdamW8bit
-        except Exception as torchao_error:  # noqa: BLE001 - the same for torchao
-            raise ImportError(f"neither bitsandbytes ({bnb_error}) nor torchao ({torchao_error}) imports") from None
-        return "torchao AdamW8bit", AdamW8bit
-
-
 def _galore_optimizer() -> tuple[str, type]:
     """GaLore's 8-bit AdamW (its 7B recipe) on CUDA; its 32-bit AdamW elsewhere (the 8-bit one calls CUDA)."""
     import galore_torch
@@ -310,12 +296,13 @@ def _galore_optimizers(model, optimizer_type: type, rank: int, lr: float) -> dic
 
 def plain_worker(record: Record, args) -> None:
     """GaLore or 8-bit AdamW: a plain PyTorch loop over the same model (bf16 weights) and batch."""
+    from common import eight_bit_adamw
     from transformers import AutoModelForCausalLM
 
     record.phase("import")
     try:
         record["package"], optimizer_type = (_galore_optimizer if record["variant"] == "galore" else
-                                             _eight_bit_adamw)()
+                                             eight_bit_adamw)()
     except ImportError as error:
         record.update(status="not installed", reason=str(error).splitlines()[0][:300])
         return

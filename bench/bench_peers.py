@@ -35,6 +35,7 @@ seeds) to --out; finished runs in --out are reused, so an interrupted study cont
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -47,7 +48,7 @@ from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
-from common import single_rank_environment  # noqa: E402
+from common import eight_bit_adamw, single_rank_environment  # noqa: E402
 
 VOCAB, SEQ, ROWS, LAYERS = 256, 128, 16, 4
 GRID = (1e-3, 3e-3, 1e-2)  # the starting grid of every method; it grows by 3x past an edge
@@ -67,6 +68,12 @@ def llama(width: int, seed: int):
         hidden_size=width, intermediate_size=(width * 8 // 3 + 7) // 8 * 8, num_hidden_layers=LAYERS,
         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=VOCAB, max_position_embeddings=SEQ,
         bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False))
+
+
+@functools.cache
+def parameter_count(width: int) -> int:
+    """The dense model's parameters at this width (Top-KAST's engine replaces its layers' parameters)."""
+    return sum(p.numel() for p in llama(width, 0).parameters())
 
 
 def projection_weights(model) -> int:
@@ -222,18 +229,6 @@ class PlainRun:
         pass
 
 
-def eight_bit_adamw():
-    """bitsandbytes' AdamW8bit where it imports, else torchao's; the name says which."""
-    try:
-        import bitsandbytes
-
-        return "bitsandbytes AdamW8bit", bitsandbytes.optim.AdamW8bit
-    except Exception:  # noqa: BLE001 - any import failure: the other package
-        from torchao.optim import AdamW8bit
-
-        return "torchao AdamW8bit", AdamW8bit
-
-
 @torch.no_grad()
 def held_out_loss(model, corpus: Corpus) -> float:
     model.eval()
@@ -258,7 +253,7 @@ def train(method: str, lr: float, seed: int, steps: int, corpus: Corpus, widths:
     record = {"method": method, "lr": lr, "seed": seed, "steps": steps, "train_loss": losses[-1],
               "held_out_loss": held_out_loss(run.model, corpus), "held_out_halfway": halfway,
               "step_s": statistics.median(times),
-              "parameters": sum(p.numel() for p in llama(widths[method], 0).parameters()),
+              "parameters": parameter_count(widths[method]),
               **run.accounting()}
     run.close()
     for key in ("held_out_loss", "held_out_halfway"):

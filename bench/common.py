@@ -1,5 +1,6 @@
 """What several benchmarks share: a median timer that waits for the GPU, a refresh's floors, a stack of square
-layers, a one-rank environment, and the training command on one rank with its peak memory measured."""
+layers, a one-rank environment, the training command on one rank with its peak memory measured, and the 8-bit
+AdamW the peer comparisons run."""
 from __future__ import annotations
 
 import os
@@ -101,3 +102,17 @@ def run_with_peak_rss(command: list[str], log: Path, **popen_kwargs) -> int:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
         raise subprocess.CalledProcessError(process.returncode, command, output=tail)
     return usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def eight_bit_adamw():
+    """bitsandbytes' AdamW8bit where it runs, else torchao's; the name says which."""
+    try:
+        import bitsandbytes
+
+        return "bitsandbytes AdamW8bit", bitsandbytes.optim.AdamW8bit
+    except Exception as bnb_error:  # noqa: BLE001 - any import failure means: try the other package
+        try:
+            from torchao.optim import AdamW8bit
+        except Exception as torchao_error:  # noqa: BLE001 - the same for torchao
+            raise ImportError(f"neither bitsandbytes ({bnb_error}) nor torchao ({torchao_error}) imports") from None
+        return "torchao AdamW8bit", AdamW8bit
