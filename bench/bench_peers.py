@@ -381,6 +381,13 @@ def main() -> None:
     out, started = Path(args.out), time.perf_counter()
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
+    settings = {"width": args.width, "corpus_bytes": args.corpus_bytes, "eval_windows": args.eval_windows,
+                "rows": ROWS, "seq": SEQ, "layers": LAYERS}
+    kept = out / "settings.json"
+    if kept.is_file() and json.loads(kept.read_text()) != settings:  # its runs would be reused as if they were ours
+        parser.error(f"{out} holds runs made with {kept.read_text().strip()}, not {json.dumps(settings)}: "
+                     "pass another --out, or remove that folder")
+    kept.write_text(json.dumps(settings))
     corpus = Corpus(args.corpus_bytes, args.eval_windows)
     widths = {**{method: args.width for method in METHODS}, "small dense": small_dense_width(args.width)}
     versions = {name: metadata.version(name) for name in
