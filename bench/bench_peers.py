@@ -9,7 +9,7 @@ One Llama-style byte-level model (4 layers, width 128, intermediate 344, 128 tok
 (the Python standard library's source; the last 5% held out) for the same token budget and the
 same schedule (linear warm-up over 10% of the steps, cosine decay to 10%), fp32 on the CPU.
 On 2 cores the defaults take about 70 minutes (51 for the 53 tuning and seed runs of 300 steps,
-17 for the 600-step runs of seed 0); width 256 (3.3M) would take four times as long. The methods:
+17 for the 600-step runs of seed 0); at width 256 (3.3M) a step takes about three times as long. The methods:
   dense AdamW      DeepSpeed engine (ZeRO-0), torch's AdamW;
   small dense      the same, at the width whose sparsified layers hold as many weights as
                    Top-KAST 90/80's A (about 10%);
