@@ -1,15 +1,14 @@
 """Top-KAST against what users pick instead, at equal memory: GaLore, APOLLO, 8-bit AdamW, a smaller dense model.
 
-    python bench/bench_peers.py [--steps 300] [--seeds 0 1 2] [--confirm-steps 600] [--confirm-seeds 0]
-                                [--methods ...] [--out runs/peers]
-    python bench/bench_peers.py --smoke        # a few steps of every method, one learning rate (20 s)
+    python bench/bench_peers.py [--steps 600] [--seeds 0 1 2] [--confirm-steps 1200] [--confirm-seeds 0]
+                                [--methods ...] [--jobs 2] [--out runs/peers]
+    python bench/bench_peers.py --smoke        # a few steps of every method, one learning rate (50 s)
 
 One Llama-style byte-level model (4 layers, width 128, intermediate 344, 128 tokens per row,
 16 rows per step; 0.86M parameters), trained from the same initialisation on the embedded corpus
 (the Python standard library's source; the last 5% held out) for the same token budget and the
 same schedule (linear warm-up over 10% of the steps, cosine decay to 10%), fp32 on the CPU.
-On 2 cores the defaults take about 70 minutes (51 for the 53 tuning and seed runs of 300 steps,
-17 for the 600-step runs of seed 0); at width 256 (3.3M) a step takes about three times as long. The methods:
+The methods:
   dense AdamW      DeepSpeed engine (ZeRO-0), torch's AdamW;
   small dense      the same, at the width whose sparsified layers hold as many weights as
                    Top-KAST 90/80's A (about 10%);
@@ -21,42 +20,55 @@ On 2 cores the defaults take about 70 minutes (51 for the 53 tuning and seed run
   APOLLO           apollo-torch's APOLLOAdamW, random projection of rank 32, channel-wise scaling;
   APOLLO-Mini      the same at rank 1, tensor-wise scaling, scale 128 (its paper's setting);
   8-bit AdamW      bitsandbytes' AdamW8bit (it runs on this CPU), else torchao's AdamW8bit.
-Each method's learning rate is tuned on seed 0 over a grid that grows while its best value
-is at an edge (recorded); then every seed trains at that rate. Reported per method: held-out
-loss (mean and sample standard deviation over seeds, nats per byte; also at half the steps and,
-at its tuned rate, at twice the steps: which pairs of methods change order with more steps),
-the trained state's bytes as the method holds them on the accelerator (weights, gradients, optimizer state: the
-tensors measured, and for Top-KAST memory_report's accelerator bytes, its dense store off the
-accelerator reported apart), the median step time against dense AdamW's in the same run, and
-the fraction of the weights its forward pass uses (the inference cost). Writes peers.json,
-the table (peers.md) and peers.png (held-out loss against accelerator bytes, error bars over
-seeds) to --out; finished runs in --out are reused, so an interrupted study continues.
+Each method's learning rate is tuned at --steps on seed 0 over a grid of 3x steps that grows
+while its best value is at an edge (recorded); then every seed trains at that rate, and
+--confirm-seeds train at it for --confirm-steps too. Reported per method: held-out loss (mean
+and sample standard deviation over seeds, nats per byte; also at half the steps and at
+--confirm-steps, with the pairs of methods whose order changes where a lead is clear: see
+changed_pairs), the trained state's bytes as the method holds them on the accelerator (weights,
+gradients, optimizer state: the tensors measured, and for Top-KAST memory_report's accelerator
+bytes, its dense store off the accelerator reported apart), the median step time against dense
+AdamW's (timed after the study, one method at a time), and the fraction of the weights its
+forward pass uses (the inference cost). Runs train --jobs at a time (RunPool). Writes
+peers.json, the table (peers.md) and peers.png (held-out loss against accelerator bytes, error
+bars over seeds) to --out; finished runs in --out are reused, so an interrupted study continues.
+On 2 cores the defaults take about an hour and a half (docs/RESULTS.md has the measured time);
+at width 256 (3.3M parameters) a step takes about three times as long.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import math
+import multiprocessing
 import os
+import queue
 import statistics
 import sys
+import threading
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
-from common import eight_bit_adamw, single_rank_environment  # noqa: E402
+from common import eight_bit_adamw, free_port, single_rank_environment  # noqa: E402
 
 VOCAB, SEQ, ROWS, LAYERS = 256, 128, 16, 4
-GRID = (1e-3, 3e-3, 1e-2)  # the starting grid of every method; it grows by 3x past an edge
 TOP_KAST = {"Top-KAST 80/0": (0.8, 0.0), "Top-KAST 90/80": (0.9, 0.8), "Top-KAST 95/90": (0.95, 0.9)}
 METHODS = ("dense AdamW", "small dense", *TOP_KAST, "GaLore", "APOLLO", "APOLLO-Mini", "8-bit AdamW")
 PACKAGES = {"GaLore": ("galore-torch",), "APOLLO": ("apollo-torch",), "APOLLO-Mini": ("apollo-torch",),
             "8-bit AdamW": ("bitsandbytes", "torchao")}  # each peer's package: any one of them runs it
 PEER_RANK = 32
+# Each method's best rate at 300 steps (docs/RESULTS.md, the first run of this study): its grid starts a 3x step
+# either side of it and grows by 3x past an edge while the best value sits there, so where it starts changes
+# how many runs the tuning takes, not the rate it finds (where the loss has one minimum over the rates).
+STARTING_RATES = {"dense AdamW": 1e-3, "small dense": 3e-3, "Top-KAST 80/0": 3e-3, "Top-KAST 90/80": 1e-2,
+                  "Top-KAST 95/90": 3e-2, "GaLore": 3e-2, "APOLLO": 1e-2, "APOLLO-Mini": 3e-3, "8-bit AdamW": 1e-3}
 
 
 def llama(width: int, seed: int):
@@ -237,74 +249,201 @@ def held_out_loss(model, corpus: Corpus) -> float:
     return statistics.fmean(losses)
 
 
-def train(method: str, lr: float, seed: int, steps: int, corpus: Corpus, widths: dict) -> dict:
-    """One run to its end; its record (held-out loss, bytes, step time)."""
+def new_run(method: str, width: int, lr: float, seed: int):
+    """The method's model and optimizer: through a DeepSpeed engine (dense, small dense, Top-KAST) or a plain loop."""
     run_type = DeepSpeedRun if method in ("dense AdamW", "small dense", *TOP_KAST) else PlainRun
-    run = run_type(method, widths[method], lr, seed)
+    return run_type(method, width, lr, seed)
+
+
+def train(method: str, lr: float, seed: int, steps: int, corpus: Corpus, width: int) -> dict:
+    """One run to its end; its record (held-out loss at the end and at half the steps, bytes, wall time)."""
+    started = time.perf_counter()
+    run = new_run(method, width, lr, seed)
     generator = torch.Generator().manual_seed(1000 + seed)
-    times, losses, halfway = [], [], None
+    losses, halfway = [], None
     for step in range(steps):
-        batch = corpus.batch(generator)
-        start = time.perf_counter()
-        losses.append(run.step(batch, schedule(step, steps, lr)))
-        times.append(time.perf_counter() - start)
+        losses.append(run.step(corpus.batch(generator), schedule(step, steps, lr)))
         if step + 1 == steps // 2:
             halfway = held_out_loss(run.model, corpus)
     record = {"method": method, "lr": lr, "seed": seed, "steps": steps, "train_loss": losses[-1],
               "held_out_loss": held_out_loss(run.model, corpus), "held_out_halfway": halfway,
-              "step_s": statistics.median(times),
-              "parameters": parameter_count(widths[method]),
-              **run.accounting()}
+              "parameters": parameter_count(width), **run.accounting()}
     run.close()
     for key in ("held_out_loss", "held_out_halfway"):
         if record[key] is not None and not math.isfinite(record[key]):
             record[key] = float("inf")
+    record["seconds"] = time.perf_counter() - started
     return record
 
 
-def cached_run(runs: Path, method: str, lr: float, seed: int, steps: int, corpus: Corpus, widths: dict) -> dict:
-    """The run's record from --out when an earlier invocation finished it, else trained now and kept there."""
-    path = runs / f"{method}_{lr:g}_{seed}_{steps}.json".replace(" ", "_").replace("/", "-")
-    if path.is_file():
-        return json.loads(path.read_text())
-    record = train(method, lr, seed, steps, corpus, widths)
-    path.write_text(json.dumps(record))
-    return record
+def step_seconds(method: str, lr: float, width: int, corpus: Corpus, steps: int) -> float:
+    """The median wall time of a training step, the first few (warm-up) apart, in a process that has the cores alone."""
+    run = new_run(method, width, lr, 0)
+    generator, times = torch.Generator().manual_seed(1000), []
+    for _ in range(steps + 3):
+        batch = corpus.batch(generator)
+        start = time.perf_counter()
+        run.step(batch, lr)
+        times.append(time.perf_counter() - start)
+    run.close()
+    return statistics.median(times[3:])
 
 
-def tune(method: str, args, corpus: Corpus, widths: dict, runs: Path) -> tuple[float, list[dict]]:
+_corpus: Corpus | None = None  # a worker's copy, read once when it starts
+
+
+def start_worker(threads: int, max_bytes: int, eval_windows: int) -> None:
+    """A worker process: its share of the cores, the corpus, and a DeepSpeed world of one on a port of its own."""
+    global _corpus
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message=".*without a Top-KAST runtime.*")
+    os.environ["MASTER_PORT"] = str(free_port())
+    single_rank_environment()
+    import deepspeed
+
+    from ds_topkast.parallel.collectives import release_cpu_shm_buffer
+
+    deepspeed.init_distributed()
+    release_cpu_shm_buffer()  # mapped already; in a world of one no other rank opens it, so nothing is left in RAM
+    _corpus = Corpus(max_bytes, eval_windows)
+
+
+def train_in_worker(method: str, lr: float, seed: int, steps: int, width: int) -> dict:
+    return train(method, lr, seed, steps, _corpus, width)
+
+
+def time_in_worker(method: str, lr: float, width: int, steps: int) -> float:
+    return step_seconds(method, lr, width, _corpus, steps)
+
+
+class RunPool:
+    """The study's runs in `jobs` worker processes that share the cores, longest runs first, each kept in --out.
+
+    On 2 cores two single-threaded runs side by side train about 1.3x as many steps an hour
+    as one run on both cores (this model's matrices are too small to keep two threads busy,
+    and the Python between its kernels runs on one), so a study finishes sooner. Any thread
+    may call run(); at most `jobs` runs train at once, the one with the most steps first (a
+    long run started last would leave the other worker idle at the end). A run whose record
+    is in --out is not trained again, so an interrupted study continues where it stopped.
+    """
+
+    def __init__(self, jobs: int, args, widths: dict, runs: Path):
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.widths, self.runs, self.queue = widths, runs, queue.PriorityQueue()
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=start_worker,
+                                        initargs=(threads, args.corpus_bytes, args.eval_windows))
+        self.order = itertools.count()
+        self.dispatchers = [threading.Thread(target=self._dispatch, daemon=True) for _ in range(jobs)]
+        for dispatcher in self.dispatchers:
+            dispatcher.start()
+
+    def run(self, method: str, lr: float, seed: int, steps: int) -> dict:
+        path = self.runs / f"{method}_{lr:g}_{seed}_{steps}.json".replace(" ", "_").replace("/", "-")
+        if path.is_file():
+            return json.loads(path.read_text())
+        done = Future()
+        self.queue.put((-steps, method not in TOP_KAST, next(self.order), (method, lr, seed, steps), done))
+        record = done.result()
+        path.write_text(json.dumps(record))
+        print(f"  {method} lr {lr:g} seed {seed} {steps} steps: held-out {record['held_out_loss']:.4f} "
+              f"({record['seconds']:.0f} s)", flush=True)
+        return record
+
+    def _dispatch(self) -> None:
+        while True:
+            *_, request, done = self.queue.get()
+            if request is None:
+                return
+            method, lr, seed, steps = request
+            try:
+                done.set_result(self.pool.submit(train_in_worker, method, lr, seed, steps,
+                                                 self.widths[method]).result())
+            except BaseException as error:  # noqa: BLE001 - the caller's thread raises it
+                done.set_exception(error)
+
+    def close(self) -> None:
+        for _ in self.dispatchers:
+            self.queue.put((math.inf, True, next(self.order), None, None))
+        for dispatcher in self.dispatchers:
+            dispatcher.join()
+        self.pool.shutdown()
+
+
+def tune(method: str, grid: list[float], max_grid: int, steps: int, pool: RunPool) -> tuple[float, list[dict]]:
     """The best learning rate on seed 0 over a grid that grows past an edge while the best value sits there."""
-    grid, tried = list(args.grid), {}
+    tried = {}
     while True:
-        for lr in grid:
-            if lr not in tried:
-                tried[lr] = cached_run(runs, method, lr, 0, args.steps, corpus, widths)
-                print(f"  {method} lr {lr:g}: held-out {tried[lr]['held_out_loss']:.4f}", flush=True)
+        todo = [lr for lr in grid if lr not in tried]
+        with ThreadPoolExecutor(len(todo)) as threads:
+            tried.update(zip(todo, threads.map(lambda lr: pool.run(method, lr, 0, steps), todo)))
         best = min(tried, key=lambda lr: tried[lr]["held_out_loss"])
         ordered = sorted(tried)
-        if len(ordered) >= args.max_grid or (best != ordered[0] and best != ordered[-1]):
+        if len(ordered) >= max_grid or (best != ordered[0] and best != ordered[-1]):
             return best, [tried[lr] for lr in ordered]
         grid = [best / 3 if best == ordered[0] else best * 3]
 
 
-def summary(method: str, lr: float, records: list[dict], grid: list[dict], dense_step: float | None) -> dict:
-    losses = [r["held_out_loss"] for r in records]
+def study(method: str, args, pool: RunPool) -> dict:
+    """One method's row: its rate tuned at --steps, every seed there, the longer runs at that rate."""
+    centre = args.grid or [STARTING_RATES[method] * f for f in (1 / 3, 1, 3)]
+    lr, grid = tune(method, centre, args.max_grid, args.steps, pool)
+    requests = [(seed, args.steps) for seed in args.seeds] + [(seed, args.confirm_steps) for seed in
+                                                               (args.confirm_seeds if args.confirm_steps else [])]
+    with ThreadPoolExecutor(len(requests)) as threads:
+        done = list(threads.map(lambda request: pool.run(method, lr, *request), requests))
+    row = summary(method, lr, done[:len(args.seeds)], grid)
+    if args.confirm_steps:
+        longer = [r["held_out_loss"] for r in done[len(args.seeds):]]
+        row.update(confirm_mean=statistics.fmean(longer), confirm_seeds=len(longer),
+                   confirm_std=statistics.stdev(longer) if len(longer) > 1 else 0.0)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def summary(method: str, lr: float, records: list[dict], grid: list[dict]) -> dict:
+    losses, halfway = [r["held_out_loss"] for r in records], [r["held_out_halfway"] for r in records]
     first = records[0]
     return {"method": method, "lr": lr, "grid": {f"{r['lr']:g}": r["held_out_loss"] for r in grid},
-            "held_out_mean": statistics.fmean(losses),
-            "halfway_mean": statistics.fmean(r["held_out_halfway"] for r in records),
-            "held_out_std": statistics.stdev(losses) if len(losses) > 1 else 0.0, "seeds": len(records),
+            "held_out_mean": statistics.fmean(losses), "held_out_std": statistics.stdev(losses) if len(losses) > 1
+            else 0.0, "halfway_mean": statistics.fmean(halfway),
+            "halfway_std": statistics.stdev(halfway) if len(halfway) > 1 else 0.0, "seeds": len(records),
             "accelerator_bytes": first["accelerator_bytes"], "store_bytes": first["store_bytes"],
             "forward_fraction": first["forward_fraction"], "parameters": first["parameters"],
-            "package": first.get("package", "ds_topkast" if method in TOP_KAST else "deepspeed"),
-            "step_s": statistics.median(r["step_s"] for r in records),
-            "step_vs_dense": statistics.median(r["step_s"] for r in records) / dense_step if dense_step else None}
+            "package": first.get("package", "ds_topkast" if method in TOP_KAST else "deepspeed")}
 
 
-def swapped_pairs(rows: list[dict], key: str) -> list[tuple[str, str]]:
-    """The pairs of methods whose order by `key` (a held-out loss at another length) differs from the table's."""
-    return [(a["method"], b["method"]) for i, a in enumerate(rows) for b in rows[i + 1:]
-            if (a[key] < b[key]) != (a["held_out_mean"] < b["held_out_mean"])]
+def loss_at(row: dict, length: str) -> tuple[float, float]:
+    """The row's mean held-out loss at a length ("held_out": --steps, "halfway", "confirm") and its standard error.
+
+    A length trained on one seed takes the spread over seeds at --steps as its own."""
+    mean, std, seeds = row[f"{length}_mean"], row[f"{length}_std"], row.get(f"{length}_seeds", row["seeds"])
+    if seeds < 2:
+        std = row["held_out_std"]
+    return mean, std / math.sqrt(seeds)
+
+
+def changed_pairs(rows: list[dict], length: str) -> list[tuple[str, str]]:
+    """The pairs of methods whose order at another length (`length`) contradicts their order at --steps.
+
+    A pair counts when its means stand in opposite order at the two lengths and either gap is
+    clear: more than twice the standard error of that difference. So a clear lead that turned
+    is a change, and so is one that opened the other way; a pair level at both lengths may swap
+    by chance and is not counted.
+    """
+    changed = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            gaps = []
+            for at in ("held_out", length):
+                (mean_a, error_a), (mean_b, error_b) = loss_at(a, at), loss_at(b, at)
+                gaps.append((mean_a - mean_b, 2 * math.hypot(error_a, error_b)))
+            (gap, margin), (other, other_margin) = gaps
+            if (gap > 0) != (other > 0) and (abs(gap) > margin or abs(other) > other_margin):
+                changed.append((a["method"], b["method"]))
+    return changed
 
 
 def table(rows: list[dict], confirm_steps: int, confirm_seeds: list[int]) -> str:
@@ -352,32 +491,35 @@ def plot(rows: list[dict], steps: int, confirm_steps: int, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--width", type=int, default=128, help="the model's width (a multiple of 32)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--grid", type=float, nargs="+", default=list(GRID), help="the starting learning rates")
+    parser.add_argument("--grid", type=float, nargs="+", default=None,
+                        help="the starting learning rates of every method (default: each method's own, a 3x step "
+                             "either side of its best rate at 300 steps)")
     parser.add_argument("--max-grid", type=int, default=5, help="the most learning rates tried per method")
     parser.add_argument("--corpus-bytes", type=int, default=8 * 2**20)
     parser.add_argument("--eval-windows", type=int, default=256)
     parser.add_argument("--confirm-steps", type=int, default=None,
-                        help="train seed 0 of each method at its tuned rate this long too (default: twice --steps; "
-                             "0: not), to show whether the ordering still changes with more steps")
+                        help="train each method at its tuned rate this long too (default: twice --steps; 0: not), "
+                             "to show whether the ordering still changes with more steps")
     parser.add_argument("--confirm-seeds", type=int, nargs="+", default=[0], help="the seeds of those longer runs")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="runs trained side by side, each on its share of the cores")
+    parser.add_argument("--time-steps", type=int, default=40,
+                        help="steps timed per method, one method at a time on every core, after the study")
     parser.add_argument("--smoke", action="store_true", help="4 steps, one rate, one seed: every code path")
     parser.add_argument("--out", default="runs/peers")
     args = parser.parse_args()
     if args.smoke:
-        args.steps, args.seeds, args.grid, args.max_grid, args.eval_windows = 4, [0], [3e-3], 1, 16
+        args.steps, args.seeds, args.grid, args.max_grid, args.eval_windows, args.time_steps = 4, [0], [3e-3], 1, 16, 3
     if args.confirm_steps is None:
         args.confirm_steps = 2 * args.steps
     if args.width % 32:
         parser.error("--width must be a multiple of 32 (heads of 32)")
-    warnings.filterwarnings("ignore", message=".*without a Top-KAST runtime.*")
-    single_rank_environment()
-    import deepspeed
-
-    deepspeed.init_distributed()
+    if args.jobs < 1 or args.time_steps < 1:
+        parser.error("--jobs and --time-steps must be at least 1")
     out, started = Path(args.out), time.perf_counter()
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -388,47 +530,63 @@ def main() -> None:
         parser.error(f"{out} holds runs made with {kept.read_text().strip()}, not {json.dumps(settings)}: "
                      "pass another --out, or remove that folder")
     kept.write_text(json.dumps(settings))
-    corpus = Corpus(args.corpus_bytes, args.eval_windows)
     widths = {**{method: args.width for method in METHODS}, "small dense": small_dense_width(args.width)}
     versions = {name: metadata.version(name) for name in
                 ("torch", "deepspeed", "transformers", *sorted({n for names in PACKAGES.values() for n in names}))
                 if _installed(name)}
     print(f"{LAYERS} layers, width {args.width} (small dense: {widths['small dense']}), {ROWS} x {SEQ} tokens per "
-          f"step, {args.steps} steps, seeds {args.seeds}; {versions}", flush=True)
-    rows, skipped, dense_step = [], {}, None
-    for method in args.methods:
-        if method in PACKAGES and not any(_installed(name) for name in PACKAGES[method]):
-            skipped[method] = f"{' or '.join(PACKAGES[method])} is not installed (pip install -e '.[bench]')"
-            print(f"{method}: {skipped[method]}; skipped", flush=True)
-            continue
-        lr, grid = tune(method, args, corpus, widths, runs)
-        records = [cached_run(runs, method, lr, seed, args.steps, corpus, widths) for seed in args.seeds]
-        if method == "dense AdamW":
-            dense_step = statistics.median(r["step_s"] for r in records)
-        rows.append(summary(method, lr, records, grid, dense_step))
-        if args.confirm_steps:
-            longer = [cached_run(runs, method, lr, seed, args.confirm_steps, corpus, widths)["held_out_loss"]
-                      for seed in args.confirm_seeds]
-            rows[-1].update(confirm_mean=statistics.fmean(longer), confirm_seeds=len(longer),
-                            confirm_std=statistics.stdev(longer) if len(longer) > 1 else 0.0)
-        print(json.dumps(rows[-1]), flush=True)
+          f"step, {args.steps} steps, seeds {args.seeds}, {args.jobs} runs at a time; {versions}", flush=True)
+    skipped = {method: f"{' or '.join(PACKAGES[method])} is not installed (pip install -e '.[bench]')"
+               for method in args.methods if method in PACKAGES and not any(map(_installed, PACKAGES[method]))}
+    for method, why in skipped.items():
+        print(f"{method}: {why}; skipped", flush=True)
+    methods = [method for method in args.methods if method not in skipped]
+    pool = RunPool(args.jobs, args, widths, runs)
+    try:
+        with ThreadPoolExecutor(len(methods)) as threads:
+            rows = list(threads.map(lambda method: study(method, args, pool), methods))
+    finally:
+        pool.close()
+    trained = time.perf_counter() - started
+    add_step_times(rows, args, widths)
+    changed = {"halfway": changed_pairs(rows, "halfway"),
+               "confirm": changed_pairs(rows, "confirm") if args.confirm_steps else None}
     (out / "peers.json").write_text(json.dumps({"steps": args.steps, "width": args.width, "seeds": args.seeds,
-                                                "versions": versions,
+                                                "versions": versions, "jobs": args.jobs,
                                                 "small_dense_width": widths["small dense"], "rows": rows,
                                                 "confirm_steps": args.confirm_steps,
                                                 "confirm_seeds": args.confirm_seeds,
-                                                "swapped_since_halfway": swapped_pairs(rows, "halfway_mean"),
-                                                "swapped_at_confirm": swapped_pairs(rows, "confirm_mean")
-                                                if args.confirm_steps else None, "skipped": skipped},
-                                               indent=1))
+                                                "changed_since_halfway": changed["halfway"],
+                                                "changed_at_confirm": changed["confirm"], "skipped": skipped,
+                                                "train_seconds": trained,
+                                                "seconds": time.perf_counter() - started}, indent=1))
     text = table(rows, args.confirm_steps, args.confirm_seeds)
     (out / "peers.md").write_text(text + "\n")
     plot(rows, args.steps, args.confirm_steps, out / "peers.png")
     print(text)
-    print(f"order changed since half the steps: {swapped_pairs(rows, 'halfway_mean') or 'none'}")
+    print(f"order changed since half the steps (clear leads only): {changed['halfway'] or 'none'}")
     if args.confirm_steps:
-        print(f"order changed at {args.confirm_steps} steps: {swapped_pairs(rows, 'confirm_mean') or 'none'}")
-    print(f"{time.perf_counter() - started:.0f} s; wrote {out / 'peers.json'}, peers.md, peers.png")
+        print(f"order changed at {args.confirm_steps} steps (clear leads only): {changed['confirm'] or 'none'}")
+    print(f"{time.perf_counter() - started:.0f} s ({trained:.0f} s training); wrote {out / 'peers.json'}, peers.md, "
+          "peers.png")
+
+
+def add_step_times(rows: list[dict], args, widths: dict) -> None:
+    """Each method's median step at its tuned rate, timed one method at a time in one process on every core.
+
+    The study's runs share the cores, so their own timings would say as much about their
+    neighbour as about the method; these are taken apart from them, in the same process, so
+    the ratios to dense compare like with like."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
+                             initargs=(os.cpu_count() or 1, args.corpus_bytes, args.eval_windows)) as timer:
+        for row in rows:
+            row["step_s"] = timer.submit(time_in_worker, row["method"], row["lr"], widths[row["method"]],
+                                         args.time_steps).result()
+    dense = next((row["step_s"] for row in rows if row["method"] == "dense AdamW"), None)
+    for row in rows:
+        row["step_vs_dense"] = row["step_s"] / dense if dense else None
 
 
 def _installed(name: str) -> bool:

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import _free_port
 from launcher import REPO, remove_shm_buffers
@@ -44,7 +45,27 @@ def test_peers_smoke_trains_every_method_and_accounts_its_bytes(tmp_path):
         row = rows[method]
         assert row["forward_fraction"] == 1.0 and row["store_bytes"] == 0 and row["package"]
         assert 8 * row["parameters"] < row["accelerator_bytes"] < dense["accelerator_bytes"]  # less state than Adam's
-    assert study["confirm_steps"] == 8 and isinstance(study["swapped_at_confirm"], list)
+    assert study["confirm_steps"] == 8 and isinstance(study["changed_at_confirm"], list)
     for row in rows.values():
         assert row["held_out_mean"] < row["halfway_mean"], row  # every method's last steps lowered the loss
         assert row["confirm_mean"] < row["halfway_mean"] and row["confirm_seeds"] == 1, row  # seed 0's longer run
+
+
+def test_an_ordering_changes_only_where_a_lead_is_clear_at_one_length_and_turned_at_the_other():
+    """changed_pairs: two methods whose means stand in opposite order at the two lengths have changed order when
+    either gap is clear (more than twice its standard error); level at both, they may swap by chance."""
+    sys.path.insert(0, str(Path(REPO) / "bench"))
+    from bench_peers import changed_pairs
+
+    def row(method, at_steps, longer):  # three seeds at --steps (std 0.01), one seed at the longer length
+        return {"method": method, "held_out_mean": at_steps, "held_out_std": 0.01, "seeds": 3,
+                "confirm_mean": longer, "confirm_std": 0.0, "confirm_seeds": 1}
+
+    rows = [row("a", 1.40, 1.30),
+            row("b", 1.50, 1.31),  # clearly behind a at both lengths: no change
+            row("c", 1.45, 1.25),  # clearly behind a and d at --steps, ahead of both longer: changed
+            row("d", 1.401, 1.299),  # level with a at both (0.001 apart; the longer margin is 2 sqrt(2) 0.01)
+            row("e", 1.402, 1.20)]  # level with a and d at --steps, clearly ahead of both longer: changed
+    assert changed_pairs(rows, "confirm") == [("a", "c"), ("a", "e"), ("c", "d"), ("d", "e")]
+    rows[2]["confirm_mean"], rows[4]["confirm_mean"] = 1.5, 1.49  # behind a and d longer, as before: no change
+    assert changed_pairs(rows, "confirm") == [("b", "c"), ("b", "e")]  # ... but now c and e fell clearly behind b
