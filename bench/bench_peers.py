@@ -50,7 +50,7 @@ import sys
 import threading
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from importlib import metadata
 from pathlib import Path
 
@@ -64,6 +64,7 @@ METHODS = ("dense AdamW", "small dense", *TOP_KAST, "GaLore", "APOLLO", "APOLLO-
 PACKAGES = {"GaLore": ("galore-torch",), "APOLLO": ("apollo-torch",), "APOLLO-Mini": ("apollo-torch",),
             "8-bit AdamW": ("bitsandbytes", "torchao")}  # each peer's package: any one of them runs it
 PEER_RANK = 32
+REFRESH_INTERVAL = 50  # Top-KAST's steps between refreshes of A and B from the store
 # Each method's best rate at 300 steps (docs/RESULTS.md, the first run of this study): its grid starts a 3x step
 # either side of it and grows by 3x past an edge while the best value sits there, so where it starts changes
 # how many runs the tuning takes, not the rate it finds (where the loss has one minimum over the rates).
@@ -154,7 +155,8 @@ class DeepSpeedRun:
         self.sparse = method in TOP_KAST
         if self.sparse:
             forward, backward = TOP_KAST[method]
-            config["topkast"] = {"forward_sparsity": forward, "backward_sparsity": backward, "refresh_interval": 50,
+            config["topkast"] = {"forward_sparsity": forward, "backward_sparsity": backward,
+                                 "refresh_interval": REFRESH_INTERVAL,
                                  "include": ["*proj"], "seed": seed, "dense_store": {"device": "cpu"}}
             self.engine, *_ = ds_topkast.initialize(model=model, config=config)
         else:
@@ -316,6 +318,12 @@ def time_in_worker(method: str, lr: float, width: int, steps: int) -> float:
     return step_seconds(method, lr, width, _corpus, steps)
 
 
+def worker_pool(workers: int, threads: int, args) -> ProcessPoolExecutor:
+    """Processes that train or time runs, each with `threads` of the cores, the corpus and a DeepSpeed world of one."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
+                               initargs=(threads, args.corpus_bytes, args.eval_windows))
+
+
 class RunPool:
     """The study's runs in `jobs` worker processes that share the cores, longest runs first, each kept in --out.
 
@@ -323,33 +331,38 @@ class RunPool:
     as one run on both cores (this model's matrices are too small to keep two threads busy,
     and the Python between its kernels runs on one), so a study finishes sooner. Any thread
     may call run(); at most `jobs` runs train at once, the one with the most steps first (a
-    long run started last would leave the other worker idle at the end). A run whose record
-    is in --out is not trained again, so an interrupted study continues where it stopped.
+    long run started last would leave the other worker idle at the end), and a run asked for
+    twice trains once. A run whose record is in --out is not trained again, so an interrupted
+    study continues where it stopped; stop() fails the runs not yet started.
     """
 
     def __init__(self, jobs: int, args, widths: dict, runs: Path):
-        from concurrent.futures import ProcessPoolExecutor
-
         self.widths, self.runs, self.queue = widths, runs, queue.PriorityQueue()
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        self.pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=start_worker,
-                                        initargs=(threads, args.corpus_bytes, args.eval_windows))
-        self.order = itertools.count()
+        self.pool = worker_pool(jobs, max(1, (os.cpu_count() or 1) // jobs), args)
+        self.order, self.lock, self.asked, self.stopping = itertools.count(), threading.Lock(), {}, threading.Event()
         self.dispatchers = [threading.Thread(target=self._dispatch, daemon=True) for _ in range(jobs)]
         for dispatcher in self.dispatchers:
             dispatcher.start()
 
     def run(self, method: str, lr: float, seed: int, steps: int) -> dict:
         path = self.runs / f"{method}_{lr:g}_{seed}_{steps}.json".replace(" ", "_").replace("/", "-")
-        if path.is_file():
-            return json.loads(path.read_text())
-        done = Future()
-        self.queue.put((-steps, method not in TOP_KAST, next(self.order), (method, lr, seed, steps), done))
-        record = done.result()
-        path.write_text(json.dumps(record))
-        print(f"  {method} lr {lr:g} seed {seed} {steps} steps: held-out {record['held_out_loss']:.4f} "
-              f"({record['seconds']:.0f} s)", flush=True)
+        with self.lock:
+            if self.stopping.is_set():
+                raise RuntimeError("the study stopped before this run started")
+            if path.is_file():
+                return json.loads(path.read_text())
+            first = path not in self.asked
+            if first:
+                self.asked[path] = Future()
+                self.queue.put((-steps, method not in TOP_KAST, next(self.order), (method, lr, seed, steps),
+                                self.asked[path]))
+        record = self.asked[path].result()
+        if first:
+            written = path.with_suffix(".part")
+            written.write_text(json.dumps(record))
+            written.replace(path)  # whole or absent: a study killed while writing does not leave half a record
+            print(f"  {method} lr {lr:g} seed {seed} {steps} steps: held-out {record['held_out_loss']:.4f} "
+                  f"({record['seconds']:.0f} s)", flush=True)
         return record
 
     def _dispatch(self) -> None:
@@ -357,16 +370,29 @@ class RunPool:
             *_, request, done = self.queue.get()
             if request is None:
                 return
-            method, lr, seed, steps = request
             try:
+                if self.stopping.is_set():
+                    raise RuntimeError("the study stopped before this run started")
+                method, lr, seed, steps = request
                 done.set_result(self.pool.submit(train_in_worker, method, lr, seed, steps,
                                                  self.widths[method]).result())
             except BaseException as error:  # noqa: BLE001 - the caller's thread raises it
                 done.set_exception(error)
 
+    def stop(self) -> None:
+        """Fail every run not yet started, so that the threads waiting on them return; runs in flight end as usual."""
+        self.stopping.set()
+        while True:
+            try:
+                *_, request, done = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if request is not None:
+                done.set_exception(RuntimeError("the study stopped before this run started"))
+
     def close(self) -> None:
         for _ in self.dispatchers:
-            self.queue.put((math.inf, True, next(self.order), None, None))
+            self.queue.put((-math.inf, True, next(self.order), None, None))
         for dispatcher in self.dispatchers:
             dispatcher.join()
         self.pool.shutdown()
@@ -396,9 +422,9 @@ def study(method: str, args, pool: RunPool) -> dict:
         done = list(threads.map(lambda request: pool.run(method, lr, *request), requests))
     row = summary(method, lr, done[:len(args.seeds)], grid)
     if args.confirm_steps:
-        longer = [r["held_out_loss"] for r in done[len(args.seeds):]]
-        row.update(confirm_mean=statistics.fmean(longer), confirm_seeds=len(longer),
-                   confirm_std=statistics.stdev(longer) if len(longer) > 1 else 0.0)
+        longer = {r["seed"]: r["held_out_loss"] for r in done[len(args.seeds):]}
+        row.update(confirm_mean=statistics.fmean(longer.values()), confirm_seeds=len(longer), confirm_losses=longer,
+                   confirm_std=statistics.stdev(longer.values()) if len(longer) > 1 else 0.0)
     print(json.dumps(row), flush=True)
     return row
 
@@ -410,38 +436,32 @@ def summary(method: str, lr: float, records: list[dict], grid: list[dict]) -> di
             "held_out_mean": statistics.fmean(losses), "held_out_std": statistics.stdev(losses) if len(losses) > 1
             else 0.0, "halfway_mean": statistics.fmean(halfway),
             "halfway_std": statistics.stdev(halfway) if len(halfway) > 1 else 0.0, "seeds": len(records),
+            "losses": {r["seed"]: r["held_out_loss"] for r in records},
+            "halfway_losses": {r["seed"]: r["held_out_halfway"] for r in records},
             "accelerator_bytes": first["accelerator_bytes"], "store_bytes": first["store_bytes"],
             "forward_fraction": first["forward_fraction"], "parameters": first["parameters"],
             "package": first.get("package", "ds_topkast" if method in TOP_KAST else "deepspeed")}
 
 
-def loss_at(row: dict, length: str) -> tuple[float, float]:
-    """The row's mean held-out loss at a length ("held_out": --steps, "halfway", "confirm") and its standard error.
+def changed_pairs(rows: list[dict], longer: str) -> list[tuple[str, str]]:
+    """The pairs of methods whose order at another length (`longer`: "halfway_losses" or "confirm_losses") is not
+    their order at --steps, where the change is clear.
 
-    A length trained on one seed takes the spread over seeds at --steps as its own."""
-    mean, std, seeds = row[f"{length}_mean"], row[f"{length}_std"], row.get(f"{length}_seeds", row["seeds"])
-    if seeds < 2:
-        std = row["held_out_std"]
-    return mean, std / math.sqrt(seeds)
-
-
-def changed_pairs(rows: list[dict], length: str) -> list[tuple[str, str]]:
-    """The pairs of methods whose order at another length (`length`) contradicts their order at --steps.
-
-    A pair counts when its means stand in opposite order at the two lengths and either gap is
-    clear: more than twice the standard error of that difference. So a clear lead that turned
-    is a change, and so is one that opened the other way; a pair level at both lengths may swap
-    by chance and is not counted.
+    Both lengths are compared on the same seeds (those of the other length), so one seed's own
+    offset is not taken for a change. A pair counts when its gap turns sign between the two
+    lengths and the turn is clear: more than twice its standard error, with each length's gap
+    given the spread over seeds at --steps (sqrt(sd_a^2 + sd_b^2) / sqrt(seeds)). A pair level
+    at both lengths may swap by chance and is not counted; a clear lead that closed to level
+    and turned by a little more than noise is.
     """
     changed = []
     for i, a in enumerate(rows):
         for b in rows[i + 1:]:
-            gaps = []
-            for at in ("held_out", length):
-                (mean_a, error_a), (mean_b, error_b) = loss_at(a, at), loss_at(b, at)
-                gaps.append((mean_a - mean_b, 2 * math.hypot(error_a, error_b)))
-            (gap, margin), (other, other_margin) = gaps
-            if (gap > 0) != (other > 0) and (abs(gap) > margin or abs(other) > other_margin):
+            seeds = [seed for seed in a[longer] if seed in a["losses"]]
+            before = statistics.fmean(a["losses"][seed] - b["losses"][seed] for seed in seeds)
+            after = statistics.fmean(a[longer][seed] - b[longer][seed] for seed in seeds)
+            error = math.hypot(a["held_out_std"], b["held_out_std"]) / math.sqrt(len(seeds))
+            if (before > 0) != (after > 0) and abs(after - before) > 2 * math.sqrt(2) * error:
                 changed.append((a["method"], b["method"]))
     return changed
 
@@ -453,7 +473,8 @@ def table(rows: list[dict], confirm_steps: int, confirm_seeds: list[int]) -> str
     for r in sorted(rows, key=lambda r: r["held_out_mean"]):
         grid = ", ".join(f"{lr}: {loss:.3f}" for lr, loss in r["grid"].items())
         step = f"{r['step_vs_dense']:.2f}" if r["step_vs_dense"] else "-"
-        longer = f"{r['confirm_mean']:.4f} ± {r['confirm_std']:.4f}" if "confirm_mean" in r else "-"
+        longer = "-" if "confirm_mean" not in r else f"{r['confirm_mean']:.4f}" + (
+            f" ± {r['confirm_std']:.4f}" if r["confirm_seeds"] > 1 else "")  # one seed has no spread to show
         lines.append(f"| {r['method']} | {r['lr']:g} ({grid}) | {r['held_out_mean']:.4f} ± {r['held_out_std']:.4f} "
                      f"| {r['halfway_mean']:.4f} | {longer} | {r['accelerator_bytes'] / 2**20:.1f} "
                      f"| {r['store_bytes'] / 2**20:.1f} | {r['forward_fraction']:.0%} | {step} |")
@@ -473,9 +494,13 @@ def plot(rows: list[dict], steps: int, confirm_steps: int, path: Path) -> None:
         color = "tab:red" if sparse else "tab:blue"
         axes.errorbar(r["accelerator_bytes"] / 2**20, r["held_out_mean"], yerr=r["held_out_std"], fmt="o",
                       capsize=3, color=color, label=f"{steps} steps" if i == 0 else None)
-        if "confirm_mean" in r:  # the same method trained longer, open marker below its point
+        if "confirm_mean" in r:  # the same method trained longer: an open marker, joined to its point by a line
+            axes.plot([r["accelerator_bytes"] / 2**20] * 2, [r["held_out_mean"], r["confirm_mean"]], ":", lw=0.8,
+                      color=color)
             axes.errorbar(r["accelerator_bytes"] / 2**20, r["confirm_mean"], yerr=r["confirm_std"], fmt="o",
                           mfc="none", capsize=3, color=color, label=f"{confirm_steps} steps" if i == 0 else None)
+            axes.annotate(r["method"], (r["accelerator_bytes"] / 2**20, r["confirm_mean"]), textcoords="offset points",
+                          xytext=(6, -3), fontsize=6, color="dimgray")
         axes.annotate(r["method"], (r["accelerator_bytes"] / 2**20, r["held_out_mean"]), textcoords="offset points",
                       xytext=(6, 5 if i % 2 else -12), fontsize=8)  # neighbours' labels above and below
     axes.set_xscale("log")
@@ -520,14 +545,20 @@ def main() -> None:
         parser.error("--width must be a multiple of 32 (heads of 32)")
     if args.jobs < 1 or args.time_steps < 1:
         parser.error("--jobs and --time-steps must be at least 1")
+    if not set(args.confirm_seeds) <= set(args.seeds):
+        parser.error("--confirm-seeds must be among --seeds: each longer run is compared with its own seed's run")
     out, started = Path(args.out), time.perf_counter()
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     settings = {"width": args.width, "corpus_bytes": args.corpus_bytes, "eval_windows": args.eval_windows,
-                "rows": ROWS, "seq": SEQ, "layers": LAYERS}
+                "rows": ROWS, "seq": SEQ, "layers": LAYERS, "peer_rank": PEER_RANK,
+                "refresh_interval": REFRESH_INTERVAL}
     kept = out / "settings.json"
     if kept.is_file() and json.loads(kept.read_text()) != settings:  # its runs would be reused as if they were ours
         parser.error(f"{out} holds runs made with {kept.read_text().strip()}, not {json.dumps(settings)}: "
+                     "pass another --out, or remove that folder")
+    if not kept.is_file() and any(runs.iterdir()):
+        parser.error(f"{runs} holds runs whose settings are not recorded (an older bench_peers made them): "
                      "pass another --out, or remove that folder")
     kept.write_text(json.dumps(settings))
     widths = {**{method: args.width for method in METHODS}, "small dense": small_dense_width(args.width)}
@@ -544,13 +575,20 @@ def main() -> None:
     pool = RunPool(args.jobs, args, widths, runs)
     try:
         with ThreadPoolExecutor(len(methods)) as threads:
-            rows = list(threads.map(lambda method: study(method, args, pool), methods))
+            studies = [threads.submit(study, method, args, pool) for method in methods]
+            try:
+                for finished in as_completed(studies):
+                    finished.result()  # the first method that fails (or Ctrl-C) stops the study; its runs are kept
+            except BaseException:
+                pool.stop()
+                raise
+        rows = [finished.result() for finished in studies]
     finally:
         pool.close()
     trained = time.perf_counter() - started
     add_step_times(rows, args, widths)
-    changed = {"halfway": changed_pairs(rows, "halfway"),
-               "confirm": changed_pairs(rows, "confirm") if args.confirm_steps else None}
+    changed = {"halfway": changed_pairs(rows, "halfway_losses"),
+               "confirm": changed_pairs(rows, "confirm_losses") if args.confirm_steps else None}
     (out / "peers.json").write_text(json.dumps({"steps": args.steps, "width": args.width, "seeds": args.seeds,
                                                 "versions": versions, "jobs": args.jobs,
                                                 "small_dense_width": widths["small dense"], "rows": rows,
@@ -577,10 +615,7 @@ def add_step_times(rows: list[dict], args, widths: dict) -> None:
     The study's runs share the cores, so their own timings would say as much about their
     neighbour as about the method; these are taken apart from them, in the same process, so
     the ratios to dense compare like with like."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
-                             initargs=(os.cpu_count() or 1, args.corpus_bytes, args.eval_windows)) as timer:
+    with worker_pool(1, os.cpu_count() or 1, args) as timer:
         for row in rows:
             row["step_s"] = timer.submit(time_in_worker, row["method"], row["lr"], widths[row["method"]],
                                          args.time_steps).result()

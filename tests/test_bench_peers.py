@@ -51,21 +51,25 @@ def test_peers_smoke_trains_every_method_and_accounts_its_bytes(tmp_path):
         assert row["confirm_mean"] < row["halfway_mean"] and row["confirm_seeds"] == 1, row  # seed 0's longer run
 
 
-def test_an_ordering_changes_only_where_a_lead_is_clear_at_one_length_and_turned_at_the_other():
-    """changed_pairs: two methods whose means stand in opposite order at the two lengths have changed order when
-    either gap is clear (more than twice its standard error); level at both, they may swap by chance."""
+def test_an_ordering_changes_only_where_a_gap_turns_clearly_on_the_same_seeds():
+    """changed_pairs: two methods whose gap turns sign between the lengths, by more than twice its standard error, have
+    changed order; level at both, they may swap by chance; one seed's own offset from the mean is no change."""
     sys.path.insert(0, str(Path(REPO) / "bench"))
     from bench_peers import changed_pairs
 
-    def row(method, at_steps, longer):  # three seeds at --steps (std 0.01), one seed at the longer length
-        return {"method": method, "held_out_mean": at_steps, "held_out_std": 0.01, "seeds": 3,
-                "confirm_mean": longer, "confirm_std": 0.0, "confirm_seeds": 1}
+    def row(method, at_steps, longer, others=None):  # seeds 0-2 at --steps (std 0.01), seed 0 at the longer length
+        others = others or at_steps
+        return {"method": method, "held_out_std": 0.01, "losses": {0: at_steps, 1: others, 2: others},
+                "confirm_losses": {0: longer}}
 
     rows = [row("a", 1.40, 1.30),
             row("b", 1.50, 1.31),  # clearly behind a at both lengths: no change
-            row("c", 1.45, 1.25),  # clearly behind a and d at --steps, ahead of both longer: changed
-            row("d", 1.401, 1.299),  # level with a at both (0.001 apart; the longer margin is 2 sqrt(2) 0.01)
+            row("c", 1.45, 1.25),  # behind a and d at --steps, ahead of both longer, each by 0.05: changed
+            row("d", 1.401, 1.299),  # level with a at both: 0.001 apart; a turn must exceed 0.04
             row("e", 1.402, 1.20)]  # level with a and d at --steps, clearly ahead of both longer: changed
-    assert changed_pairs(rows, "confirm") == [("a", "c"), ("a", "e"), ("c", "d"), ("d", "e")]
-    rows[2]["confirm_mean"], rows[4]["confirm_mean"] = 1.5, 1.49  # behind a and d longer, as before: no change
-    assert changed_pairs(rows, "confirm") == [("b", "c"), ("b", "e")]  # ... but now c and e fell clearly behind b
+    assert changed_pairs(rows, "confirm_losses") == [("a", "c"), ("a", "e"), ("c", "d"), ("d", "e")]
+    rows[2]["confirm_losses"][0], rows[4]["confirm_losses"][0] = 1.5, 1.49  # behind a and d longer, as before
+    assert changed_pairs(rows, "confirm_losses") == [("b", "c"), ("b", "e")]  # ... but now clearly behind b
+
+    ahead_on_average = row("f", 1.50, 1.45, others=1.305)  # mean 1.37 at --steps, ahead of a; seed 0 behind a
+    assert changed_pairs([row("a", 1.40, 1.30), ahead_on_average], "confirm_losses") == []  # seed 0 stays behind
