@@ -602,9 +602,9 @@ def main() -> None:
     (out / "peers.md").write_text(text + "\n")
     plot(rows, args.steps, args.confirm_steps, out / "peers.png")
     print(text)
-    print(f"order changed since half the steps (clear leads only): {changed['halfway'] or 'none'}")
+    print(f"order changed since half the steps (clear turns only): {changed['halfway'] or 'none'}")
     if args.confirm_steps:
-        print(f"order changed at {args.confirm_steps} steps (clear leads only): {changed['confirm'] or 'none'}")
+        print(f"order changed at {args.confirm_steps} steps (clear turns only): {changed['confirm'] or 'none'}")
     print(f"{time.perf_counter() - started:.0f} s ({trained:.0f} s training); wrote {out / 'peers.json'}, peers.md, "
           "peers.png")
 
