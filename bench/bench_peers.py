@@ -324,6 +324,9 @@ def worker_pool(workers: int, threads: int, args) -> ProcessPoolExecutor:
                                initargs=(threads, args.corpus_bytes, args.eval_windows))
 
 
+STOPPED = "the study stopped before this run started"
+
+
 class RunPool:
     """The study's runs in `jobs` worker processes that share the cores, longest runs first, each kept in --out.
 
@@ -348,7 +351,7 @@ class RunPool:
         path = self.runs / f"{method}_{lr:g}_{seed}_{steps}.json".replace(" ", "_").replace("/", "-")
         with self.lock:
             if self.stopping.is_set():
-                raise RuntimeError("the study stopped before this run started")
+                raise RuntimeError(STOPPED)
             if path.is_file():
                 return json.loads(path.read_text())
             first = path not in self.asked
@@ -372,7 +375,7 @@ class RunPool:
                 return
             try:
                 if self.stopping.is_set():
-                    raise RuntimeError("the study stopped before this run started")
+                    raise RuntimeError(STOPPED)
                 method, lr, seed, steps = request
                 done.set_result(self.pool.submit(train_in_worker, method, lr, seed, steps,
                                                  self.widths[method]).result())
@@ -388,7 +391,7 @@ class RunPool:
             except queue.Empty:
                 return
             if request is not None:
-                done.set_exception(RuntimeError("the study stopped before this run started"))
+                done.set_exception(RuntimeError(STOPPED))
 
     def close(self) -> None:
         for _ in self.dispatchers:
@@ -424,18 +427,23 @@ def study(method: str, args, pool: RunPool) -> dict:
     if args.confirm_steps:
         longer = {r["seed"]: r["held_out_loss"] for r in done[len(args.seeds):]}
         row.update(confirm_mean=statistics.fmean(longer.values()), confirm_seeds=len(longer), confirm_losses=longer,
-                   confirm_std=statistics.stdev(longer.values()) if len(longer) > 1 else 0.0)
+                   confirm_std=spread(longer.values()))
     print(json.dumps(row), flush=True)
     return row
+
+
+def spread(values) -> float:
+    """The sample standard deviation over seeds; 0 for one seed."""
+    values = list(values)
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summary(method: str, lr: float, records: list[dict], grid: list[dict]) -> dict:
     losses, halfway = [r["held_out_loss"] for r in records], [r["held_out_halfway"] for r in records]
     first = records[0]
     return {"method": method, "lr": lr, "grid": {f"{r['lr']:g}": r["held_out_loss"] for r in grid},
-            "held_out_mean": statistics.fmean(losses), "held_out_std": statistics.stdev(losses) if len(losses) > 1
-            else 0.0, "halfway_mean": statistics.fmean(halfway),
-            "halfway_std": statistics.stdev(halfway) if len(halfway) > 1 else 0.0, "seeds": len(records),
+            "held_out_mean": statistics.fmean(losses), "held_out_std": spread(losses),
+            "halfway_mean": statistics.fmean(halfway), "halfway_std": spread(halfway), "seeds": len(records),
             "losses": {r["seed"]: r["held_out_loss"] for r in records},
             "halfway_losses": {r["seed"]: r["held_out_halfway"] for r in records},
             "accelerator_bytes": first["accelerator_bytes"], "store_bytes": first["store_bytes"],
