@@ -1,6 +1,6 @@
 """Top-KAST against what users pick instead, at equal memory: GaLore, APOLLO, 8-bit AdamW, a smaller dense model.
 
-    python bench/bench_peers.py [--steps 600] [--seeds 0 1 2] [--confirm-steps 1200] [--confirm-seeds 0]
+    python bench/bench_peers.py [--steps 1200] [--seeds 0 1 2] [--confirm-steps 2400] [--confirm-seeds 0]
                                 [--methods ...] [--jobs 2] [--out runs/peers]
     python bench/bench_peers.py --smoke        # a few steps of every method, one learning rate (50 s)
 
@@ -32,8 +32,9 @@ AdamW's (timed after the study, one method at a time), and the fraction of the w
 forward pass uses (the inference cost). Runs train --jobs at a time (RunPool). Writes
 peers.json, the table (peers.md) and peers.png (held-out loss against accelerator bytes, error
 bars over seeds) to --out; finished runs in --out are reused, so an interrupted study continues.
-On 2 cores the defaults take about an hour and a half (docs/RESULTS.md has the measured time);
-at width 256 (3.3M parameters) a step takes about three times as long.
+At 1,200 steps no pair with a Top-KAST setting changes order at 2,400 (at 600 steps five pairs
+still turned by 1,200; docs/RESULTS.md). On 2 cores the defaults take about three and a half
+hours from an empty --out; at width 256 (3.3M parameters) a step takes about three times as long.
 """
 from __future__ import annotations
 
@@ -65,11 +66,11 @@ PACKAGES = {"GaLore": ("galore-torch",), "APOLLO": ("apollo-torch",), "APOLLO-Mi
             "8-bit AdamW": ("bitsandbytes", "torchao")}  # each peer's package: any one of them runs it
 PEER_RANK = 32
 REFRESH_INTERVAL = 50  # Top-KAST's steps between refreshes of A and B from the store
-# Each method's best rate at 300 steps (docs/RESULTS.md, the first run of this study): its grid starts a 3x step
-# either side of it and grows by 3x past an edge while the best value sits there, so where it starts changes
-# how many runs the tuning takes, not the rate it finds (where the loss has one minimum over the rates).
-STARTING_RATES = {"dense AdamW": 1e-3, "small dense": 3e-3, "Top-KAST 80/0": 3e-3, "Top-KAST 90/80": 1e-2,
-                  "Top-KAST 95/90": 3e-2, "GaLore": 3e-2, "APOLLO": 1e-2, "APOLLO-Mini": 3e-3, "8-bit AdamW": 1e-3}
+# Each method's best rate at 1,200 steps (docs/RESULTS.md): its grid starts a 3x step either side of it and grows
+# by 3x past an edge while the best value sits there, so where it starts changes how many runs the tuning takes,
+# not the rate it finds (where the loss has one minimum over the rates).
+STARTING_RATES = {"dense AdamW": 1e-3, "small dense": 9e-3, "Top-KAST 80/0": 1e-3, "Top-KAST 90/80": 1e-2,
+                  "Top-KAST 95/90": 3e-2, "GaLore": 1e-2, "APOLLO": 1e-2, "APOLLO-Mini": 9e-3, "8-bit AdamW": 1e-3}
 
 
 def llama(width: int, seed: int):
@@ -524,13 +525,13 @@ def plot(rows: list[dict], steps: int, confirm_steps: int, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--width", type=int, default=128, help="the model's width (a multiple of 32)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--grid", type=float, nargs="+", default=None,
                         help="the starting learning rates of every method (default: each method's own, a 3x step "
-                             "either side of its best rate at 300 steps)")
+                             "either side of its best rate at 1,200 steps)")
     parser.add_argument("--max-grid", type=int, default=5, help="the most learning rates tried per method")
     parser.add_argument("--corpus-bytes", type=int, default=8 * 2**20)
     parser.add_argument("--eval-windows", type=int, default=256)
