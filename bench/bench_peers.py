@@ -1,7 +1,7 @@
 """Top-KAST against what users pick instead, at equal memory: GaLore, APOLLO, 8-bit AdamW, a smaller dense model.
 
-    python bench/bench_peers.py [--steps 1200] [--seeds 0 1 2] [--confirm-steps 2400] [--confirm-seeds 0]
-                                [--methods ...] [--jobs 2] [--out runs/peers]
+    python bench/bench_peers.py [--steps 1200] [--seeds 0 1 2] [--confirm-steps 2400 [4800 ...]]
+                                [--confirm-seeds 0] [--methods ...] [--jobs 2] [--out runs/peers]
     python bench/bench_peers.py --smoke        # a few steps of every method, one learning rate (50 s)
 
 One Llama-style byte-level model (4 layers, width 128, intermediate 344, 128 tokens per row,
@@ -22,14 +22,14 @@ The methods:
   8-bit AdamW      bitsandbytes' AdamW8bit (it runs on this CPU), else torchao's AdamW8bit.
 Each method's learning rate is tuned at --steps on seed 0 over a grid of 3x steps that grows
 while its best value is at an edge (recorded); then every seed trains at that rate, and
---confirm-seeds train at it for --confirm-steps too. Reported per method: held-out loss (mean
-and sample standard deviation over seeds, nats per byte; also at half the steps and at
---confirm-steps, with the pairs of methods whose order changes where a lead is clear: see
-changed_pairs), the trained state's bytes as the method holds them on the accelerator (weights,
-gradients, optimizer state: the tensors measured, and for Top-KAST memory_report's accelerator
-bytes, its dense store off the accelerator reported apart), the median step time against dense
-AdamW's (timed after the study, one method at a time), and the fraction of the weights its
-forward pass uses (the inference cost). Runs train --jobs at a time (RunPool). Writes
+--confirm-seeds train at it for each of --confirm-steps too. Reported per method: held-out loss
+(mean and sample standard deviation over seeds, nats per byte; also at half the steps and at each
+of --confirm-steps, with the pairs of methods whose order changes from each length to the next
+where a lead is clear: see changed_pairs), the trained state's bytes as the method holds them
+on the accelerator (weights, gradients, optimizer state: the tensors measured, and for Top-KAST
+memory_report's accelerator bytes, its dense store off the accelerator reported apart), the
+median step time against dense AdamW's (timed after the study, one method at a time), and the
+fraction of the weights its forward pass uses (the inference cost). Runs train --jobs at a time (RunPool). Writes
 peers.json, the table (peers.md) and peers.png (held-out loss against accelerator bytes, error
 bars over seeds) to --out; finished runs in --out are reused, so an interrupted study continues.
 At 1,200 steps no pair with a Top-KAST setting changes order at 2,400 (at 600 steps five pairs
@@ -420,15 +420,15 @@ def study(method: str, args, pool: RunPool) -> dict:
     """One method's row: its rate tuned at --steps, every seed there, the longer runs at that rate."""
     centre = args.grid or [STARTING_RATES[method] * f for f in (1 / 3, 1, 3)]
     lr, grid = tune(method, centre, args.max_grid, args.steps, pool)
-    requests = [(seed, args.steps) for seed in args.seeds] + [(seed, args.confirm_steps) for seed in
-                                                               (args.confirm_seeds if args.confirm_steps else [])]
+    requests = [(seed, args.steps) for seed in args.seeds] + [
+        (seed, steps) for steps in args.confirm_steps for seed in args.confirm_seeds]
     with ThreadPoolExecutor(len(requests)) as threads:
         done = list(threads.map(lambda request: pool.run(method, lr, *request), requests))
     row = summary(method, lr, done[:len(args.seeds)], grid)
-    if args.confirm_steps:
-        longer = {r["seed"]: r["held_out_loss"] for r in done[len(args.seeds):]}
-        row.update(confirm_mean=statistics.fmean(longer.values()), confirm_seeds=len(longer), confirm_losses=longer,
-                   confirm_std=spread(longer.values()))
+    for steps in args.confirm_steps:
+        longer = {r["seed"]: r["held_out_loss"] for r in done[len(args.seeds):] if r["steps"] == steps}
+        row["longer"][steps] = {"mean": statistics.fmean(longer.values()), "std": spread(longer.values()),
+                                "seeds": len(longer), "losses": longer}
     print(json.dumps(row), flush=True)
     return row
 
@@ -446,51 +446,64 @@ def summary(method: str, lr: float, records: list[dict], grid: list[dict]) -> di
             "held_out_mean": statistics.fmean(losses), "held_out_std": spread(losses),
             "halfway_mean": statistics.fmean(halfway), "halfway_std": spread(halfway), "seeds": len(records),
             "losses": {r["seed"]: r["held_out_loss"] for r in records},
-            "halfway_losses": {r["seed"]: r["held_out_halfway"] for r in records},
+            "halfway_losses": {r["seed"]: r["held_out_halfway"] for r in records}, "longer": {},
             "accelerator_bytes": first["accelerator_bytes"], "store_bytes": first["store_bytes"],
             "forward_fraction": first["forward_fraction"], "parameters": first["parameters"],
             "package": first.get("package", "ds_topkast" if method in TOP_KAST else "deepspeed")}
 
 
-def changed_pairs(rows: list[dict], longer: str) -> list[tuple[str, str]]:
-    """The pairs of methods whose order at another length (`longer`: "halfway_losses" or "confirm_losses") is not
-    their order at --steps, where the change is clear.
+def losses_at(row: dict, length: int | str) -> dict:
+    """A row's held-out loss per seed at `length`: "halfway", "steps" (--steps) or one of --confirm-steps."""
+    if length == "halfway":
+        return row["halfway_losses"]
+    return row["losses"] if length == "steps" else row["longer"][length]["losses"]
 
-    Both lengths are compared on the same seeds (those of the other length), so one seed's own
-    offset is not taken for a change. A pair counts when its gap turns sign between the two
-    lengths and the turn is clear: more than twice its standard error, with each length's gap
-    given the spread over seeds at --steps (sqrt(sd_a^2 + sd_b^2) / sqrt(seeds)). A pair level
-    at both lengths may swap by chance and is not counted; a clear lead that closed to level
-    and turned by a little more than noise is.
+
+def changed_pairs(rows: list[dict], shorter: int | str, longer: int | str) -> list[tuple[str, str]]:
+    """The pairs of methods whose order at the `longer` length is not their order at the `shorter` one (each
+    "halfway", "steps" or one of --confirm-steps), where the change is clear.
+
+    Both lengths are compared on the seeds they share, so one seed's own offset is not taken
+    for a change. A pair counts when its gap turns sign between the two lengths and the turn is
+    clear: more than twice its standard error, with each length's gap given the spread over
+    seeds at --steps (sqrt(sd_a^2 + sd_b^2) / sqrt(seeds); the longer lengths train fewer
+    seeds). A pair level at both lengths may swap by chance and is not counted; a clear lead
+    that closed to level and turned by a little more than noise is.
     """
     changed = []
     for i, a in enumerate(rows):
         for b in rows[i + 1:]:
-            seeds = [seed for seed in a[longer] if seed in a["losses"]]
-            before = statistics.fmean(a["losses"][seed] - b["losses"][seed] for seed in seeds)
-            after = statistics.fmean(a[longer][seed] - b[longer][seed] for seed in seeds)
+            a_short, a_long, b_short, b_long = (losses_at(row, length) for row in (a, b) for length in
+                                                (shorter, longer))
+            seeds = [seed for seed in a_long if seed in a_short]
+            before = statistics.fmean(a_short[seed] - b_short[seed] for seed in seeds)
+            after = statistics.fmean(a_long[seed] - b_long[seed] for seed in seeds)
             error = math.hypot(a["held_out_std"], b["held_out_std"]) / math.sqrt(len(seeds))
             if (before > 0) != (after > 0) and abs(after - before) > 2 * math.sqrt(2) * error:
                 changed.append((a["method"], b["method"]))
     return changed
 
 
-def table(rows: list[dict], confirm_steps: int, confirm_seeds: list[int]) -> str:
-    column = f"at {confirm_steps} steps (seeds {' '.join(map(str, confirm_seeds))})" if confirm_steps else "longer"
-    lines = [f"| method | lr (grid: held-out loss) | held-out loss | at half the steps | {column} | accelerator MiB "
-             "| store MiB | forward weights | step / dense |", "|" + " --- |" * 9]
+def table(rows: list[dict], confirm_steps: list[int], confirm_seeds: list[int]) -> str:
+    seeds = " ".join(map(str, confirm_seeds))
+    longer = "".join(f" at {steps} steps (seeds {seeds}) |" for steps in confirm_steps)
+    lines = [f"| method | lr (grid: held-out loss) | held-out loss | at half the steps |{longer} accelerator MiB "
+             "| store MiB | forward weights | step / dense |", "|" + " --- |" * (8 + len(confirm_steps))]
     for r in sorted(rows, key=lambda r: r["held_out_mean"]):
         grid = ", ".join(f"{lr}: {loss:.3f}" for lr, loss in r["grid"].items())
         step = f"{r['step_vs_dense']:.2f}" if r["step_vs_dense"] else "-"
-        longer = "-" if "confirm_mean" not in r else f"{r['confirm_mean']:.4f}" + (
-            f" ± {r['confirm_std']:.4f}" if r["confirm_seeds"] > 1 else "")  # one seed has no spread to show
+        longer = "".join(f" {at['mean']:.4f}" + (f" ± {at['std']:.4f} |" if at["seeds"] > 1 else " |")
+                         for at in (r["longer"][steps] for steps in confirm_steps))  # one seed has no spread to show
         lines.append(f"| {r['method']} | {r['lr']:g} ({grid}) | {r['held_out_mean']:.4f} ± {r['held_out_std']:.4f} "
-                     f"| {r['halfway_mean']:.4f} | {longer} | {r['accelerator_bytes'] / 2**20:.1f} "
+                     f"| {r['halfway_mean']:.4f} |{longer} {r['accelerator_bytes'] / 2**20:.1f} "
                      f"| {r['store_bytes'] / 2**20:.1f} | {r['forward_fraction']:.0%} | {step} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], steps: int, confirm_steps: int, path: Path) -> None:
+LONGER_MARKERS = "sD^v"  # --confirm-steps' open markers in turn: square, diamond, triangles
+
+
+def plot(rows: list[dict], steps: int, confirm_steps: list[int], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -501,17 +514,20 @@ def plot(rows: list[dict], steps: int, confirm_steps: int, path: Path) -> None:
     for i, r in enumerate(sorted(rows, key=lambda r: r["accelerator_bytes"])):
         sparse = r["method"] in TOP_KAST
         color = "tab:red" if sparse else "tab:blue"
-        axes.errorbar(r["accelerator_bytes"] / 2**20, r["held_out_mean"], yerr=r["held_out_std"], fmt="o",
-                      capsize=3, color=color, label=f"{steps} steps" if i == 0 else None)
-        if "confirm_mean" in r:  # the same method trained longer: an open marker, joined to its point by a line
-            axes.plot([r["accelerator_bytes"] / 2**20] * 2, [r["held_out_mean"], r["confirm_mean"]], ":", lw=0.8,
+        x = r["accelerator_bytes"] / 2**20
+        axes.errorbar(x, r["held_out_mean"], yerr=r["held_out_std"], fmt="o", capsize=3, color=color,
+                      label=f"{steps} steps" if i == 0 else None)
+        longer = [r["longer"][length] for length in confirm_steps]
+        if longer:  # the same method trained longer: open markers, joined to its point by a line
+            axes.plot([x] * (1 + len(longer)), [r["held_out_mean"], *(at["mean"] for at in longer)], ":", lw=0.8,
                       color=color)
-            axes.errorbar(r["accelerator_bytes"] / 2**20, r["confirm_mean"], yerr=r["confirm_std"], fmt="o",
-                          mfc="none", capsize=3, color=color, label=f"{confirm_steps} steps" if i == 0 else None)
-            axes.annotate(r["method"], (r["accelerator_bytes"] / 2**20, r["confirm_mean"]), textcoords="offset points",
-                          xytext=(6, -3), fontsize=6, color="dimgray")
-        axes.annotate(r["method"], (r["accelerator_bytes"] / 2**20, r["held_out_mean"]), textcoords="offset points",
-                      xytext=(6, 5 if i % 2 else -12), fontsize=8)  # neighbours' labels above and below
+            for length, at, marker in zip(confirm_steps, longer, itertools.cycle(LONGER_MARKERS)):
+                axes.errorbar(x, at["mean"], yerr=at["std"], fmt=marker, mfc="none", capsize=3, color=color,
+                              label=f"{length} steps" if i == 0 else None)
+            axes.annotate(r["method"], (x, longer[-1]["mean"]), textcoords="offset points", xytext=(6, -3),
+                          fontsize=6, color="dimgray")
+        axes.annotate(r["method"], (x, r["held_out_mean"]), textcoords="offset points", xytext=(6, 5 if i % 2 else -12),
+                      fontsize=8)  # neighbours' labels above and below
     axes.set_xscale("log")
     axes.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     axes.xaxis.set_major_formatter(ScalarFormatter())
@@ -535,21 +551,27 @@ def main() -> None:
     parser.add_argument("--max-grid", type=int, default=5, help="the most learning rates tried per method")
     parser.add_argument("--corpus-bytes", type=int, default=8 * 2**20)
     parser.add_argument("--eval-windows", type=int, default=256)
-    parser.add_argument("--confirm-steps", type=int, default=None,
-                        help="train each method at its tuned rate this long too (default: twice --steps; 0: not), "
-                             "to show whether the ordering still changes with more steps")
+    parser.add_argument("--confirm-steps", type=int, nargs="+", default=None,
+                        help="train each method at its tuned rate this long too, one or more lengths (default: "
+                             "twice --steps; 0: none), to show whether the ordering still changes with more steps")
     parser.add_argument("--confirm-seeds", type=int, nargs="+", default=[0], help="the seeds of those longer runs")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="runs trained side by side, each on its share of the cores")
     parser.add_argument("--time-steps", type=int, default=40,
                         help="steps timed per method, one method at a time on every core, after the study")
-    parser.add_argument("--smoke", action="store_true", help="4 steps, one rate, one seed: every code path")
+    parser.add_argument("--smoke", action="store_true",
+                        help="4 steps (and 8 and 12), one rate, one seed: every code path")
     parser.add_argument("--out", default="runs/peers")
     args = parser.parse_args()
     if args.smoke:
         args.steps, args.seeds, args.grid, args.max_grid, args.eval_windows, args.time_steps = 4, [0], [3e-3], 1, 16, 3
+        args.confirm_steps = [8, 12]
     if args.confirm_steps is None:
-        args.confirm_steps = 2 * args.steps
+        args.confirm_steps = [2 * args.steps]
+    args.confirm_steps = sorted(set(args.confirm_steps) - {0})
+    if args.confirm_steps and args.confirm_steps[0] <= args.steps:
+        parser.error(f"--confirm-steps {args.confirm_steps[0]} is not longer than --steps {args.steps}: each longer "
+                     "length checks whether the ordering at --steps holds with more steps (0: no longer runs)")
     if args.width % 32:
         parser.error("--width must be a multiple of 32 (heads of 32)")
     if args.jobs < 1 or args.time_steps < 1:
@@ -596,24 +618,24 @@ def main() -> None:
         pool.close()
     trained = time.perf_counter() - started
     add_step_times(rows, args, widths)
-    changed = {"halfway": changed_pairs(rows, "halfway_losses"),
-               "confirm": changed_pairs(rows, "confirm_losses") if args.confirm_steps else None}
+    lengths = ["halfway", "steps", *args.confirm_steps]
+    names = {"halfway": f"{args.steps // 2} (halfway)", "steps": str(args.steps)}
+    changed = {f"{names.get(shorter, shorter)} to {names.get(longer, longer)}": changed_pairs(rows, shorter, longer)
+               for shorter, longer in itertools.pairwise(lengths)}
     (out / "peers.json").write_text(json.dumps({"steps": args.steps, "width": args.width, "seeds": args.seeds,
                                                 "versions": versions, "jobs": args.jobs,
                                                 "small_dense_width": widths["small dense"], "rows": rows,
                                                 "confirm_steps": args.confirm_steps,
                                                 "confirm_seeds": args.confirm_seeds,
-                                                "changed_since_halfway": changed["halfway"],
-                                                "changed_at_confirm": changed["confirm"], "skipped": skipped,
+                                                "changed": changed, "skipped": skipped,
                                                 "train_seconds": trained,
                                                 "seconds": time.perf_counter() - started}, indent=1))
     text = table(rows, args.confirm_steps, args.confirm_seeds)
     (out / "peers.md").write_text(text + "\n")
     plot(rows, args.steps, args.confirm_steps, out / "peers.png")
     print(text)
-    print(f"order changed since half the steps (clear turns only): {changed['halfway'] or 'none'}")
-    if args.confirm_steps:
-        print(f"order changed at {args.confirm_steps} steps (clear turns only): {changed['confirm'] or 'none'}")
+    for span, pairs in changed.items():
+        print(f"order changed from {span} steps (clear turns only): {pairs or 'none'}")
     print(f"{time.perf_counter() - started:.0f} s ({trained:.0f} s training); wrote {out / 'peers.json'}, peers.md, "
           "peers.png")
 

@@ -45,10 +45,16 @@ def test_peers_smoke_trains_every_method_and_accounts_its_bytes(tmp_path):
         row = rows[method]
         assert row["forward_fraction"] == 1.0 and row["store_bytes"] == 0 and row["package"]
         assert 8 * row["parameters"] < row["accelerator_bytes"] < dense["accelerator_bytes"]  # less state than Adam's
-    assert study["confirm_steps"] == 8 and isinstance(study["changed_at_confirm"], list)
+    assert study["confirm_steps"] == [8, 12]
+    assert list(study["changed"]) == ["2 (halfway) to 4", "4 to 8", "8 to 12"]  # each length against the one before
+    assert all(isinstance(pairs, list) for pairs in study["changed"].values())
     for row in rows.values():
         assert row["held_out_mean"] < row["halfway_mean"], row  # every method's last steps lowered the loss
-        assert row["confirm_mean"] < row["halfway_mean"] and row["confirm_seeds"] == 1, row  # seed 0's longer run
+        longer = row["longer"]
+        assert list(longer) == ["8", "12"] and all(at["seeds"] == 1 for at in longer.values()), row  # seed 0's runs
+        assert longer["12"]["mean"] < longer["8"]["mean"] < row["halfway_mean"], row
+    table = (tmp_path / "peers.md").read_text()
+    assert "| at 8 steps (seeds 0) | at 12 steps (seeds 0) |" in table
 
 
 def test_an_ordering_changes_only_where_a_gap_turns_clearly_on_the_same_seeds():
@@ -57,19 +63,25 @@ def test_an_ordering_changes_only_where_a_gap_turns_clearly_on_the_same_seeds():
     sys.path.insert(0, str(Path(REPO) / "bench"))
     from bench_peers import changed_pairs
 
-    def row(method, at_steps, longer, others=None):  # seeds 0-2 at --steps (std 0.01), seed 0 at the longer length
+    def row(method, at_steps, longer, others=None):  # seeds 0-2 at --steps (std 0.01), seed 0 at 2x --steps
         others = others or at_steps
         return {"method": method, "held_out_std": 0.01, "losses": {0: at_steps, 1: others, 2: others},
-                "confirm_losses": {0: longer}}
+                "longer": {2: {"losses": {0: longer}}}}
 
     rows = [row("a", 1.40, 1.30),
             row("b", 1.50, 1.31),  # clearly behind a at both lengths: no change
             row("c", 1.45, 1.25),  # behind a and d at --steps, ahead of both longer, each by 0.05: changed
             row("d", 1.401, 1.299),  # level with a at both: 0.001 apart; a turn must exceed 0.04
             row("e", 1.402, 1.20)]  # level with a and d at --steps, clearly ahead of both longer: changed
-    assert changed_pairs(rows, "confirm_losses") == [("a", "c"), ("a", "e"), ("c", "d"), ("d", "e")]
-    rows[2]["confirm_losses"][0], rows[4]["confirm_losses"][0] = 1.5, 1.49  # behind a and d longer, as before
-    assert changed_pairs(rows, "confirm_losses") == [("b", "c"), ("b", "e")]  # ... but now clearly behind b
+    assert changed_pairs(rows, "steps", 2) == [("a", "c"), ("a", "e"), ("c", "d"), ("d", "e")]
+    rows[2]["longer"][2]["losses"][0], rows[4]["longer"][2]["losses"][0] = 1.5, 1.49  # behind a and d longer, as before
+    assert changed_pairs(rows, "steps", 2) == [("b", "c"), ("b", "e")]  # ... but now clearly behind b
 
     ahead_on_average = row("f", 1.50, 1.45, others=1.305)  # mean 1.37 at --steps, ahead of a; seed 0 behind a
-    assert changed_pairs([row("a", 1.40, 1.30), ahead_on_average], "confirm_losses") == []  # seed 0 stays behind
+    assert changed_pairs([row("a", 1.40, 1.30), ahead_on_average], "steps", 2) == []  # seed 0 stays behind
+
+    a, c = row("a", 1.40, 1.30), row("c", 1.45, 1.25)  # c passes a between --steps and 2x ...
+    a["longer"][4], c["longer"][4] = {"losses": {0: 1.20}}, {"losses": {0: 1.18}}  # ... and stays ahead at 4x
+    assert changed_pairs([a, c], "steps", 4) == [("a", "c")] and changed_pairs([a, c], 2, 4) == []
+    c["longer"][4]["losses"][0] = 1.26  # a passes c back between 2x and 4x
+    assert changed_pairs([a, c], 2, 4) == [("a", "c")] and changed_pairs([a, c], "steps", 4) == []
