@@ -29,12 +29,14 @@ where a lead is clear: see changed_pairs), the trained state's bytes as the meth
 on the accelerator (weights, gradients, optimizer state: the tensors measured, and for Top-KAST
 memory_report's accelerator bytes, its dense store off the accelerator reported apart), the
 median step time against dense AdamW's (timed after the study, one method at a time), and the
-fraction of the weights its forward pass uses (the inference cost). Runs train --jobs at a time (RunPool). Writes
-peers.json, the table (peers.md) and peers.png (held-out loss against accelerator bytes, error
-bars over seeds) to --out; finished runs in --out are reused, so an interrupted study continues.
-At 1,200 steps no pair with a Top-KAST setting changes order at 2,400 (at 600 steps five pairs
-still turned by 1,200; docs/RESULTS.md). On 2 cores the defaults take about three and a half
-hours from an empty --out; at width 256 (3.3M parameters) a step takes about three times as long.
+fraction of the weights its forward pass uses (the inference cost). Runs train --jobs at a time
+(RunPool). Writes peers.json, the table (peers.md) and peers.png (held-out loss against
+accelerator bytes, error bars over seeds) to --out; finished runs in --out are reused, so an
+interrupted study continues, and a longer check (--confirm-steps 2400 4800) trains only the new
+lengths. At 1,200 steps no pair with a Top-KAST setting changes order at 2,400 or at 4,800 steps
+(at 600 steps five pairs still turned by 1,200; docs/RESULTS.md). On 2 cores the defaults take
+about three hours from an empty --out, with 4,800-step runs about five; at width 256 (3.3M
+parameters) a step takes about three times as long.
 """
 from __future__ import annotations
 
