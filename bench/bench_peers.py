@@ -2,7 +2,7 @@
 
     python bench/bench_peers.py [--steps 1200] [--seeds 0 1 2] [--confirm-steps 2400 [4800 ...]]
                                 [--confirm-seeds 0] [--methods ...] [--jobs 2] [--out runs/peers]
-    python bench/bench_peers.py --smoke        # a few steps of every method, one learning rate (50 s)
+    python bench/bench_peers.py --smoke        # 4, 8 and 12 steps of every method, one learning rate (95 s)
 
 One Llama-style byte-level model (4 layers, width 128, intermediate 344, 128 tokens per row,
 16 rows per step; 0.86M parameters), trained from the same initialisation on the embedded corpus
